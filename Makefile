@@ -1,0 +1,31 @@
+# drifting_jax developer entry points. Every target creates .venv/ on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+
+.PHONY: venv test demo bench figures experiments clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	rm -f $(VENV)/.installed-* && touch $@
+
+# The suite runs on CPU with 8 virtual devices (see tests/conftest.py).
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+demo: $(STAMP)
+	$(PY) -m drifting_jax.demo
+
+bench: $(STAMP)
+	$(PY) -m drifting_jax.bench.losses
+
+figures: $(STAMP)
+	$(PY) -m scripts.theory_figures
+
+clean:
+	rm -rf $(VENV) .pytest_cache
