@@ -1,0 +1,39 @@
+"""drifting_jax.losses: the loss library of drifting models, in pure JAX.
+
+Kernels (`kernels`), point-wise fields and potentials (`fields`), grouped training
+objectives with the official release's signature (`objectives`) and feature-space
+distance normalizations (`normalization`). This package imports nothing from the
+rest of drifting_jax.
+"""
+
+from drifting_jax.losses.fields import NORMALIZATIONS, curl, drift_field, log_kde_potential
+from drifting_jax.losses.kernels import (KERNEL_NAMES, PROFILES, Kernel, gaussian, get_kernel, laplace,
+                                         radial_kernel, rational_quadratic)
+from drifting_jax.losses.normalization import (TopKScaleState, batch_distance_scale, topk_mean_distance,
+                                               topk_scale_init, topk_scale_update)
+from drifting_jax.losses.objectives import (corrected_drift_loss, joint_drift_loss, log_kde_loss, mmd_loss,
+                                            release_drift_loss, sum_over_feature_groups)
+
+OBJECTIVES = {
+    "log_kde": log_kde_loss,
+    "corrected": corrected_drift_loss,
+    "release": release_drift_loss,
+    "joint": joint_drift_loss,
+    "mmd": mmd_loss,
+}
+
+
+def get_objective(name: str):
+  """The grouped objective called `name` (one of OBJECTIVES)."""
+  if name not in OBJECTIVES:
+    raise ValueError(f"unknown objective {name!r}; expected one of {sorted(OBJECTIVES)}")
+  return OBJECTIVES[name]
+
+
+__all__ = [
+    "KERNEL_NAMES", "NORMALIZATIONS", "OBJECTIVES", "PROFILES", "Kernel", "TopKScaleState",
+    "batch_distance_scale", "corrected_drift_loss", "curl", "drift_field", "gaussian", "get_kernel",
+    "get_objective", "joint_drift_loss", "laplace", "log_kde_loss", "log_kde_potential", "mmd_loss",
+    "radial_kernel", "rational_quadratic", "release_drift_loss", "sum_over_feature_groups",
+    "topk_mean_distance", "topk_scale_init", "topk_scale_update",
+]
