@@ -26,6 +26,12 @@ def pairwise_distances(x: Array, y: Array) -> Array:
   return jnp.sqrt(jnp.maximum(sq, SQUARED_DISTANCE_EPS))
 
 
+def compute_dtype(*arrays):
+  """float32, or float64 when an input already is (low precision is always upcast)."""
+  dtypes = [jnp.asarray(a).dtype for a in arrays if a is not None]
+  return jnp.float64 if any(d == jnp.float64 for d in dtypes) else jnp.float32
+
+
 def safe_log(w: Array) -> Array:
   """log w with log 0 = -inf, and a zero (not NaN) gradient at w = 0."""
   positive = w > 0

@@ -49,18 +49,29 @@ def _check_point_inputs(x, y_pos, y_neg, weight_pos, weight_neg):
     raise ValueError("y_pos and y_neg must each hold at least one sample")
 
 
-def _log_probabilities(weight, n: int) -> Array:
+def _log_probabilities(weight, n: int, dtype) -> Array:
   """log of the weights normalized to sum 1 (uniform when None)."""
   if weight is None:
-    return jnp.full((n,), -jnp.log(float(n)), jnp.float32)
-  w = jnp.asarray(weight, jnp.float32)
+    return jnp.full((n,), -jnp.log(float(n)), dtype)
+  w = jnp.asarray(weight, dtype)
   return _common.safe_log(w) - jnp.log(jnp.sum(w))
+
+
+def _log_probabilities_excluding_self(weight, n: int, k: int, exclude_self: bool, dtype) -> Array:
+  """[N, K] (or [K]) log reference probabilities; with exclude_self, row i renormalizes
+  over the references other than point i itself (which then has probability 0)."""
+  if not exclude_self:
+    return _log_probabilities(weight, k, dtype)
+  w = jnp.ones((k,), dtype) if weight is None else jnp.asarray(weight, dtype)
+  own = w[:n]
+  total = jnp.sum(w) - own  # [N]
+  return _common.safe_log(w)[None, :] - jnp.log(total)[:, None] + _self_mask(n, k, True)
 
 
 def _self_mask(n: int, k: int, exclude_self: bool) -> Array:
   """-inf at [i, i] for i < n: y_neg starts with the n query points themselves."""
   if not exclude_self:
-    return jnp.zeros((n, k), jnp.float32)
+    return jnp.zeros((n, k))
   if k < n:
     raise ValueError(f"exclude_self needs y_neg to start with x itself (K >= N), got N={n}, K={k}")
   return jnp.where(jnp.eye(n, k, dtype=bool), -jnp.inf, 0.0)
@@ -88,27 +99,24 @@ def drift_field(
     raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
   _check_point_inputs(x, y_pos, y_neg, weight_pos, weight_neg)
   kern = get_kernel(kernel, bandwidth)
-  x, y_pos, y_neg = (jnp.asarray(a, jnp.float32) for a in (x, y_pos, y_neg))
-  log_k_pos = kern.log_k(_common.pairwise_distances(x, y_pos))
-  log_k_neg = kern.log_k(_common.pairwise_distances(x, y_neg))
-  log_k_neg = log_k_neg + _self_mask(x.shape[0], y_neg.shape[0], exclude_self)
-
+  dtype = _common.compute_dtype(x, y_pos, y_neg)
+  x, y_pos, y_neg = (jnp.asarray(a, dtype) for a in (x, y_pos, y_neg))
+  r_pos = _common.pairwise_distances(x, y_pos)
+  r_neg = _common.pairwise_distances(x, y_neg)
   if normalization == "joint":
-    coef_pos, coef_neg = _joint_coefficients(log_k_pos, log_k_neg, weight_pos, weight_neg)
+    log_k_neg = kern.log_k(r_neg) + _self_mask(x.shape[0], y_neg.shape[0], exclude_self)
+    coef_pos, coef_neg = _joint_coefficients(kern.log_k(r_pos), log_k_neg, weight_pos, weight_neg)
   else:
-    log_pp = _log_probabilities(weight_pos, y_pos.shape[0])
-    log_pq = _log_probabilities(weight_neg, y_neg.shape[0])
-    log_a_pos = log_pp + log_k_pos
-    log_a_neg = log_pq + log_k_neg
-    if normalization == "naive":
+    log_pp = _log_probabilities(weight_pos, y_pos.shape[0], dtype)
+    log_pq = _log_probabilities_excluding_self(weight_neg, x.shape[0], y_neg.shape[0], exclude_self, dtype)
+    log_a_pos = log_pp + kern.log_k(r_pos)
+    log_a_neg = log_pq + kern.log_k(r_neg)
+    if normalization == "naive":  # Z_p, Z_q: kernel mass of each side.
       log_a_pos = log_a_pos - jax.nn.logsumexp(log_a_pos, axis=-1, keepdims=True)
       log_a_neg = log_a_neg - jax.nn.logsumexp(log_a_neg, axis=-1, keepdims=True)
-    elif normalization == "sharp":
-      log_a_pos = log_a_pos - jax.nn.logsumexp(
-          log_pp + kern.log_sharp(_common.pairwise_distances(x, y_pos)), axis=-1, keepdims=True)
-      log_a_neg = log_a_neg - jax.nn.logsumexp(
-          log_pq + kern.log_sharp(_common.pairwise_distances(x, y_neg))
-          + _self_mask(x.shape[0], y_neg.shape[0], exclude_self), axis=-1, keepdims=True)
+    elif normalization == "sharp":  # p#(x), q#(x): sharp-kernel mass of each side.
+      log_a_pos = log_a_pos - jax.nn.logsumexp(log_pp + kern.log_sharp(r_pos), axis=-1, keepdims=True)
+      log_a_neg = log_a_neg - jax.nn.logsumexp(log_pq + kern.log_sharp(r_neg), axis=-1, keepdims=True)
     coef_pos, coef_neg = jnp.exp(log_a_pos), jnp.exp(log_a_neg)
   # sum_j a_j (y_j - x) = a @ y - (sum_j a_j) x, per side.
   return (coef_pos @ y_pos - jnp.sum(coef_pos, -1, keepdims=True) * x
@@ -128,9 +136,9 @@ def _joint_coefficients(log_k_pos, log_k_neg, weight_pos, weight_neg):
   affinity = jnp.exp(log_affinity)
   a_pos, a_neg = affinity[:, :m], affinity[:, m:]
   if weight_pos is not None:
-    a_pos = a_pos * jnp.asarray(weight_pos, jnp.float32)
+    a_pos = a_pos * jnp.asarray(weight_pos, a_pos.dtype)
   if weight_neg is not None:
-    a_neg = a_neg * jnp.asarray(weight_neg, jnp.float32)
+    a_neg = a_neg * jnp.asarray(weight_neg, a_neg.dtype)
   return (a_pos * jnp.sum(a_neg, -1, keepdims=True), a_neg * jnp.sum(a_pos, -1, keepdims=True))
 
 
@@ -152,13 +160,14 @@ def log_kde_potential(
   """
   _check_point_inputs(x, y_pos, y_neg, weight_pos, weight_neg)
   kern = get_kernel(kernel, bandwidth)
-  x, y_pos, y_neg = (jnp.asarray(a, jnp.float32) for a in (x, y_pos, y_neg))
+  dtype = _common.compute_dtype(x, y_pos, y_neg)
+  x, y_pos, y_neg = (jnp.asarray(a, dtype) for a in (x, y_pos, y_neg))
   log_p = jax.nn.logsumexp(
-      _log_probabilities(weight_pos, y_pos.shape[0]) + kern.log_sharp(_common.pairwise_distances(x, y_pos)),
+      _log_probabilities(weight_pos, y_pos.shape[0], dtype) + kern.log_sharp(_common.pairwise_distances(x, y_pos)),
       axis=-1)
   log_q = jax.nn.logsumexp(
-      _log_probabilities(weight_neg, y_neg.shape[0]) + kern.log_sharp(_common.pairwise_distances(x, y_neg))
-      + _self_mask(x.shape[0], y_neg.shape[0], exclude_self), axis=-1)
+      _log_probabilities_excluding_self(weight_neg, x.shape[0], y_neg.shape[0], exclude_self, dtype)
+      + kern.log_sharp(_common.pairwise_distances(x, y_neg)), axis=-1)
   return log_q - log_p
 
 

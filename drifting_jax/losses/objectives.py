@@ -81,17 +81,19 @@ def _prepare(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg) -> _
   if fixed_pos.shape[1] == 0:
     raise ValueError("fixed_pos must hold at least one positive sample per group")
   if fixed_neg is None:
-    fixed_neg = jnp.zeros((b, 0, *tail), jnp.float32)
+    fixed_neg = jnp.zeros((b, 0, *tail), _common.compute_dtype(gen, fixed_pos))
   cp, cn = fixed_pos.shape[1], fixed_neg.shape[1]
   _common.check_weights("weight_gen", weight_gen, (b, cg), require_positive_total=True)
   _common.check_weights("weight_pos", weight_pos, (b, cp), require_positive_total=True)
   _common.check_weights("weight_neg", weight_neg, (b, cn), require_positive_total=False)
 
+  dtype = _common.compute_dtype(gen, fixed_pos)
+
   def weights(w, c):
-    return jnp.ones((b, c), jnp.float32) if w is None else jnp.asarray(w, jnp.float32)
+    return jnp.ones((b, c), dtype) if w is None else jnp.asarray(w, dtype)
 
   w_gen, w_pos, w_neg = weights(weight_gen, cg), weights(weight_pos, cp), weights(weight_neg, cn)
-  arrays = [jnp.asarray(a, jnp.float32) for a in (gen, fixed_pos, fixed_neg)]
+  arrays = [jnp.asarray(a, dtype) for a in (gen, fixed_pos, fixed_neg)]
   tokens = None
   if rank == 4:
     tokens = tail[0]
@@ -136,14 +138,14 @@ def _distance_scale(groups: _Groups, refs: _References, normalize_distances: boo
   """Per-group scale [G] that distances (and coordinates) are divided by."""
   num_groups = groups.gen.shape[0]
   if distance_scale is not None:
-    scale = jnp.asarray(distance_scale, jnp.float32)
+    scale = jnp.asarray(distance_scale, groups.gen.dtype)
     if scale.ndim == 1 and groups.tokens is not None and scale.shape[0] == groups.rows:
       scale = jnp.repeat(scale, groups.tokens)
     if scale.ndim > 1 or (scale.ndim == 1 and scale.shape[0] != num_groups):
       raise ValueError(f"distance_scale must be a scalar or have shape [B], got {scale.shape}")
     return jax.lax.stop_gradient(jnp.broadcast_to(scale, (num_groups,)))
   if not normalize_distances:
-    return jnp.ones((num_groups,), jnp.float32)
+    return jnp.ones((num_groups,), groups.gen.dtype)
   dist = _common.pairwise_distances(jax.lax.stop_gradient(groups.gen), refs.points)
   scale = jnp.maximum(batch_distance_scale(dist, refs.weights), _MIN_DISTANCE_SCALE)
   return jax.lax.stop_gradient(jnp.broadcast_to(scale, (num_groups,)))
@@ -255,7 +257,7 @@ def _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg
   else:
     per_bandwidth = terms_fn(groups.gen, ops)
     total = jnp.sum(per_bandwidth, axis=0)
-  loss = _nan_if_invalid(groups, _per_row(groups, total))
+  loss = _per_row(groups, _nan_if_invalid(groups, total))
   info = {"scale": jnp.mean(scale)}
   for kern, term in zip(kernels, per_bandwidth):
     info[f"loss_{kern.bandwidth:g}"] = jnp.mean(jax.lax.stop_gradient(term))
@@ -400,7 +402,7 @@ def _stop_gradient_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, 
   goal = jax.lax.stop_gradient(x_sg + field)
   per_sample = jnp.mean(jnp.square(x - goal), axis=-1)
   loss = jnp.sum(_generated_probabilities(groups) * per_sample, axis=-1)
-  return _nan_if_invalid(groups, _per_row(groups, loss)), info
+  return _per_row(groups, _nan_if_invalid(groups, loss)), info
 
 
 def corrected_drift_loss(
@@ -518,7 +520,7 @@ def release_drift_loss(
     force = force + force_r / jnp.sqrt(jnp.maximum(mean_square, 1e-8))
   goal = jax.lax.stop_gradient(x_scaled + force)
   loss = jnp.mean(jnp.square(groups.gen / coordinate_scale - goal), axis=(-1, -2))
-  return _nan_if_invalid(groups, _per_row(groups, loss)), info
+  return _per_row(groups, _nan_if_invalid(groups, loss)), info
 
 
 # ---------------------------------------------------------------------------------
