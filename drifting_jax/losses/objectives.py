@@ -162,48 +162,6 @@ def _kernels(kernel, bandwidths) -> tuple[Kernel, ...]:
 
 
 # ---------------------------------------------------------------------------------
-# Gradient normalization per bandwidth.
-# ---------------------------------------------------------------------------------
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sum_with_unit_rms_gradients(terms_fn: Callable, gen: Array, operands: Any) -> Array:
-  """sum_h terms_fn(gen)[h], whose gradient is rescaled per bandwidth h.
-
-  Each bandwidth's gradient (for a unit cotangent on every group) is divided by its
-  RMS over the whole batch and by Cg * S, so every bandwidth contributes a field of
-  the same size, the analogue of the release's per-temperature force normalization.
-  The gradient stays linear in the incoming cotangent: groups are independent, so
-  the gradient of loss[g] only touches gen[g] and a cotangent just rescales rows.
-  """
-  return jnp.sum(terms_fn(gen, operands), axis=0)
-
-
-def _unit_rms_fwd(terms_fn, gen, operands):
-  terms, vjp = jax.vjp(lambda g: terms_fn(g, operands), gen)
-  num_terms, num_groups = terms.shape
-  one_hot = jnp.broadcast_to(jnp.eye(num_terms, dtype=terms.dtype)[:, :, None],
-                             (num_terms, num_terms, num_groups))
-  (grads,) = jax.vmap(vjp)(one_hot)  # [H, G, Cg, S]
-  rms = jnp.sqrt(jnp.mean(jnp.square(grads), axis=(1, 2, 3), keepdims=True))
-  unit = jnp.sum(grads / jnp.maximum(rms, 1e-30), axis=0) / (gen.shape[1] * gen.shape[2])
-  return jnp.sum(terms, axis=0), (unit, operands)
-
-
-def _unit_rms_bwd(terms_fn, residuals, cotangent):
-  unit, operands = residuals
-  return cotangent[:, None, None] * unit, jax.tree.map(jnp.zeros_like, operands)
-
-
-_sum_with_unit_rms_gradients.defvjp(_unit_rms_fwd, _unit_rms_bwd)
-
-
-def _rms_normalize_field(field: Array) -> Array:
-  """field / RMS(field) over the whole batch (the release's force normalization)."""
-  return field / jnp.sqrt(jnp.maximum(jnp.mean(jnp.square(field)), 1e-8))
-
-
-# ---------------------------------------------------------------------------------
 # log-KDE (FHM Eq. 19) and MMD (FHM Prop. 7): true objectives, plain autodiff.
 # ---------------------------------------------------------------------------------
 
@@ -225,18 +183,81 @@ def _kde_operands(groups: _Groups, refs: _References, scale: Array) -> _KDEOpera
                       jnp.log(jnp.sum(groups.w_pos, -1)), _generated_probabilities(groups), scale)
 
 
-def _kde_terms(gen: Array, ops: _KDEOperands, *, kernels: Sequence[Kernel], num_negative: int,
-               log_kernel: str, take_log: bool) -> Array:
-  """Per-bandwidth objective values [H, G] of the KDE family."""
+def _logsumexp_and_softmax(logits: Array) -> tuple[Array, Array]:
+  """logsumexp over the last axis and the softmax, sharing one exp per entry."""
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  e = jnp.exp(logits - top)
+  total = jnp.sum(e, axis=-1, keepdims=True)
+  return (top + jnp.log(total))[..., 0], e / total
+
+
+def _kde_values_and_gradients(gen: Array, ops: _KDEOperands, *, kernels: Sequence[Kernel], num_negative: int,
+                              log_kernel: str, take_log: bool, normalize_gradients: bool):
+  """Per-bandwidth values [H, G] and the gradient of sum_h value_h[g] w.r.t. gen [G, Cg, S].
+
+  The gradient is formed analytically in the same pass as the values: with
+  r_ij = |x_i - y_j| / c and L_ij = log k#(r_ij) + log w_j,
+
+      d value / d x_i = sum_j a_ij (d log k# / dr)(r_ij) / r_ij * (x_i - y_j) / c^2,
+
+  a_ij = +softmax_q(L)_ij on q's columns and -softmax_p(L)_ij on p's (for the log-KDE;
+  the MMD witness uses the unnormalized exp(L_ij) / Z instead), times w_i. So the
+  backward pass is one matrix product instead of autodiff's replay of every
+  logsumexp. Groups are independent, hence the gradient of value[g] only touches
+  gen[g] and a cotangent only rescales rows (see `_with_precomputed_gradient`).
+  """
   r = _common.pairwise_distances(gen, ops.refs) / ops.scale[:, None, None]
-  terms = []
+  inv_r = 1.0 / r
+  values, coefficients = [], []
   for kern in kernels:
-    logits = getattr(kern, log_kernel)(r) + ops.log_weights
-    log_q = jax.nn.logsumexp(logits[..., :num_negative], axis=-1) - ops.log_norm_q
-    log_p = jax.nn.logsumexp(logits[..., num_negative:], axis=-1) - ops.log_norm_p[:, None]
-    per_sample = (log_q - log_p) if take_log else (jnp.exp(log_q) - jnp.exp(log_p))
-    terms.append(jnp.sum(ops.gen_prob * per_sample, axis=-1))
-  return jnp.stack(terms)
+    log_k, dlog_k_dr = jax.jvp(getattr(kern, log_kernel), (r,), (jnp.ones_like(r),))
+    logits = log_k + ops.log_weights
+    lse_q, soft_q = _logsumexp_and_softmax(logits[..., :num_negative])
+    lse_p, soft_p = _logsumexp_and_softmax(logits[..., num_negative:])
+    log_q = lse_q - ops.log_norm_q
+    log_p = lse_p - ops.log_norm_p[:, None]
+    if take_log:
+      per_sample = log_q - log_p
+      side = jnp.concatenate([soft_q, -soft_p], axis=-1)
+    else:  # d exp(lse - log Z) / dL_j = exp(lse - log Z) softmax_j
+      q_hat, p_hat = jnp.exp(log_q), jnp.exp(log_p)
+      per_sample = q_hat - p_hat
+      side = jnp.concatenate([soft_q * q_hat[..., None], -soft_p * p_hat[..., None]], axis=-1)
+    values.append(jnp.sum(ops.gen_prob * per_sample, axis=-1))
+    coefficients.append(side * (ops.gen_prob[..., None] * dlog_k_dr * inv_r))
+  to_gen = lambda c: (jnp.sum(c, -1, keepdims=True) * gen - jnp.einsum("gim,gms->gis", c, ops.refs)) / (
+      jnp.square(ops.scale)[:, None, None])
+  if normalize_gradients:
+    grads = [to_gen(c) for c in coefficients]
+    unit = sum(g / jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(g))), 1e-30) for g in grads)
+    gradient = unit / (gen.shape[1] * gen.shape[2])
+  else:
+    gradient = to_gen(sum(coefficients))
+  return jnp.stack(values), gradient
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _with_precomputed_gradient(values_and_gradient_fn: Callable, gen: Array, operands: Any) -> Array:
+  """sum_h values[h] as a function of gen, differentiated with the precomputed gradient.
+
+  `values_and_gradient_fn(gen, operands) -> (values [H, G], gradient [G, Cg, S])`, the
+  gradient of sum_h values[h, g] for every g at once. First-order only.
+  """
+  return jnp.sum(values_and_gradient_fn(gen, operands)[0], axis=0)
+
+
+def _precomputed_fwd(values_and_gradient_fn, gen, operands):
+  values, gradient = values_and_gradient_fn(gen, operands)
+  return jnp.sum(values, axis=0), (gradient, operands)
+
+
+def _precomputed_bwd(values_and_gradient_fn, residuals, cotangent):
+  gradient, operands = residuals
+  return (cotangent[:, None, None] * gradient).astype(gradient.dtype), jax.tree.map(jnp.zeros_like, operands)
+
+
+_with_precomputed_gradient.defvjp(_precomputed_fwd, _precomputed_bwd)
 
 
 def _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, *, kernel, bandwidths,
@@ -249,18 +270,14 @@ def _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg
   kernels = _kernels(kernel, bandwidths)
   scale = _distance_scale(groups, refs, normalize_distances, distance_scale)
   ops = _kde_operands(groups, refs, scale)
-  terms_fn = functools.partial(_kde_terms, kernels=kernels, num_negative=refs.num_negative,
-                               log_kernel=log_kernel, take_log=take_log)
-  if normalize_gradients:
-    total = _sum_with_unit_rms_gradients(terms_fn, groups.gen, ops)
-    per_bandwidth = jax.lax.stop_gradient(terms_fn(groups.gen, ops))
-  else:
-    per_bandwidth = terms_fn(groups.gen, ops)
-    total = jnp.sum(per_bandwidth, axis=0)
+  fn = functools.partial(_kde_values_and_gradients, kernels=kernels, num_negative=refs.num_negative,
+                         log_kernel=log_kernel, take_log=take_log, normalize_gradients=normalize_gradients)
+  total = _with_precomputed_gradient(fn, groups.gen, ops)
+  per_bandwidth = jax.lax.stop_gradient(fn(groups.gen, ops)[0])
   loss = _per_row(groups, _nan_if_invalid(groups, total))
   info = {"scale": jnp.mean(scale)}
   for kern, term in zip(kernels, per_bandwidth):
-    info[f"loss_{kern.bandwidth:g}"] = jnp.mean(jax.lax.stop_gradient(term))
+    info[f"loss_{kern.bandwidth:g}"] = jnp.mean(term)
   return loss, info
 
 
@@ -350,6 +367,11 @@ def mmd_loss(
 # ---------------------------------------------------------------------------------
 # Stop-gradient objectives: loss = |x - sg(x + V(x))|^2 (FHM Eq. 1).
 # ---------------------------------------------------------------------------------
+
+
+def _rms_normalize_field(field: Array) -> Array:
+  """field / RMS(field) over the whole batch (the release's force normalization)."""
+  return field / jnp.sqrt(jnp.maximum(jnp.mean(jnp.square(field)), 1e-8))
 
 
 def _corrected_coefficients(log_k: Array, refs: _References) -> Array:

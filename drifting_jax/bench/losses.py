@@ -1,0 +1,149 @@
+"""Benchmark of the grouped objectives: fwd+bwd time as a ratio to one cdist matmul.
+
+    python -m drifting_jax.bench.losses [--out bench_losses.json] [--quick]
+
+For every shape, each objective's jitted value-and-gradient (w.r.t. the generated
+features) is timed in the same run as the matmul that computes the distances of
+the same shape ([B, Cg, S] x [B, Cg + Cn + Cp, S]), interleaved round-robin so
+machine noise hits all of them alike; the median over repeats is reported. Peak
+memory is XLA's compile-time buffer assignment (arguments + outputs + temporaries).
+
+Targets (issue "loss library"): log-KDE within 4x one matmul (3x is the floor: one
+matmul forward, two backward) and >= 1.5x faster than the release field; the
+corrected field's memory linear in Cp + Cn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drifting_jax import losses
+
+ABLATION_SHAPES = [dict(B=64, Cg=64, Cp=64, Cn=16, S=s) for s in (64, 256, 768)]
+LARGE_SHAPES = [dict(B=1, Cg=4096, Cp=4096, Cn=0, S=256)]
+BANDWIDTHS = (0.02, 0.05, 0.2)
+
+
+def _inputs(shape, seed=0):
+  rng = np.random.default_rng(seed)
+  b, cg, cp, cn, s = (shape[k] for k in ("B", "Cg", "Cp", "Cn", "S"))
+  gen = jnp.asarray(rng.normal(size=(b, cg, s)), jnp.float32)
+  pos = jnp.asarray(rng.normal(size=(b, cp, s)) + 0.3, jnp.float32)
+  neg = jnp.asarray(rng.normal(size=(b, cn, s)), jnp.float32) if cn else None
+  w_neg = jnp.full((b, cn), 0.5, jnp.float32) if cn else None
+  return gen, pos, neg, w_neg
+
+
+def _candidates(pos, neg, w_neg):
+  def value_and_grad(objective, **kw):
+    f = lambda g: objective(g, pos, neg, None, None, w_neg, **kw)[0].sum()
+    return jax.jit(jax.value_and_grad(f))
+
+  refs = pos if neg is None else jnp.concatenate([neg, pos], axis=1)
+
+  @jax.jit
+  def cdist_matmul(g):
+    targets = jnp.concatenate([g, refs], axis=1)
+    return jnp.einsum("bnd,bmd->bnm", g, targets)
+
+  return {
+      "matmul": cdist_matmul,
+      "log_kde": value_and_grad(losses.log_kde_loss, kernel="laplace", bandwidths=BANDWIDTHS),
+      "log_kde_gradnorm": value_and_grad(losses.log_kde_loss, kernel="laplace", bandwidths=BANDWIDTHS,
+                                         normalize_gradients=True),
+      "corrected": value_and_grad(losses.corrected_drift_loss, kernel="laplace", bandwidths=BANDWIDTHS),
+      "release": value_and_grad(losses.release_drift_loss, R_list=BANDWIDTHS),
+  }
+
+
+def _peak_bytes(fn, *args) -> int | None:
+  try:
+    stats = fn.lower(*args).compile().memory_analysis()
+  except Exception:  # Not every backend reports it.
+    return None
+  if stats is None:
+    return None
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+             - getattr(stats, "alias_size_in_bytes", 0))
+
+
+def _time_round_robin(fns: dict, gen, repeats: int) -> dict[str, float]:
+  for fn in fns.values():  # compile and warm up
+    jax.block_until_ready(fn(gen))
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(gen))
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run(shapes, repeats: int) -> list[dict]:
+  results = []
+  for shape in shapes:
+    gen, pos, neg, w_neg = _inputs(shape)
+    fns = _candidates(pos, neg, w_neg)
+    seconds = _time_round_robin(fns, gen, repeats)
+    memory = {name: _peak_bytes(fn, gen) for name, fn in fns.items()}
+    row = {"shape": shape, "seconds": seconds, "peak_bytes": memory,
+           "ratio_to_matmul": {k: v / seconds["matmul"] for k, v in seconds.items()},
+           "release_over_log_kde": seconds["release"] / seconds["log_kde"]}
+    results.append(row)
+    label = " ".join(f"{k}={v}" for k, v in shape.items())
+    print(f"[{label}] matmul {seconds['matmul'] * 1e3:.2f} ms", flush=True)
+    for name in fns:
+      if name == "matmul":
+        continue
+      mem = memory[name]
+      print(f"    {name:18s} {seconds[name] * 1e3:9.2f} ms  = {row['ratio_to_matmul'][name]:5.2f} x matmul"
+            f"   peak {mem / 2**20 if mem else float('nan'):8.1f} MiB", flush=True)
+    print(f"    release / log_kde time: {row['release_over_log_kde']:.2f}x", flush=True)
+  return results
+
+
+def corrected_memory_scaling(base=dict(B=1, Cg=256, Cn=0, S=64), sizes=(512, 1024, 2048, 4096)) -> dict:
+  """Peak bytes of the corrected objective as Cp grows: linear means O(Cg (Cp + Cn))."""
+  peaks = {}
+  for cp in sizes:
+    shape = dict(base, Cp=cp)
+    gen, pos, neg, w_neg = _inputs(shape)
+    fn = _candidates(pos, neg, w_neg)["corrected"]
+    peaks[cp] = _peak_bytes(fn, gen)
+  if all(v is not None for v in peaks.values()):
+    sizes_arr = np.array(sizes, float)
+    slope, intercept = np.polyfit(sizes_arr, np.array([peaks[c] for c in sizes], float), 1)
+    fit = slope * sizes_arr + intercept
+    worst = float(np.max(np.abs(fit - [peaks[c] for c in sizes]) / np.array([peaks[c] for c in sizes])))
+    print(f"corrected-field peak memory vs Cp (Cg={base['Cg']}): "
+          + ", ".join(f"{c}: {peaks[c] / 2**20:.1f} MiB" for c in sizes)
+          + f"; worst deviation from a linear fit {worst:.1%}", flush=True)
+    return {"peaks": peaks, "bytes_per_reference": slope, "worst_linear_fit_deviation": worst}
+  return {"peaks": peaks}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="bench_losses.json")
+  parser.add_argument("--quick", action="store_true", help="ablation shapes with S=64 only, few repeats")
+  parser.add_argument("--repeats", type=int, default=None)
+  args = parser.parse_args(argv)
+  shapes = ABLATION_SHAPES[:1] if args.quick else ABLATION_SHAPES + LARGE_SHAPES
+  repeats = args.repeats or (3 if args.quick else 7)
+  print(f"devices: {jax.devices()}", flush=True)
+  report = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+            "results": run(shapes, repeats), "corrected_memory": corrected_memory_scaling()}
+  with open(args.out, "w") as f:
+    json.dump(report, f, indent=1, default=float)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
