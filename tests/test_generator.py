@@ -70,8 +70,8 @@ def test_noise_draw_matches_release(official_tiny):
   np.testing.assert_array_equal(np.asarray(noise["x"]), io["noise_x"])
   np.testing.assert_array_equal(np.asarray(noise["noise_labels"]), io["noise_labels"])
   # The module's own draw (rng only) gives the same noise, hence the same samples.
-  out = module.apply({"params": params}, jnp.asarray(io["labels"]), jnp.asarray(io["cfg_scale"]),
-                     rngs={"noise": key})
+  out = jax.jit(module.apply)({"params": params}, jnp.asarray(io["labels"]), jnp.asarray(io["cfg_scale"]),
+                              rngs={"noise": key})
   np.testing.assert_array_equal(np.asarray(out["noise"]["x"]), io["noise_x"])
   np.testing.assert_allclose(np.asarray(out["samples"]), io["samples"], atol=1e-5, rtol=0)
   np.testing.assert_allclose(np.asarray(G.sample(module, params, io["labels"], io["cfg_scale"], rng=key)),
@@ -100,8 +100,8 @@ def test_fresh_init_outputs_zero():
   config = G.model_config_for("tiny", depth=1)
   module = G.build_module(config)
   args, kwargs = G.example_inputs(config, 3)
-  params = module.init({"params": jax.random.key(1)}, *args, **kwargs)["params"]
-  out = module.apply({"params": params}, jnp.array([0, 5, 10]), 2.0, rngs={"noise": jax.random.key(2)})["samples"]
+  params = jax.jit(module.init)({"params": jax.random.key(1)}, *args, **kwargs)["params"]
+  out = jax.jit(module.apply)({"params": params}, jnp.array([0, 5, 10]), 2.0, rngs={"noise": jax.random.key(2)})["samples"]
   assert out.shape == (3, 28, 28, 1)
   np.testing.assert_array_equal(np.asarray(out), 0.0)
 
@@ -129,6 +129,37 @@ def test_named_configs_build(name, image_shape, hidden, depth):
   out = jax.eval_shape(lambda p: module.apply({"params": p}, jnp.zeros((2,), jnp.int32), 1.0,
                                               rngs={"noise": jax.random.key(0)}), abstract)
   assert out["samples"].shape == (2,) + image_shape
+
+
+def test_plain_dit_variant_tree():
+  """LayerNorm / GELU-MLP / no-RoPE / no-style branches: the layout the release uses for them."""
+  config = G.model_config_for("tiny", depth=1, use_rmsnorm=False, use_swiglu=False, use_rope=False,
+                              noise_classes=0, n_cls_tokens=0)
+  shapes = _flat_shapes(_abstract_params(config))
+  block = "LightningDiT_0/blocks_0/"
+  assert shapes[block + "Attention_0/q_norm/scale"] == [32] and shapes[block + "Attention_0/k_norm/bias"] == [32]
+  assert shapes[block + "StandardMLP_0/TorchLinear_0/Dense_0/kernel"] == [128, 512]
+  assert shapes[block + "StandardMLP_0/TorchLinear_1/Dense_0/kernel"] == [512, 128]
+  assert not [k for k in shapes if "noise_embeds" in k or "cls_embed" in k or k.startswith(block + "RMSNorm")]
+  module = G.build_module(config)
+  out = jax.jit(module.apply)({"params": jax.tree.map(jnp.ones_like, _abstract_params(config))},
+                              jnp.array([1, 2]), 1.0, rngs={"noise": jax.random.key(0)})
+  assert out["samples"].shape == (2, 28, 28, 1) and np.isfinite(np.asarray(out["samples"])).all()
+  assert out["noise"]["noise_labels"].shape == (2, 8) and not np.asarray(out["noise"]["noise_labels"]).any()
+
+
+def test_condition_method(official_tiny):
+  """The conditioning is usable on its own; the style labels enter it additively."""
+  config, params, io = official_tiny
+  module = G.build_module(config)
+  labels, cfg = jnp.asarray(io["labels"]), jnp.asarray(io["cfg_scale"])
+  style = jnp.asarray(io["noise_labels"])
+  cond = module.apply({"params": params}, labels, cfg, style, method=G.DiTGenerator.condition)
+  shifted = module.apply({"params": params}, labels, cfg, style.at[:, 0].set((style[:, 0] + 1) % 8),
+                         method=G.DiTGenerator.condition)
+  table = params["noise_embeds_0"]["embedding"]
+  np.testing.assert_allclose(shifted - cond, table[(style[:, 0] + 1) % 8] - table[style[:, 0]], atol=1e-6)
+  assert cond.shape == (4, config["cond_dim"])
 
 
 def test_mnist_config_matches_paper_settings():

@@ -331,19 +331,32 @@ class DiTGenerator(nn.Module):
         key_labels, (batch_size,) + self.noise_label_shape, 0, max(1, self.noise_classes))
     return {"x": (x * temperature).astype(self.dtype), "noise_labels": noise_labels}
 
+  def setup(self):
+    # Names are fixed by the release's checkpoints; the list gets noise_embeds_{i}.
+    self.class_embed = nn.Embed(self.num_classes, self.cond_dim, embedding_init=_EMBED_INIT,
+                                dtype=self.dtype, name="Embed_0")
+    if self.noise_classes > 0:
+      self.noise_embeds = [
+          nn.Embed(self.noise_classes, self.cond_dim, embedding_init=_EMBED_INIT, dtype=self.dtype)
+          for _ in range(self.noise_coords)]
+    self.cfg_embedder = CFGScaleEmbedder(self.cond_dim, dtype=self.dtype, name="TimestepEmbedder_0")
+    self.cfg_norm = RMSNorm(epsilon=1e-6, name="RMSNorm_0")
+    self.backbone = DiTBackbone(
+        input_size=self.input_size, patch_size=self.patch_size, out_channels=self.out_channels,
+        hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+        n_cls_tokens=self.n_cls_tokens, use_qknorm=self.use_qknorm, use_swiglu=self.use_swiglu,
+        use_rope=self.use_rope, use_rmsnorm=self.use_rmsnorm, attn_fp32=self.attn_fp32,
+        remat=self.remat or self.use_remat, dtype=self.dtype, name="LightningDiT_0")
+
   def condition(self, labels: Array, cfg_scale: Array, noise_labels: Array) -> Array:
     """Conditioning vector `[B, cond_dim]` from labels, CFG scales `[B]` and style labels."""
-    cond = nn.Embed(self.num_classes, self.cond_dim, embedding_init=_EMBED_INIT, dtype=self.dtype,
-                    name="Embed_0")(labels)
+    cond = self.class_embed(labels)
     if self.noise_classes > 0:
-      for i in range(self.noise_coords):
-        cond = cond + nn.Embed(self.noise_classes, self.cond_dim, embedding_init=_EMBED_INIT,
-                               dtype=self.dtype, name=f"noise_embeds_{i}")(noise_labels[:, i])
-    cfg_embedding = CFGScaleEmbedder(self.cond_dim, dtype=self.dtype, name="TimestepEmbedder_0")(cfg_scale)
-    cfg_embedding = RMSNorm(epsilon=1e-6, name="RMSNorm_0")(cfg_embedding)
+      for i, embed in enumerate(self.noise_embeds):
+        cond = cond + embed(noise_labels[:, i])
+    cfg_embedding = self.cfg_norm(self.cfg_embedder(cfg_scale))
     return (cond + _CFG_EMBED_WEIGHT * cfg_embedding).astype(self.dtype)
 
-  @nn.compact
   def __call__(
       self,
       labels: Array,
@@ -359,15 +372,8 @@ class DiTGenerator(nn.Module):
       noise = self.draw_noise(batch_size, temperature)
     else:
       noise = _check_noise(noise, self, batch_size)
-
     cond = self.condition(labels, cfg_scale, noise["noise_labels"])
-    backbone = DiTBackbone(
-        input_size=self.input_size, patch_size=self.patch_size, out_channels=self.out_channels,
-        hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-        n_cls_tokens=self.n_cls_tokens, use_qknorm=self.use_qknorm, use_swiglu=self.use_swiglu,
-        use_rope=self.use_rope, use_rmsnorm=self.use_rmsnorm, attn_fp32=self.attn_fp32,
-        remat=self.remat or self.use_remat, dtype=self.dtype, name="LightningDiT_0")
-    samples = backbone(noise["x"].astype(self.dtype), cond)
+    samples = self.backbone(noise["x"].astype(self.dtype), cond)
     return {"samples": samples, "noise": dict(noise)}
 
 
