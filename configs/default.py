@@ -1,0 +1,111 @@
+"""Defaults shared by every training config; each config file starts from these.
+
+Sizes are the official release's latent-ablation settings unless a config says
+otherwise. Every field is overridable from the command line, e.g.
+`--config.loss.objective=corrected --config.loss.bandwidths="(0.05,)"`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Generator: a named size from drifting_jax.models.generator (DiT-S/2, DiT-B/2,
+  # DiT-L/2, mnist-DiT-S/2, tiny) with per-key overrides of its model_config.
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "DiT-B/2"
+  c.model.overrides = ml_collections.ConfigDict()
+  c.model.remat = False
+  # Start from an existing generator artifact (hf://NAME or a folder) at step 0.
+  c.init_from = ""
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "latents"        # mnist5k | mnist | fashion_mnist | latents | synthetic_latents
+  c.data.data_dir = ""           # tfds data_dir, or the latent cache folder for "latents"
+  c.data.num_classes = 1000
+  c.data.image_size = 32         # side of the generated sample (pixels or latent cells)
+  c.data.channels = 4
+  c.data.pad_to = 0              # MNIST-like 28x28 padded to 32 for latent models; 0 = no padding
+
+  # Feature space the loss is computed in.
+  c.feature = ml_collections.ConfigDict()
+  c.feature.kind = "mae"         # mae | pixels
+  c.feature.mae_path = "hf://mae_latent_256"
+  c.feature.activation_kwargs = ml_collections.ConfigDict(dict(
+      patch_mean_size=(2, 4), patch_std_size=(2, 4), use_std=True, use_mean=True, every_k_block=2))
+  c.feature.patch_stats_sizes = ()  # extra patch mean/std groups for pixel features
+
+  # The objective: one field picks it (drifting_jax.losses.OBJECTIVES).
+  c.loss = ml_collections.ConfigDict()
+  c.loss.objective = "log_kde"   # log_kde | corrected | release | joint | mmd
+  c.loss.kernel = "laplace"      # gaussian | laplace | rational_quadratic
+  c.loss.bandwidths = (0.02, 0.05, 0.2)
+  c.loss.normalize_gradients = False
+  c.loss.mmd_sharp = False
+  # How distances are made scale-free: the release's batch-mean distance
+  # ("batch_mean"), FHM's per-class top-k EMA ("topk_ema"), or raw ("none").
+  c.loss.feature_normalization = "batch_mean"
+  c.loss.topk_k = 5
+  c.loss.topk_beta = 0.99
+  # Bandwidth annealing sigma(t) = sigma0 * exp(-rate * t / total_steps); 0 = off.
+  c.loss.bandwidth_anneal_rate = 0.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.total_steps = 30_000
+  c.train.classes_per_step = 64       # B: groups (classes) per step, global
+  c.train.gen_per_class = 64          # Cg
+  c.train.pos_per_class = 64          # Cp, drawn from the positive bank
+  c.train.neg_per_class = 16          # Cn, unconditional negatives from the negative bank
+  c.train.positive_bank_size = 128    # slots per class
+  c.train.negative_bank_size = 1000   # slots of the unconditional bank
+  c.train.push_per_step = 64          # data samples pushed into the banks per step, per host
+  # Host RAM of the positive bank = classes x slots x sample bytes: 1000 x 128 x
+  # 32x32x4 float32 = 2.1 GB per host; bank_dtype "bfloat16" halves it.
+  c.train.bank_dtype = "float32"
+  c.train.cfg_min = 1.0
+  c.train.cfg_max = 4.0
+  c.train.neg_cfg_pw = 3.0            # p(alpha) ~ alpha^-3 on [cfg_min, cfg_max]
+  c.train.no_cfg_frac = 0.0
+  c.train.ema_decay = 0.999
+  c.train.max_grad_norm = 2.0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 2e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.weight_decay = 0.01
+  c.optim.schedule = "const"      # const | cosine
+  c.optim.noop_steps = 0          # lr = 0 for these first steps (EMA/bank warm-up)
+  c.optim.warmup_steps = 5000     # linear ramp after the no-op steps
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 2000
+  c.checkpoint.keep_last = 2
+  c.checkpoint.keep_every = 10_000
+  c.checkpoint.async_save = True
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every_steps = 10
+  c.log.sample_grid_every = 2000
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.step = -1                   # -1: latest checkpoint
+  c.eval.source = ""                 # "" = workdir checkpoints; or params_ema folder / hf://NAME
+  c.eval.samples_per_class = 50
+  c.eval.cfg_scales = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5)
+  c.eval.batch_size = 500
+  c.eval.reference_stats = ""        # .npz with mu/sigma
+  c.eval.classifier_path = ""        # MNIST-like offline metrics
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.per_class = 100
+  c.sample.classes = ()              # () = all classes
+  c.sample.cfg_scale = 1.0
+  c.sample.seed = 0
+  return c

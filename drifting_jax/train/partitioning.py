@@ -1,0 +1,135 @@
+"""Device mesh and named partition rules (the MaxText way: one table, no scattered specs).
+
+The mesh has two axes:
+
+* ``data``: pure data parallelism; parameters are replicated along it.
+* ``fsdp``: fully-sharded data parallelism; the batch is split along it as well, and
+  each parameter (and its optimizer state) is split along one of its dimensions.
+
+Parameters get their `PartitionSpec` from `PARAM_RULES`, an ordered list of
+(regex on the "/"-joined parameter path, logical axis names per dimension). Logical
+names map to mesh axes through `LOGICAL_AXIS_RULES`. A parameter matching no rule is
+sharded over ``fsdp`` on its largest dimension divisible by the fsdp size, or
+replicated when it is small. Activations are constrained through the same logical
+names with `constrain`, at the few places the train step fixes a layout.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+
+# Logical axis name -> mesh axes.
+LOGICAL_AXIS_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "fsdp": "fsdp",
+    "replicated": None,
+}
+
+# (path regex, logical axes per dimension). First match wins.
+PARAM_RULES: list[tuple[str, tuple[str | None, ...]]] = [
+    # Embedding tables: shard the (large) vocabulary axis.
+    (r".*Embed_\d+/embedding$", ("fsdp", None)),
+    (r".*noise_embeds_\d+/embedding$", ("fsdp", None)),
+    # Norm scales and biases stay replicated: tiny, and read by every shard.
+    (r".*/(scale|bias|weight)$", (None,)),
+]
+
+# Parameters with fewer elements than this are replicated: sharding them only adds
+# collectives.
+MIN_SHARDED_SIZE = 2**14
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp) mesh over all devices; -1 means "the rest" for the data axis."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(f"mesh fsdp={fsdp} must divide the device count {n}")
+  if data == -1:
+    data = n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} != {n} devices")
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh((data, fsdp), devices=devices)
+  except Exception:  # e.g. CPU devices without topology; a plain reshape is fine there.
+    grid = np.asarray(devices).reshape(data, fsdp)
+  return Mesh(grid, MESH_AXES)
+
+
+def logical_to_mesh(logical: Sequence[str | None]) -> P:
+  return P(*(LOGICAL_AXIS_RULES.get(name) if name else None for name in logical))
+
+
+def _path_string(path) -> str:
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def param_spec(path: str, shape: Sequence[int], mesh: Mesh) -> P:
+  """The PartitionSpec of one parameter (see module doc)."""
+  fsdp = mesh.shape["fsdp"]
+  for pattern, logical in PARAM_RULES:
+    if re.fullmatch(pattern, path):
+      spec = logical_to_mesh(logical[: len(shape)])
+      return _drop_indivisible(spec, shape, mesh)
+  if fsdp == 1 or int(np.prod(shape)) < MIN_SHARDED_SIZE:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      return P(*(["fsdp" if d == dim else None for d in range(len(shape))]))
+  return P()
+
+
+def _drop_indivisible(spec: P, shape, mesh: Mesh) -> P:
+  """Replicate along any dimension the mesh axes do not divide."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else (axes or ())
+    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    out.append(axes if size > 1 and dim % size == 0 else None)
+  return P(*out)
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for every leaf of a parameter-like tree (params, EMA, Adam moments)."""
+  def leaf_sharding(path, leaf):
+    shape = getattr(leaf, "shape", ())
+    if not shape:
+      return NamedSharding(mesh, P())
+    return NamedSharding(mesh, param_spec(_path_string(path), shape, mesh))
+  return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading axis split over every device, the rest replicated."""
+  return NamedSharding(mesh, logical_to_mesh(("batch",) + (None,) * (ndim - 1)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def constrain(x, mesh: Mesh, logical: Sequence[str | None]):
+  """with_sharding_constraint through logical names, skipped when the axis does not divide."""
+  spec = _drop_indivisible(logical_to_mesh(logical), x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def host_to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A global batch-sharded array from this process's rows (multi-host safe)."""
+  return jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(local)), np.asarray(local))

@@ -1,0 +1,162 @@
+"""One drifting training step, as a pure function of (state, feature params, batch).
+
+    labels, positives, negatives  (from the memory banks)
+      -> CFG scale per class, weight of the unconditional negatives
+      -> frozen features of positives and negatives
+      -> generated samples -> their features
+      -> objective per feature group (drifting_jax.losses) -> mean over classes
+      -> clipped AdamW update, EMA of the parameters
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import einops
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from drifting_jax import losses
+from drifting_jax.train import partitioning
+
+FeatureApply = Callable[[Any, jax.Array], dict[str, jax.Array]]
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array
+  # {feature group: losses.TopKScaleState} for the top-k EMA normalization, else {}.
+  feature_scale: Any
+
+
+def sample_cfg_scales(rng: jax.Array, num: int, *, cfg_min: float, cfg_max: float, neg_cfg_pw: float,
+                      no_cfg_frac: float) -> jax.Array:
+  """Guidance scales alpha in [cfg_min, cfg_max] with density ~ alpha^-neg_cfg_pw.
+
+  Inverse-CDF sampling of the release's power law (log-uniform when the exponent is
+  1); a fraction `no_cfg_frac` of classes gets alpha = 1 (no guidance).
+  """
+  rng_u, rng_off = jax.random.split(rng)
+  u = jax.random.uniform(rng_u, (num,))
+  power = 1.0 - neg_cfg_pw
+  if cfg_max <= cfg_min:
+    alpha = jnp.full((num,), cfg_min, jnp.float32)
+  elif abs(power) < 1e-6:
+    alpha = jnp.exp(jnp.log(cfg_min) + u * (jnp.log(cfg_max) - jnp.log(cfg_min)))
+  else:
+    alpha = (cfg_min**power + u * (cfg_max**power - cfg_min**power)) ** (1.0 / power)
+  if no_cfg_frac > 0:
+    alpha = jnp.where(jax.random.uniform(rng_off, (num,)) < no_cfg_frac, 1.0, alpha)
+  return alpha
+
+
+def unconditional_weight(cfg: jax.Array, gen_per_class: int, neg_per_class: int) -> jax.Array:
+  """(alpha - 1)(Cg - 1)/Cn: makes q#'s negatives the mixture q/alpha + (1 - 1/alpha) p_uncond."""
+  return (cfg - 1.0) * (gen_per_class - 1) / max(1, neg_per_class)
+
+
+def objective_from_config(loss_config: ml_collections.ConfigDict) -> Callable:
+  """The grouped objective with its static options bound (distance_scale stays an argument)."""
+  name = loss_config.objective
+  fn = losses.get_objective(name)
+  bandwidths = tuple(float(b) for b in loss_config.bandwidths)
+  norm = loss_config.feature_normalization
+  if norm not in ("batch_mean", "topk_ema", "none"):
+    raise ValueError(f"loss.feature_normalization must be batch_mean, topk_ema or none, got {norm!r}")
+  losses.get_kernel(loss_config.kernel, bandwidths[0] if bandwidths else 1.0)  # fail early on a bad name
+  if name == "release":
+    if norm != "batch_mean" or loss_config.bandwidth_anneal_rate:
+      raise ValueError("the release objective computes its own batch-mean scale: use "
+                       "loss.feature_normalization=batch_mean and no bandwidth annealing")
+    return lambda *a, distance_scale=None: fn(*a, R_list=bandwidths, kernel=loss_config.kernel)
+  kwargs = dict(kernel=loss_config.kernel, bandwidths=bandwidths, normalize_distances=norm == "batch_mean",
+                normalize_gradients=bool(loss_config.normalize_gradients))
+  if name == "mmd":
+    kwargs["sharp"] = bool(loss_config.mmd_sharp)
+  return functools.partial(fn, **kwargs)
+
+
+def _split_rows(features: dict[str, jax.Array], rows: int) -> dict[str, jax.Array]:
+  """{name: [rows * k, T, D]} -> {name: [rows, k, T, D]}."""
+  return {k: einops.rearrange(v, "(b k) t d -> b k t d", b=rows) for k, v in features.items()}
+
+
+def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    feature_apply: FeatureApply, config: ml_collections.ConfigDict, mesh):
+  """Builds `train_step(state, feature_params, batch) -> (state, metrics)` (un-jitted)."""
+  train, loss_config = config.train, config.loss
+  gen_per_class, pos_per_class, neg_per_class = train.gen_per_class, train.pos_per_class, train.neg_per_class
+  objective = objective_from_config(loss_config)
+  use_topk = loss_config.feature_normalization == "topk_ema"
+  anneal_rate = float(loss_config.bandwidth_anneal_rate)
+  if anneal_rate and loss_config.feature_normalization == "batch_mean":
+    raise ValueError("bandwidth annealing needs loss.feature_normalization topk_ema or none")
+  total_steps = max(1, int(train.total_steps))
+
+  def train_step(state: TrainState, feature_params: Any, batch: dict[str, jax.Array]):
+    labels, positives, negatives = batch["labels"], batch["positives"], batch["negatives"]
+    num_classes = labels.shape[0]
+    rng_cfg, rng_noise = jax.random.split(jax.random.fold_in(state.rng, state.step))
+
+    # Guidance: one scale per class; unconditional data enter q with this weight.
+    cfg = sample_cfg_scales(rng_cfg, num_classes, cfg_min=train.cfg_min, cfg_max=train.cfg_max,
+                            neg_cfg_pw=train.neg_cfg_pw, no_cfg_frac=train.no_cfg_frac)
+    weight_neg = None
+    if neg_per_class:
+      weight_neg = jnp.broadcast_to(unconditional_weight(cfg, gen_per_class, neg_per_class)[:, None],
+                                    (num_classes, neg_per_class))
+
+    # Frozen features of the data: positives of each class, then unconditional negatives.
+    data = jnp.concatenate([positives, negatives], axis=1) if neg_per_class else positives
+    data = partitioning.constrain(einops.rearrange(data, "b k h w c -> (b k) h w c"), mesh, ("batch",))
+    data_features = _split_rows(jax.lax.stop_gradient(feature_apply(feature_params, data)), num_classes)
+    pos_features = {k: v[:, :pos_per_class] for k, v in data_features.items()}
+    neg_features = {k: v[:, pos_per_class:] for k, v in data_features.items()} if neg_per_class else None
+
+    # Scale of feature distances: per-class top-k EMA, or the objective's batch mean.
+    feature_scale, distance_scale = state.feature_scale, {k: None for k in pos_features}
+    if use_topk:
+      feature_scale = {}
+      for name, feats in pos_features.items():
+        flat = einops.rearrange(feats, "b p t d -> b p (t d)")
+        feature_scale[name], distance_scale[name] = losses.topk_scale_update(
+            state.feature_scale[name], flat, labels, k=loss_config.topk_k, beta=loss_config.topk_beta)
+    if anneal_rate:  # sigma(t) = sigma0 exp(-rate t / T)  <=>  distances / exp(-rate t / T)
+      shrink = jnp.exp(-anneal_rate * state.step / total_steps)
+      distance_scale = {k: (1.0 if v is None else v) * shrink for k, v in distance_scale.items()}
+
+    gen_labels = partitioning.constrain(jnp.repeat(labels, gen_per_class), mesh, ("batch",))
+    gen_cfg = jnp.repeat(cfg, gen_per_class)
+
+    def loss_fn(params):
+      samples = generator.apply({"params": params}, gen_labels, gen_cfg, rngs={"noise": rng_noise})["samples"]
+      samples = partitioning.constrain(samples, mesh, ("batch",))
+      gen_features = _split_rows(feature_apply(feature_params, samples), num_classes)
+      total, info = 0.0, {}
+      for name in sorted(gen_features):
+        group_loss, group_info = objective(
+            gen_features[name], pos_features[name], None if neg_features is None else neg_features[name],
+            None, None, weight_neg, distance_scale=distance_scale[name])
+        total = total + jnp.mean(group_loss)
+        info.update({f"{k}/{name}": v for k, v in group_info.items()})
+      return total, info
+
+    (loss, info), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = train.ema_decay
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
+                              feature_scale=feature_scale)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
+               "cfg_mean": jnp.mean(cfg), **info}
+    return new_state, metrics
+
+  return train_step
