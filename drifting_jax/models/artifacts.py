@@ -245,9 +245,10 @@ def param_mismatches(params: Any, expected: Any) -> list[str]:
 def _check_params(params: Any, kind: str, model_config: Mapping[str, Any], where: str) -> None:
   problems = param_mismatches(params, abstract_params(kind, model_config))
   if problems:
+    count = f"{len(problems)} mismatch" + ("es" if len(problems) > 1 else "")
     raise ArtifactError(
-        f"params of {where} do not match the {kind!r} model built from its model_config "
-        f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+        f"params {where} do not match the {kind!r} model built from its model_config ({count}):\n  "
+        + "\n  ".join(problems))
 
 
 def load(
@@ -294,7 +295,7 @@ def load(
   except (TypeError, ValueError) as e:
     raise ArtifactError(f"invalid model_config in {folder / METADATA_FILE}: {e}") from e
   params = read_params(folder)
-  _check_params(params, kind, model_config, f"artifact {folder}")
+  _check_params(params, kind, model_config, f"in artifact {folder}")
   params = jax.tree.map(jnp.asarray, params)
   if dtype is not None:
     params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
@@ -353,7 +354,7 @@ def save(
   _check_kind(kind)
   model_config = model_config_of(kind, module)
   folder = pathlib.Path(path).expanduser()
-  _check_params(params, kind, model_config, f"the params to save to {folder}")
+  _check_params(params, kind, model_config, f"given to save({folder})")
   metadata = {"format": "flax.msgpack", "kind": kind, "backend": "jax", **dict(extra_metadata or {}),
               "model_config": model_config}
   try:
