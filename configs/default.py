@@ -101,7 +101,24 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.cfg_scales = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5)
   c.eval.batch_size = 500
   c.eval.reference_stats = ""        # .npz with mu/sigma
-  c.eval.classifier_path = ""        # MNIST-like offline metrics
+  c.eval.classifier_path = ""        # MNIST-like offline metrics ("" = <workdir>/classifier)
+  c.eval.reference_features = ""     # .npz with real `features` for precision/recall
+  c.eval.vae_source = "hf://pcuenq/sd-vae-ft-mse-flax"  # decodes latent samples
+  c.eval.inception_path = ""         # FID weights pickle ("" = the default cache path)
+  c.eval.decode_chunk = 250          # latents decoded per VAE call
+  c.eval.watch_poll_s = 60.0         # watcher: seconds between looks at the workdir
+  c.eval.watch_timeout_s = 6 * 3600.0  # watcher: stop after this long without a new checkpoint
+
+  # build_latents: a tfds image data set -> SD-VAE latent shards (data.name=latents reads them).
+  c.latents = ml_collections.ConfigDict()
+  c.latents.dataset = "imagenet2012"
+  c.latents.split = "train"
+  c.latents.image_size = 256         # center crop (the release's preprocessing); 32 for padded MNIST
+  c.latents.pad_to = 0               # MNIST/Fashion: pad 28 -> 32 before encoding
+  c.latents.batch_size = 256         # images per shard
+  c.latents.dtype = "float32"
+  c.latents.out_dir = ""             # "" = <workdir>/latents
+  c.latents.vae_source = "hf://pcuenq/sd-vae-ft-mse-flax"
 
   c.sample = ml_collections.ConfigDict()
   c.sample.per_class = 100

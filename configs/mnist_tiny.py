@@ -2,12 +2,15 @@
 
 Pixel-space features (the raw digit), log-KDE with the Laplace sharp kernel, the
 paper's top-k EMA feature normalization, no CFG.
+
+`--config=configs/mnist_tiny.py:smoke` is a seconds-long variant (one-block DiT,
+a few steps) for tests and for checking launch scripts.
 """
 
 from configs import default
 
 
-def get_config():
+def get_config(variant: str = ""):
   c = default.get_config()
   c.model.name = "tiny"
   c.data.name = "mnist5k"
@@ -43,4 +46,21 @@ def get_config():
   c.log.sample_grid_every = 500
   c.eval.cfg_scales = (1.0,)
   c.eval.samples_per_class = 100
+  if variant == "smoke":
+    c.model.overrides = dict(depth=1, hidden_size=32, cond_dim=32, num_heads=2)
+    c.train.total_steps = 6
+    c.train.classes_per_step = 2
+    c.train.gen_per_class = 8
+    c.train.pos_per_class = 8
+    c.train.push_per_step = 32
+    c.train.positive_bank_size = 16
+    c.loss.topk_k = 3
+    c.checkpoint.every_steps = 3
+    c.checkpoint.async_save = False
+    c.log.every_steps = 1
+    c.log.sample_grid_every = 0
+    c.eval.samples_per_class = 10
+    c.sample.per_class = 10
+  elif variant:
+    raise ValueError(f"unknown mnist_tiny variant {variant!r}; known: 'smoke'")
   return c

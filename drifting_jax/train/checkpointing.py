@@ -50,6 +50,10 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def reload(self) -> None:
+    """Re-reads the directory (for a watcher following another process's saves)."""
+    self.manager.reload()
+
   def save(self, step: int, state: Any, host_state: dict[str, np.ndarray] | None = None,
            *, force: bool = True) -> None:
     if host_state is not None:

@@ -131,5 +131,19 @@ def constrain(x, mesh: Mesh, logical: Sequence[str | None]):
 
 
 def host_to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:
-  """A global batch-sharded array from this process's rows (multi-host safe)."""
-  return jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(local)), np.asarray(local))
+  """A global array from this process's rows (multi-host safe).
+
+  The rows are split over every device when their global count divides the device
+  count. Otherwise (e.g. 2 classes per step on 8 devices) the array is replicated:
+  each process contributes its rows to a host-level all-gather first, so every
+  process holds the same global batch; the train step's activation constraints
+  then shard the much larger per-sample arrays it derives from it.
+  """
+  local = np.asarray(local)
+  global_rows = local.shape[0] * jax.process_count() if local.ndim else 0
+  if local.ndim and global_rows % mesh.size == 0:
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    local = np.asarray(multihost_utils.process_allgather(local, tiled=True))
+  return jax.make_array_from_process_local_data(replicated(mesh), local)

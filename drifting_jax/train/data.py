@@ -1,0 +1,106 @@
+"""What the training loop needs of the data: a deterministic, per-host stream.
+
+`TrainingData` holds this host's share of the training set in memory (model range:
+pixels in [-1, 1], latents as cached) and answers two questions, both pure
+functions of (seed, step, process index), so a resumed run sees the same stream:
+
+* `push_batch(step, n)`: the n samples pushed into the memory banks at `step`;
+* `step_classes(step, n)`: the n distinct classes trained on at `step` (the
+  paper's class-balanced "specialized sampler": N classes per step, a fixed number
+  of positives per class, drawn from the banks).
+
+Two layouts over hosts:
+
+* replicated (in-memory data sets such as MNIST): every host holds all the data
+  and draws the *global* stream (the seed does not involve the process index);
+  each host pushes the whole global batch into its banks and trains on its slice
+  of the global classes. A run on P processes then computes exactly what one
+  process computes, which is what the multi-process tests check.
+* sharded (latent caches, ImageNet scale): each host holds its own shard and draws
+  its own stream (the release's behaviour); banks differ between hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+
+from drifting_jax.train import images as image_utils
+
+
+@dataclasses.dataclass
+class TrainingData:
+  samples: np.ndarray      # [N, H, W, C] float32 (or a smaller float dtype)
+  labels: np.ndarray       # [N] int32
+  num_classes: int
+  seed: int
+  process_index: int = 0
+  replicated: bool = True  # every host holds all data and draws the global stream
+
+  def __post_init__(self):
+    if self.samples.shape[0] != self.labels.shape[0] or self.samples.shape[0] == 0:
+      raise ValueError(f"need as many labels as samples (> 0), got {self.samples.shape[0]} and "
+                       f"{self.labels.shape[0]}")
+    if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
+      raise ValueError(f"labels must be in [0, {self.num_classes}), got [{self.labels.min()}, {self.labels.max()}]")
+
+  @property
+  def sample_shape(self) -> tuple[int, ...]:
+    return tuple(self.samples.shape[1:])
+
+  def _rng(self, step: int, stream: int, salt: int = 0) -> np.random.Generator:
+    host = 0 if self.replicated else self.process_index + 1
+    return np.random.default_rng([self.seed, int(step), host, stream, salt])
+
+  def push_batch(self, step: int, n: int, salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    idx = self._rng(step, 0, salt).integers(0, self.labels.shape[0], size=n)
+    return self.samples[idx], self.labels[idx]
+
+  def step_classes(self, step: int, n: int) -> np.ndarray:
+    return np.sort(self._rng(step, 1).choice(self.num_classes, size=n, replace=False)).astype(np.int32)
+
+
+def pad_images(images: np.ndarray, pad_to: int) -> np.ndarray:
+  """Centers [N, H, W, C] model-range images on a black pad_to x pad_to canvas (0: unchanged)."""
+  if not pad_to:
+    return images
+  h = images.shape[1]
+  if pad_to < h:
+    raise ValueError(f"data.pad_to={pad_to} is smaller than the images ({h})")
+  lo = (pad_to - h) // 2
+  return np.pad(images, ((0, 0), (lo, pad_to - h - lo), (lo, pad_to - h - lo), (0, 0)), constant_values=-1.0)
+
+
+def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
+  """This host's training data for `config.data` (see configs/default.py)."""
+  name = config.data.name
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if name == "mnist5k":
+    from drifting_jax.data.mnist5k import load_mnist5k
+    raw, labels = load_mnist5k("train")
+    samples = image_utils.uint8_to_model(raw)
+    replicated = True
+  elif name in ("mnist", "fashion_mnist"):
+    from drifting_jax.data import pipelines
+    raw, labels = pipelines.load_in_memory(name, split="train", data_dir=config.data.data_dir or None)
+    samples = image_utils.uint8_to_model(raw)
+    replicated = True
+  elif name in ("latents", "synthetic_latents"):
+    from drifting_jax.data import latents
+    reader = latents.LatentCacheReader(config.data.data_dir)
+    samples, labels = reader.load_host_shard(process_index, process_count)
+    samples = samples.astype(np.float32)
+    replicated = False
+  else:
+    raise ValueError(f"unknown data.name {name!r}; expected mnist5k, mnist, fashion_mnist, latents or "
+                     f"synthetic_latents")
+  samples = pad_images(samples, int(config.data.pad_to))
+  expected = (config.data.image_size, config.data.image_size, config.data.channels)
+  if samples.shape[1:] != expected:
+    raise ValueError(f"data {name!r} has samples of shape {samples.shape[1:]}, config expects {expected} "
+                     f"(data.image_size, data.channels, data.pad_to)")
+  return TrainingData(samples, np.asarray(labels, np.int32), int(config.data.num_classes), int(config.seed),
+                      process_index, replicated)

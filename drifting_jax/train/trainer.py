@@ -1,0 +1,355 @@
+"""The training loop: data -> memory banks -> jitted step -> logs and checkpoints.
+
+Host work (drawing data, the memory banks, logging, checkpointing) runs while the
+device executes the previous step: the loop never waits for a step's result except
+at log and checkpoint steps, where the pending losses are checked for NaN/inf.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
+
+from drifting_jax import losses
+from drifting_jax.models import artifacts, generator as generator_lib
+from drifting_jax.train import checkpointing, data as train_data, images, optim, partitioning
+from drifting_jax.train import train_step as train_step_lib
+from drifting_jax.train.memory_bank import MemoryBank
+from drifting_jax.train.train_step import TrainState
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# --------------------------------------------------------------------------- config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks that cannot wait until the first step (shapes, names, divisibility)."""
+  t = config.train
+  problems = []
+  for key in ("classes_per_step", "gen_per_class", "pos_per_class", "total_steps", "positive_bank_size"):
+    if int(t[key]) < 1:
+      problems.append(f"train.{key} must be >= 1, got {t[key]}")
+  if t.neg_per_class < 0:
+    problems.append("train.neg_per_class must be >= 0")
+  if t.neg_per_class and t.negative_bank_size < 1:
+    problems.append("train.negative_bank_size must be >= 1 when neg_per_class > 0")
+  if t.classes_per_step > config.data.num_classes:
+    problems.append(f"train.classes_per_step={t.classes_per_step} exceeds data.num_classes={config.data.num_classes}")
+  if t.classes_per_step % jax.process_count():
+    problems.append(f"train.classes_per_step={t.classes_per_step} must divide among {jax.process_count()} processes")
+  if not 0.0 <= t.ema_decay < 1.0:
+    problems.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+  if t.cfg_min < 1.0 or t.cfg_max < t.cfg_min:
+    problems.append(f"need 1 <= train.cfg_min <= train.cfg_max, got {t.cfg_min}, {t.cfg_max}")
+  if t.cfg_max > 1.0 and not t.neg_per_class:
+    problems.append("CFG (train.cfg_max > 1) needs unconditional negatives: set train.neg_per_class > 0")
+  if config.loss.feature_normalization == "topk_ema" and t.pos_per_class <= config.loss.topk_k:
+    problems.append(f"top-k feature normalization needs train.pos_per_class > loss.topk_k={config.loss.topk_k}")
+  if problems:
+    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+  train_step_lib.objective_from_config(config.loss)  # unknown objective/kernel/normalization
+
+
+def generator_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  overrides = dict(config.model.overrides.to_dict()) if config.model.overrides else {}
+  model_config = generator_lib.model_config_for(config.model.name, **overrides)
+  expected = (config.data.image_size + 2 * 0, config.data.channels)
+  if (model_config["input_size"], model_config["out_channels"]) != expected:
+    raise ValueError(f"generator {config.model.name} makes {model_config['input_size']}x"
+                     f"{model_config['input_size']}x{model_config['out_channels']} samples, but the data are "
+                     f"{expected[0]}x{expected[0]}x{expected[1]}: fix model.overrides or data.image_size/channels")
+  if model_config["num_classes"] < config.data.num_classes:
+    raise ValueError(f"generator has {model_config['num_classes']} class rows for {config.data.num_classes} classes")
+  return model_config
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def build_features(config: ml_collections.ConfigDict):
+  """(apply(params, x) -> {name: [N, T, D]}, params) for the configured feature space."""
+  from drifting_jax.models import features
+  if config.feature.kind == "pixels":
+    fn = features.pixel_features(patch_stats_sizes=tuple(config.feature.patch_stats_sizes))
+  elif config.feature.kind == "mae":
+    module, params, _ = artifacts.load(config.feature.mae_path, kind="mae")
+    fn = features.mae_features(module, params, **config.feature.activation_kwargs.to_dict())
+  else:
+    raise ValueError(f"feature.kind must be 'pixels' or 'mae', got {config.feature.kind!r}")
+  return fn.__call__, fn.params
+
+
+def init_state(config, module, tx, mesh, feature_names: list[str]) -> tuple[TrainState, Any]:
+  """A freshly initialized, sharded TrainState and its shardings."""
+  args, kwargs = generator_lib.example_inputs(module_config(module), batch_size=1)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+
+  def make():
+    params = module.init({"params": init_rng}, *args, **kwargs)["params"]
+    scales = ({name: losses.topk_scale_init(config.data.num_classes) for name in feature_names}
+              if config.loss.feature_normalization == "topk_ema" else {})
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=tx.init(params), rng=train_rng, feature_scale=scales)
+
+  abstract = jax.eval_shape(make)
+  shardings = partitioning.tree_shardings(abstract, mesh)
+  state = jax.jit(make, out_shardings=shardings)()
+  return state, shardings
+
+
+def module_config(module) -> dict[str, Any]:
+  return {k: getattr(module, k) for k in generator_lib.CONFIG_KEYS if k not in generator_lib.RUNTIME_ONLY_KEYS}
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends {"step": s, name: value, ...} lines to metrics.jsonl (process 0 only)."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = pathlib.Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+
+  def write_scalars(self, step, scalars):
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def make_writer(workdir: str) -> metric_writers.MetricWriter:
+  if jax.process_index() != 0:
+    return metric_writers.create_default_writer(workdir, just_logging=True)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(workdir, asynchronous=False),
+      JsonlWriter(pathlib.Path(workdir) / "metrics.jsonl"),
+  ])
+
+
+def write_params_ema_artifact(workdir, module, ema_params) -> None:
+  """The release's `params_ema/` folder, so its tools can read our runs (process 0)."""
+  host_params = multihost_utils.process_allgather(ema_params, tiled=True)
+  if jax.process_index() == 0:
+    artifacts.save(pathlib.Path(workdir) / "params_ema", module, host_params, kind="gen")
+
+
+def write_sample_grid(path, module, ema_params, num_classes: int, per_class: int, seed: int) -> None:
+  labels = np.repeat(np.arange(num_classes), per_class)
+  samples = np.asarray(generator_lib.sample(module, ema_params, labels, 1.0, rng=jax.random.PRNGKey(seed)))
+  if jax.process_index() == 0 and samples.shape[-1] in (1, 3):
+    images.save_png(path, images.grid(images.model_to_uint8(samples), rows=num_classes))
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains until train.total_steps (resuming from the workdir), returns the final state."""
+  validate_config(config)
+  workdir = str(pathlib.Path(workdir).absolute())
+  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+  mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp)
+  t = config.train
+  classes_per_host = t.classes_per_step // jax.process_count()
+
+  model_config = generator_config(config)
+  module = generator_lib.build_module({**model_config, "remat": bool(config.model.remat)})
+  feature_apply, feature_params = build_features(config)
+  data = train_data.load_training_data(config)
+  feature_names = sorted(jax.eval_shape(feature_apply, feature_params,
+                                        jnp.zeros((1, *data.sample_shape), jnp.float32)))
+  tx, schedule = optim.make_optimizer(config.optim, t.total_steps, t.max_grad_norm)
+  state, state_shardings = init_state(config, module, tx, mesh, feature_names)
+  feature_params = jax.device_put(feature_params, partitioning.replicated(mesh))
+
+  bank_dtype = np.dtype(jnp.dtype(t.bank_dtype))
+  positive_bank = MemoryBank(config.data.num_classes, t.positive_bank_size, data.sample_shape, dtype=bank_dtype,
+                             seed=[config.seed, jax.process_index(), 1])
+  negative_bank = MemoryBank(1, max(1, t.negative_bank_size), data.sample_shape, dtype=bank_dtype,
+                             seed=[config.seed, jax.process_index(), 2])
+
+  ckpt = checkpointing.Checkpointer(workdir, keep_last=config.checkpoint.keep_last,
+                                    keep_every=config.checkpoint.keep_every,
+                                    async_save=config.checkpoint.async_save)
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    start_step, state, host_state = ckpt.restore(state)
+    positive_bank.load_state_dict({k[4:]: v for k, v in host_state.items() if k.startswith("pos/")})
+    negative_bank.load_state_dict({k[4:]: v for k, v in host_state.items() if k.startswith("neg/")})
+    logging.info("resumed from step %d", start_step)
+  elif config.init_from:
+    _, init_params, _ = artifacts.load(config.init_from, kind="gen")
+    params = jax.device_put(init_params, state_shardings.params)
+    state = state.replace(params=params, ema_params=params)
+    logging.info("initialized generator from %s", config.init_from)
+
+  step_fn = jax.jit(
+      train_step_lib.make_train_step(generator=module, tx=tx, schedule=schedule, feature_apply=feature_apply,
+                                     config=config, mesh=mesh),
+      in_shardings=(state_shardings, partitioning.replicated(mesh), None),
+      out_shardings=(state_shardings, partitioning.replicated(mesh)),
+      donate_argnums=(0,))
+
+  writer = make_writer(workdir)
+  if start_step == 0 and jax.process_index() == 0:
+    writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+  progress = periodic_actions.ReportProgress(num_train_steps=t.total_steps, writer=writer,
+                                             every_steps=config.log.every_steps)
+  guard = checkpointing.PreemptionGuard()
+  host_seconds, window_start = 0.0, time.perf_counter()
+  pending: list[tuple[int, dict]] = []
+  last_saved = start_step
+
+  def checked_metrics() -> None:
+    """Fetches pending metrics; stops on the first non-finite loss."""
+    nonlocal pending
+    for step, metrics in pending:
+      loss = float(jax.device_get(metrics["loss"]))
+      if not np.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {step}; stopping. The last good checkpoint (step {last_saved}) in "
+            f"{ckpt.directory} is intact. Lower optim.learning_rate or check the data and features.")
+    pending = []
+
+  def save(step: int) -> None:
+    nonlocal last_saved
+    checked_metrics()
+    host_state = {**{f"pos/{k}": v for k, v in positive_bank.state_dict().items()},
+                  **{f"neg/{k}": v for k, v in negative_bank.state_dict().items()}}
+    ckpt.save(step, state, host_state)
+    write_params_ema_artifact(workdir, module, state.ema_params)
+    last_saved = step
+
+  try:
+    for step in range(start_step, t.total_steps):
+      host_start = time.perf_counter()
+      # Host: push fresh data into the banks, then draw this step's classes and samples.
+      push_samples, push_labels = data.push_batch(step, t.push_per_step)
+      positive_bank.push(push_samples, push_labels)
+      negative_bank.push(push_samples, np.zeros_like(push_labels))
+      if step == start_step:
+        _fill_banks(data, positive_bank, negative_bank, step, t)
+      batch = _host_batch(data, positive_bank, negative_bank, step, t, classes_per_host)
+      batch = {k: partitioning.host_to_global(np.asarray(v, np.float32 if k != "labels" else np.int32), mesh)
+               for k, v in batch.items()}
+      host_seconds += time.perf_counter() - host_start
+
+      state, metrics = step_fn(state, feature_params, batch)
+      pending.append((step, metrics))
+      done = step + 1
+
+      host_start = time.perf_counter()
+      progress(done)
+      if done % config.log.every_steps == 0 or done == t.total_steps:
+        latest = jax.device_get(metrics)
+        checked_metrics()
+        wall = time.perf_counter() - window_start
+        scalars = {k: float(np.mean(v)) for k, v in latest.items()}
+        scalars["host_fraction"] = host_seconds / max(wall, 1e-9)
+        writer.write_scalars(done, scalars)
+        host_seconds, window_start = 0.0, time.perf_counter()
+      if config.log.sample_grid_every and done % config.log.sample_grid_every == 0:
+        write_sample_grid(pathlib.Path(workdir) / "samples" / f"step_{done}.png", module, state.ema_params,
+                          min(config.data.num_classes, 10), 10, config.seed)
+      if done % config.checkpoint.every_steps == 0 or done == t.total_steps:
+        save(done)
+      if guard.should_stop(done):
+        logging.warning("preemption signal: saving step %d and stopping", done)
+        if last_saved != done:
+          save(done)
+        break
+      host_seconds += time.perf_counter() - host_start
+    checked_metrics()
+  finally:
+    ckpt.wait()
+    writer.flush()
+    guard.restore_handlers()
+  return state
+
+
+def _host_batch(data, positive_bank: MemoryBank, negative_bank: MemoryBank, step: int, t,
+                classes_per_host: int) -> dict[str, np.ndarray]:
+  """This host's labels, positives [m, Cp, ...] and negatives [m, Cn, ...] for `step`.
+
+  Replicated data: the global classes and bank draws (keyed by step, identical on
+  every host) are computed and this host keeps its slice, so the run does not
+  depend on the number of processes. Sharded data: a host-local draw.
+  """
+  if data.replicated:
+    classes = data.step_classes(step, t.classes_per_step)
+    mine = slice(jax.process_index() * classes_per_host, (jax.process_index() + 1) * classes_per_host)
+    draw = lambda bank, cls, k, stream: bank.sample(cls, k, rng=np.random.default_rng([data.seed, step, stream]))[mine]
+  else:
+    classes = data.step_classes(step, classes_per_host)
+    mine = slice(None)
+    draw = lambda bank, cls, k, stream: bank.sample(cls, k)
+  positives = draw(positive_bank, classes, t.pos_per_class, 11)
+  if t.neg_per_class:
+    negatives = draw(negative_bank, np.zeros_like(classes), t.neg_per_class, 12)
+  else:
+    negatives = np.zeros((classes_per_host, 0, *data.sample_shape), np.float32)
+  return {"labels": classes[mine].astype(np.int32), "positives": positives, "negatives": negatives}
+
+
+def _fill_banks(data, positive_bank: MemoryBank, negative_bank: MemoryBank, step: int, t) -> None:
+  """At (re)start, pushes data until every class holds pos_per_class samples (bounded).
+
+  A fresh bank would otherwise hand out the same few samples, with replacement,
+  during the first steps; the release pushed a fixed multiple of push_per_step.
+  """
+  want = min(t.pos_per_class, t.positive_bank_size)
+  for extra in range(1, 1000):
+    if positive_bank.count.min() >= want and negative_bank.count.min() >= min(t.neg_per_class, t.negative_bank_size):
+      return
+    samples, labels = data.push_batch(step, t.push_per_step, salt=extra)
+    positive_bank.push(samples, labels)
+    negative_bank.push(samples, np.zeros_like(labels))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out

@@ -1,0 +1,109 @@
+"""End-to-end checks of the trainer on the embedded MNIST-5k with a tiny config."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import mnist_tiny
+from drifting_jax.train import checkpointing, partitioning, trainer
+from drifting_jax.train import train_step as train_step_lib
+
+
+def tiny_config(**train_overrides):
+  c = mnist_tiny.get_config("smoke")
+  for k, v in train_overrides.items():
+    c.train[k] = v
+  return c
+
+
+def _step_on_mesh(config, mesh):
+  model_config = trainer.generator_config(config)
+  module = trainer.generator_lib.build_module(model_config)
+  feature_apply, feature_params = trainer.build_features(config)
+  tx, schedule = trainer.optim.make_optimizer(config.optim, config.train.total_steps, config.train.max_grad_norm)
+  state, shardings = trainer.init_state(config, module, tx, mesh, ["pixels"])
+  rng = np.random.default_rng(0)
+  batch = {"labels": np.array([3, 7], np.int32),
+           "positives": rng.uniform(-1, 1, size=(2, 8, 28, 28, 1)).astype(np.float32),
+           "negatives": np.zeros((2, 0, 28, 28, 1), np.float32)}
+  batch = {k: partitioning.host_to_global(v, mesh) for k, v in batch.items()}
+  step = jax.jit(train_step_lib.make_train_step(generator=module, tx=tx, schedule=schedule,
+                                                feature_apply=feature_apply, config=config, mesh=mesh),
+                 out_shardings=(shardings, None))
+  for _ in range(2):
+    state, metrics = step(state, feature_params, batch)
+  return jax.device_get(state.params), float(metrics["loss"])
+
+
+def test_one_device_equals_eight_device_mesh():
+  config = tiny_config()
+  params_1, loss_1 = _step_on_mesh(config, partitioning.make_mesh(devices=jax.devices()[:1]))
+  params_8, loss_8 = _step_on_mesh(config, partitioning.make_mesh(data=4, fsdp=2))
+  assert np.isfinite(loss_1)
+  np.testing.assert_allclose(loss_8, loss_1, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), params_8, params_1)
+
+
+def _final_params(workdir):
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+  step = ckpt.latest_step()
+  path = pathlib.Path(workdir) / "params_ema"
+  _, params, _ = trainer.artifacts.load(path, kind="gen")
+  return step, params
+
+
+def test_resume_after_preemption_is_bit_exact(tmp_path, monkeypatch):
+  config = tiny_config()
+  trainer.train_and_evaluate(config, str(tmp_path / "straight"))
+  straight_step, straight = _final_params(tmp_path / "straight")
+  assert straight_step == 6
+
+  # Preempted at step 4 (SIGTERM stand-in), then resumed to the end.
+  original = checkpointing.PreemptionGuard.should_stop
+  monkeypatch.setattr(checkpointing.PreemptionGuard, "should_stop", lambda self, step: step == 4)
+  trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert checkpointing.Checkpointer(tmp_path / "resumed").latest_step() == 4
+  monkeypatch.setattr(checkpointing.PreemptionGuard, "should_stop", original)
+  trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+  resumed_step, resumed = _final_params(tmp_path / "resumed")
+  assert resumed_step == 6
+  jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+
+  lines = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+  lines = [l for l in lines if "loss" in l]  # clu's progress reports add their own lines
+  assert [l["step"] for l in lines] == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(l["loss"]) and 0 <= l["host_fraction"] for l in lines)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  config = tiny_config()
+  original = trainer.train_data.TrainingData.push_batch
+
+  def poisoned(self, step, n, salt=0):
+    samples, labels = original(self, step, n, salt)
+    return (samples * np.nan if step >= 4 else samples), labels
+
+  monkeypatch.setattr(trainer.train_data.TrainingData, "push_batch", poisoned)
+  config.train.positive_bank_size = 4  # the poisoned pushes reach every slot quickly
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step \d+.*last good checkpoint \(step 3\)"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert checkpointing.Checkpointer(tmp_path).all_steps() == [3]
+
+
+def test_bad_config_fails_before_work(tmp_path):
+  config = tiny_config()
+  config.train.classes_per_step = 11
+  with pytest.raises(ValueError, match="classes_per_step"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  config = tiny_config()
+  config.loss.objective = "kl"
+  with pytest.raises(ValueError, match="unknown objective"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  config = tiny_config()
+  config.train.cfg_max = 3.0
+  with pytest.raises(ValueError, match="neg_per_class"):
+    trainer.train_and_evaluate(config, str(tmp_path))
