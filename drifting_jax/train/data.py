@@ -90,7 +90,16 @@ def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
     replicated = True
   elif name in ("latents", "synthetic_latents"):
     from drifting_jax.data import latents
-    reader = latents.LatentCacheReader(config.data.data_dir)
+    data_dir = config.data.data_dir
+    if name == "synthetic_latents":
+      # Made on the spot (deterministic in the seed; every host makes the same) when
+      # data_dir is empty or holds no finished cache, so smoke runs need no files.
+      data_dir = latents.ensure_synthetic_latents(
+          data_dir or None, num_classes=int(config.data.num_classes),
+          per_class=int(config.data.get("synthetic_per_class", 64)),
+          sample_shape=(config.data.image_size, config.data.image_size, config.data.channels),
+          seed=int(config.seed))
+    reader = latents.LatentCacheReader(data_dir)
     samples, labels = reader.load_host_shard(process_index, process_count)
     samples = samples.astype(np.float32)
     replicated = False

@@ -1,0 +1,121 @@
+"""`--mode=build_latents` end to end on CPU: mocked MNIST, a tiny random VAE, the trainer's reader."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from configs import mnist_tiny  # noqa: E402
+from drifting_jax.data import latents, pipelines  # noqa: E402
+from drifting_jax.eval import jobs  # noqa: E402
+from drifting_jax.models import vae as vae_lib  # noqa: E402
+from drifting_jax.train import data as train_data  # noqa: E402
+
+NUM_EXAMPLES = 10
+BATCH = 4
+
+# The SD VAE's layout (4 blocks: 3 downsamplings, 4 latent channels), a few channels wide.
+TINY_VAE_CONFIG = dict(vae_lib.SD_VAE_CONFIG, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
+                       norm_num_groups=4, sample_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+  """A randomly initialised diffusers Flax VAE saved as SDVAE.load reads it."""
+  folder = tmp_path_factory.mktemp("tiny_vae")
+  module = vae_lib.build_module(TINY_VAE_CONFIG)
+  params = module.init_weights(jax.random.PRNGKey(0))
+  module.save_pretrained(str(folder), params=params)
+  return folder
+
+
+def _config(tfds_dir, vae_dir):
+  c = mnist_tiny.get_config()
+  c.data.name = "mnist"
+  c.data.data_dir = str(tfds_dir)
+  c.latents.dataset = "mnist"
+  c.latents.split = "train"
+  c.latents.pad_to = 32
+  c.latents.image_size = 32
+  c.latents.batch_size = BATCH
+  c.latents.vae_source = str(vae_dir)
+  return c
+
+
+def test_build_latents_then_train_from_the_cache(tmp_path, tiny_vae_dir, monkeypatch):
+  config = _config(tmp_path / "tfds", tiny_vae_dir)
+  workdir = tmp_path / "work"
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    images, labels = pipelines.load_in_memory("mnist", "train", data_dir=str(tmp_path / "tfds"))
+    out_dir = jobs.build_latents(config, str(workdir))
+  assert out_dir == workdir / "latents"
+
+  index = json.loads((out_dir / latents.INDEX_FILE).read_text())
+  assert [s["count"] for s in index["shards"]] == [4, 4, 2]  # padding rows are not stored
+  assert index["sample_shape"] == [4, 4, 4] and index["num_classes"] == 10
+  assert index["metadata"]["source"] == "mnist" and index["metadata"]["image_size"] == 32
+
+  # The cached latents are the VAE's encodings of the padded RGB digits, in order.
+  vae = vae_lib.SDVAE.load(tiny_vae_dir)
+  rgb = np.repeat(np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))), 3, axis=-1)
+  expected = np.asarray(vae.encode(rgb.astype(np.float32) / 127.5 - 1.0))
+  cached, cached_labels = latents.LatentCacheReader(out_dir).load_host_shard(0, 1)
+  np.testing.assert_allclose(cached, expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(cached_labels, labels)
+
+  # The trainer reads it as data.name=latents.
+  config.data.name = "latents"
+  config.data.data_dir = str(out_dir)
+  config.data.image_size = 4
+  config.data.channels = 4
+  data = train_data.load_training_data(config)
+  assert data.samples.shape == (NUM_EXAMPLES, 4, 4, 4) and data.samples.dtype == np.float32
+  np.testing.assert_array_equal(data.labels, labels)
+
+  # A re-run finds every shard done and writes nothing.
+  def fail(*args, **kwargs):
+    raise AssertionError("a finished shard was written again")
+
+  monkeypatch.setattr(latents.LatentCacheWriter, "write_shard", fail)
+  before = {p.name: p.stat().st_mtime_ns for p in out_dir.glob("shard_*.npz")}
+  config.data.name = "mnist"
+  config.data.data_dir = str(tmp_path / "tfds")
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    jobs.build_latents(config, str(workdir))
+  assert {p.name: p.stat().st_mtime_ns for p in out_dir.glob("shard_*.npz")} == before
+
+
+def test_two_hosts_build_one_cache(tmp_path, tiny_vae_dir, monkeypatch):
+  from test_data import _prepare  # a real prepared tfds folder: hosts read disjoint parts
+
+  n = 10
+  digits = np.random.default_rng(0).integers(0, 256, (n, 28, 28, 1), np.uint8)
+  _prepare("mnist", tmp_path / "tfds", {"train": [{"image": digits[i], "label": i % 10} for i in range(n)]})
+  config = _config(tmp_path / "tfds", tiny_vae_dir)
+  monkeypatch.setattr(jobs.multihost_utils, "sync_global_devices", lambda name: None)
+  monkeypatch.setattr(jobs.jax, "process_count", lambda: 2)
+  for host in (1, 0):  # process 0 finalizes, after the other host's shards are in
+    monkeypatch.setattr(jobs.jax, "process_index", lambda host=host: host)
+    out_dir = jobs.build_latents(config, str(tmp_path / "work"))
+  index = json.loads((out_dir / latents.INDEX_FILE).read_text())
+  # 5 images per host in batches of 4: host 0 writes shards 0 and 2, host 1 shards 1 and 3.
+  assert [(s["index"], s["count"]) for s in index["shards"]] == [(0, 4), (1, 4), (2, 1), (3, 1)]
+  assert index["metadata"]["process_count"] == 2
+  cached, labels = latents.LatentCacheReader(out_dir).load_host_shard(0, 1)
+  assert sorted(labels.tolist()) == sorted(i % 10 for i in range(n))
+  vae = vae_lib.SDVAE.load(tiny_vae_dir)
+  rgb = np.repeat(np.pad(digits, ((0, 0), (2, 2), (2, 2), (0, 0))), 3, axis=-1)
+  expected = np.asarray(vae.encode(rgb.astype(np.float32) / 127.5 - 1.0))
+  # Every image encoded exactly once (matched by nearest encoding).
+  dist = ((cached[:, None] - expected[None]) ** 2).sum(axis=(2, 3, 4))
+  assert sorted(dist.argmin(axis=1).tolist()) == list(range(n))
+  assert dist.min(axis=1).max() < 1e-6
+  # Resuming on another number of hosts would renumber the shards: refused.
+  monkeypatch.setattr(jobs.jax, "process_count", lambda: 3)
+  with pytest.raises(ValueError, match="other settings"):
+    jobs.build_latents(config, str(tmp_path / "work"))
