@@ -1,0 +1,68 @@
+r"""drifting_jax entry point.
+
+    python -m drifting_jax.main --config=configs/mnist_tiny.py --workdir=runs/demo \
+        [--mode=train|sample|evaluate|train_mae|build_latents] [--config.a.b=value ...]
+
+The config file returns an ml_collections.ConfigDict; command-line overrides are
+type-checked against it before any work starts (an unknown key or a value of the
+wrong type is an error, not a silently ignored flag).
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+MODES = ("train", "sample", "evaluate", "watch", "train_classifier", "train_mae", "build_latents")
+
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 for multi-process runs (else taken from the environment).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "Index of this process (multi-process runs).")
+flags.DEFINE_bool("tpu_pod", False, "Multi-host TPU VM: jax.distributed discovers the pod itself.")
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _initialize_distributed() -> None:
+  import jax
+  if FLAGS.tpu_pod:
+    jax.distributed.initialize()
+    return
+  explicit = FLAGS.coordinator_address is not None
+  if explicit or os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") not in ("", "1"):
+    if "cpu" in os.environ.get("JAX_PLATFORMS", ""):  # CPU collectives across processes
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _initialize_distributed()
+  import jax
+  config = FLAGS.config
+  logging.info("process %d/%d, %d local devices, %d devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  logging.info("config:\n%s", config)
+  if FLAGS.mode == "train":
+    from drifting_jax.train import trainer
+    trainer.train_and_evaluate(config, FLAGS.workdir)
+  elif FLAGS.mode == "sample":
+    from drifting_jax.eval import sampling
+    path = sampling.sample_to_files(config, FLAGS.workdir)
+    if jax.process_index() == 0:
+      print(f"samples written to {path}")
+  else:
+    from drifting_jax.eval import jobs
+    jobs.run(FLAGS.mode, config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
