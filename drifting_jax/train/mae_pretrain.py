@@ -1,0 +1,259 @@
+"""MAE pretraining job: the feature encoder the drifting loss is computed with.
+
+This is the release's MAE recipe (its `train_mae.py` with `configs/mae/*.yaml`) on the
+project's data and infrastructure: random square-patch masking of the inputs, masked
+reconstruction loss, optional classification fine-tuning at the end, AdamW after
+global-norm clipping, lr warmup from ~0 then constant (or cosine), and a constant-
+decay EMA of the parameters, whose final value is the artifact.
+
+Layout under the workdir (it may be shared with the generator run that uses it):
+
+    mae/{ema_params.msgpack, metadata.json}     the EMA encoder (config.mae.out_dir)
+    mae_pretrain/checkpoints/<step>/            resumable train state (orbax)
+    mae_pretrain/metrics.jsonl, events files    logs (clu)
+
+`config.feature.mae_path=<workdir>/mae` then trains a generator on these features.
+Batches are consecutive slices of per-epoch shuffles of this host's data, keyed by
+(seed, epoch), so a resumed run sees the same stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers
+from jax.experimental import multihost_utils
+
+from drifting_jax.models import artifacts, mae
+from drifting_jax.train import checkpointing, data as train_data, partitioning
+
+SCHEDULES = ("const", "cosine")
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# --------------------------------------------------------------------------- config
+
+
+def model_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The MAE's `model_config`: a named size with overrides; the data fix channels and classes."""
+  overrides = dict(config.mae.model_overrides.to_dict()) if config.mae.model_overrides else {}
+  overrides.update(in_channels=int(config.data.channels), num_classes=int(config.data.num_classes))
+  return mae.model_config_for(config.mae.model, **overrides)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks that cannot wait until the first step."""
+  m = config.mae
+  problems = []
+  for key in ("batch_size", "total_steps", "save_every", "log_every"):
+    if int(m[key]) < 1:
+      problems.append(f"mae.{key} must be >= 1, got {m[key]}")
+  if m.batch_size % jax.device_count():
+    problems.append(f"mae.batch_size={m.batch_size} must be a multiple of the device count {jax.device_count()}")
+  if not 0.0 <= m.ema_decay < 1.0:
+    problems.append(f"mae.ema_decay must be in [0, 1), got {m.ema_decay}")
+  if not 0.0 <= m.mask_ratio_min <= m.mask_ratio_max <= 1.0:
+    problems.append(f"need 0 <= mae.mask_ratio_min <= mae.mask_ratio_max <= 1, got {m.mask_ratio_min}, "
+                    f"{m.mask_ratio_max}")
+  if m.schedule not in SCHEDULES:
+    problems.append(f"mae.schedule must be one of {SCHEDULES}, got {m.schedule!r}")
+  if m.warmup_steps < 0 or m.finetune_last_steps < 0 or m.warmup_finetune < 0:
+    problems.append("mae.warmup_steps, mae.finetune_last_steps and mae.warmup_finetune must be >= 0")
+  if problems:
+    raise ValueError("invalid MAE pretraining config:\n  " + "\n  ".join(problems))
+  mae.build_module(model_config(config))  # bad sizes fail here, not after loading data
+
+
+def learning_rate_schedule(m: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from `warmup_init` to the peak, then constant or cosine (the release's).
+
+  The cosine decays over `schedule_steps - warmup_steps` steps to 1e-6 of the peak
+  (the release sizes it separately from the run's length).
+  """
+  lr, warmup = float(m.learning_rate), int(m.warmup_steps)
+  if m.schedule == "cosine":
+    main = optax.cosine_decay_schedule(lr, max(int(m.schedule_steps) - warmup, 1), alpha=1e-6)
+  else:
+    main = optax.constant_schedule(lr)
+  if not warmup:
+    return main
+  return optax.join_schedules([optax.linear_schedule(float(m.warmup_init), lr, warmup), main], [warmup])
+
+
+def make_optimizer(m: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = learning_rate_schedule(m)
+  tx = optax.chain(
+      optax.clip_by_global_norm(m.max_grad_norm) if m.max_grad_norm > 0 else optax.identity(),
+      optax.adamw(schedule, b1=m.b1, b2=m.b2, weight_decay=m.weight_decay),
+  )
+  return tx, schedule
+
+
+def lambda_cls_at(step: int, m: ml_collections.ConfigDict) -> float:
+  """Weight of the classification loss: `lambda_cls`, ramped to `finetune_cls` over
+  `warmup_finetune` steps once the last `finetune_last_steps` steps begin."""
+  start = int(m.total_steps) - int(m.finetune_last_steps)
+  if not m.finetune_last_steps or step < start:
+    return float(m.lambda_cls)
+  return float(m.finetune_cls) * min(1.0, (step - start) / max(1, int(m.warmup_finetune)))
+
+
+# --------------------------------------------------------------------------- data
+
+
+class BatchStream:
+  """This host's rows of the global batch at any step (a pure function of the step)."""
+
+  def __init__(self, data: train_data.TrainingData, global_batch: int, *, seed: int, hflip: bool):
+    self.data, self.seed, self.hflip = data, int(seed), bool(hflip)
+    self.per_host = global_batch // jax.process_count()
+    # Replicated data: every host draws the global batch and keeps its slice.
+    # Sharded data: each host draws from its own shard with its own stream.
+    self.draw_size = global_batch if data.replicated else self.per_host
+    self.stream = 0 if data.replicated else data.process_index + 1
+    self._permutation: tuple[int, np.ndarray] | None = None
+
+  def _epoch_permutation(self, epoch: int) -> np.ndarray:
+    if self._permutation is None or self._permutation[0] != epoch:
+      n = self.data.samples.shape[0]
+      self._permutation = (epoch, np.random.default_rng([self.seed, self.stream, epoch]).permutation(n))
+    return self._permutation[1]
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    n = self.data.samples.shape[0]
+    positions = np.arange(step * self.draw_size, (step + 1) * self.draw_size, dtype=np.int64)
+    index = np.empty_like(positions)
+    for epoch in np.unique(positions // n):
+      rows = positions // n == epoch
+      index[rows] = self._epoch_permutation(int(epoch))[positions[rows] % n]
+    if self.data.replicated:
+      index = index[jax.process_index() * self.per_host:(jax.process_index() + 1) * self.per_host]
+    images = np.asarray(self.data.samples[index], np.float32)
+    if self.hflip:
+      # Stand-in for the release's cache of latents of flipped images.
+      flip = np.random.default_rng([self.seed, self.stream, step, 1]).random(self.draw_size) < 0.5
+      if self.data.replicated:
+        flip = flip[jax.process_index() * self.per_host:(jax.process_index() + 1) * self.per_host]
+      images[flip] = images[flip, :, ::-1]
+    return {"images": images, "labels": np.asarray(self.data.labels[index], np.int32)}
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def make_writer(logdir: pathlib.Path) -> metric_writers.MetricWriter:
+  if jax.process_index() != 0:
+    return metric_writers.create_default_writer(str(logdir), just_logging=True)
+  return metric_writers.create_default_writer(str(logdir), asynchronous=False)
+
+
+def _append_jsonl(path: pathlib.Path, step: int, scalars: dict[str, float]) -> None:
+  if jax.process_index() == 0:
+    with open(path, "a") as f:
+      f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+
+
+def write_artifact(path: pathlib.Path, module: mae.MAEResNet, ema_params: Any, step: int,
+                   config: ml_collections.ConfigDict) -> None:
+  """The EMA encoder as an artifact of kind "mae" (written by process 0)."""
+  host_params = multihost_utils.process_allgather(ema_params, tiled=True)
+  if jax.process_index() == 0:
+    artifacts.save(path, module, host_params, kind="mae", extra_metadata={
+        "step": int(step), "ema_decay": float(config.mae.ema_decay),
+        "mask_ratio": [float(config.mae.mask_ratio_min), float(config.mae.mask_ratio_max)],
+        "data": str(config.data.name)})
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def train_mae(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+  """Pretrains the MAE to `config.mae.total_steps` (resuming) and returns the artifact folder."""
+  validate_config(config)
+  m = config.mae
+  workdir_path = pathlib.Path(workdir).absolute()
+  run_dir = workdir_path / "mae_pretrain"
+  run_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = pathlib.Path(m.out_dir).expanduser().absolute() if m.out_dir else workdir_path / "mae"
+
+  module = mae.build_module(model_config(config))
+  data = train_data.load_training_data(config)
+  if data.sample_shape[-1] != module.in_channels or len(data.sample_shape) != 3:
+    raise ValueError(f"the MAE expects [H, W, {module.in_channels}] samples, the data have {data.sample_shape}")
+  if int(data.labels.max()) >= module.num_classes:
+    raise ValueError(f"data labels reach {int(data.labels.max())}, the MAE head has {module.num_classes} classes")
+  batches = BatchStream(data, m.batch_size, seed=m.seed, hflip=m.hflip)
+
+  mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp)
+  tx, schedule = make_optimizer(m)
+  make_state = lambda: mae.init_train_state(module, tx, int(m.seed), data.sample_shape)
+  state_shardings = partitioning.tree_shardings(jax.eval_shape(make_state), mesh)
+  state = jax.jit(make_state, out_shardings=state_shardings)()
+
+  ckpt = checkpointing.Checkpointer(run_dir, keep_last=m.keep_last, keep_every=m.keep_every,
+                                    async_save=m.async_save)
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    start_step, state, _ = ckpt.restore(state, with_host_state=False)
+    logging.info("MAE pretraining resumed from step %d", start_step)
+  elif m.init_from:
+    _, init_params, _ = artifacts.load(m.init_from, kind="mae")
+    params = jax.device_put(init_params, state_shardings.params)
+    state = state.replace(params=params, ema_params=params)
+    logging.info("MAE initialized from %s", m.init_from)
+
+  step_fn = jax.jit(
+      mae.make_train_step(module, tx, ema_decay=m.ema_decay, mask_ratio_min=m.mask_ratio_min,
+                          mask_ratio_max=m.mask_ratio_max, schedule=schedule),
+      out_shardings=(state_shardings, partitioning.replicated(mesh)),
+      donate_argnums=(0,))
+
+  writer = make_writer(run_dir)
+  finetune_start = m.total_steps - m.finetune_last_steps if m.finetune_last_steps else None
+  guard = checkpointing.PreemptionGuard()
+  last_saved = start_step
+
+  def save(step: int) -> None:
+    nonlocal last_saved
+    ckpt.save(step, state)
+    write_artifact(out_dir, module, state.ema_params, step, config)
+    last_saved = step
+
+  try:
+    for step in range(start_step, m.total_steps):
+      batch = {k: partitioning.host_to_global(v, mesh) for k, v in batches(step).items()}
+      state, metrics = step_fn(state, batch, jnp.float32(lambda_cls_at(step, m)))
+      done = step + 1
+      if done % m.log_every == 0 or done == m.total_steps:
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(scalars["loss"]):
+          raise NonFiniteLossError(
+              f"MAE loss is {scalars['loss']} at step {done}; stopping. The last good checkpoint (step "
+              f"{last_saved}) in {ckpt.directory} is intact. Lower mae.learning_rate or check the data.")
+        writer.write_scalars(done, scalars)
+        _append_jsonl(run_dir / "metrics.jsonl", done, scalars)
+      if done % m.save_every == 0 or done == m.total_steps or done == finetune_start:
+        save(done)
+      if guard.should_stop(done):
+        logging.warning("preemption signal: saving MAE step %d and stopping", done)
+        if last_saved != done:
+          save(done)
+        break
+    if start_step >= m.total_steps and not (out_dir / artifacts.PARAMS_FILE).exists():
+      write_artifact(out_dir, module, state.ema_params, start_step, config)
+  finally:
+    ckpt.wait()
+    writer.flush()
+    guard.restore_handlers()
+  return out_dir
