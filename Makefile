@@ -21,8 +21,16 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m drifting_jax.demo
 
+# Benchmarks print ratios measured side by side; results in docs/benchmarks.md.
 bench: $(STAMP)
 	$(PY) -m drifting_jax.bench.losses
+	$(PY) -m drifting_jax.bench.memory_bank
+	$(PY) -m drifting_jax.bench.models
+	$(PY) -m drifting_jax.bench.trainer
+
+# Objective comparison on MNIST-5k (resumable; hours on 2 CPU cores).
+experiments: $(STAMP)
+	$(PY) -m scripts.experiments
 
 figures: $(STAMP)
 	$(PY) -m scripts.theory_figures
