@@ -9,9 +9,9 @@ run, interleaved so that machine noise hits them alike (median over repeats):
 * `vectorised`: `drifting_jax.train.memory_bank.MemoryBank`;
 * `loop`: the release's algorithm, one Python iteration per pushed sample and per
   sampled class (an independent re-statement, as in tests/test_memory_bank.py);
-* `copy floor`: the bytes the step must move at this machine's memcpy bandwidth,
-  measured with one large `np.copyto`: pushed samples written once, sampled
-  samples read once and written once.
+* `copy floor`: one `np.copyto` of as many bytes as the step must move (pushed
+  samples written once, sampled samples read once and written once), timed in
+  the same round-robin loop so that it sees the same machine load.
 
 Targets (issue "trainer"): >= 20x faster than the loop for MNIST-sized samples at
 4096 samples per step; within 2x of the copy floor for 32x32x4 latents.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -65,19 +66,7 @@ class LoopBank:
     return self.buffer[np.asarray(classes)[:, None], index]
 
 
-def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-  """Bytes per second of one large memcpy (read + write of nbytes counts as nbytes)."""
-  src = np.ones(nbytes // 4, np.float32)
-  dst = np.empty_like(src)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    np.copyto(dst, src)
-    times.append(time.perf_counter() - start)
-  return nbytes / min(times)
-
-
-def run_case(case: dict, repeats: int, bandwidth: float) -> dict:
+def run_case(case: dict, repeats: int) -> dict:
   rng = np.random.default_rng(0)
   shape, n = case["shape"], case["push"]
   samples = rng.normal(size=(n, *shape)).astype(np.float32)
@@ -97,19 +86,26 @@ def run_case(case: dict, repeats: int, bandwidth: float) -> dict:
     loop.push(samples, labels)
     return loop.sample(classes, case["pos"], rng)
 
-  timings = {"vectorised": [], "loop": []}
+  sample_bytes = samples[0].nbytes
+  moved = n * sample_bytes + 2 * case["classes"] * case["pos"] * sample_bytes
+  copy_src = np.ones(moved // 8, np.float32)  # copyto reads and writes: moved bytes in all
+  copy_dst = np.empty_like(copy_src)
+  np.copyto(copy_dst, copy_src)
+
+  def step_copy():
+    np.copyto(copy_dst, copy_src)
+
+  timings = {"vectorised": [], "loop": [], "copy": []}
   for _ in range(repeats):
-    for name, fn in (("vectorised", step_fast), ("loop", step_loop)):
+    for name, fn in (("vectorised", step_fast), ("loop", step_loop), ("copy", step_copy)):
       start = time.perf_counter()
       fn()
       timings[name].append(time.perf_counter() - start)
-  sample_bytes = samples[0].nbytes
-  moved = n * sample_bytes + 2 * case["classes"] * case["pos"] * sample_bytes
-  floor = moved / bandwidth
-  vec, lp = statistics.median(timings["vectorised"]), statistics.median(timings["loop"])
+  vec, lp, floor = (statistics.median(timings[k]) for k in ("vectorised", "loop", "copy"))
   return {**{k: v for k, v in case.items() if k != "shape"}, "sample_shape": list(shape),
           "bank_bytes": fast.nbytes, "bytes_moved": moved, "vectorised_s": vec, "loop_s": lp,
-          "copy_floor_s": floor, "speedup_over_loop": lp / vec, "over_copy_floor": vec / floor}
+          "copy_floor_s": floor, "copy_GBps": moved / floor / 1e9, "speedup_over_loop": lp / vec,
+          "over_copy_floor": vec / floor}
 
 
 def main(argv=None):
@@ -117,8 +113,7 @@ def main(argv=None):
   parser.add_argument("--out", default=".bench/memory_bank.json")
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args(argv)
-  bandwidth = copy_bandwidth()
-  results = [run_case(case, args.repeats, bandwidth) for case in CASES]
+  results = [run_case(case, args.repeats) for case in CASES]
   mnist, latent = results
   targets = {
       "speedup_over_loop_mnist": {"measured": mnist["speedup_over_loop"], "target": f">= {MIN_SPEEDUP_OVER_LOOP}",
@@ -126,9 +121,8 @@ def main(argv=None):
       "over_copy_floor_latent": {"measured": latent["over_copy_floor"], "target": f"<= {MAX_OVER_COPY_FLOOR}",
                                  "met": latent["over_copy_floor"] <= MAX_OVER_COPY_FLOOR},
   }
-  report = {"machine": platform.processor() or platform.machine(), "copy_bandwidth_GBps": bandwidth / 1e9,
+  report = {"machine": platform.processor() or platform.machine(), "load_average": os.getloadavg(),
             "cases": results, "targets": targets}
-  print(f"memcpy bandwidth: {bandwidth / 1e9:.1f} GB/s")
   print(f"{'case':16s} {'vectorised ms':>14s} {'loop ms':>10s} {'floor ms':>10s} {'x loop':>8s} {'x floor':>8s}")
   for r in results:
     print(f"{r['name']:16s} {1e3 * r['vectorised_s']:14.2f} {1e3 * r['loop_s']:10.2f} "
