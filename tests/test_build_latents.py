@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
+import tiny_artifacts  # noqa: E402
 from configs import mnist_tiny  # noqa: E402
 from drifting_jax.data import latents, pipelines  # noqa: E402
 from drifting_jax.eval import jobs  # noqa: E402
@@ -19,18 +19,12 @@ from drifting_jax.train import data as train_data  # noqa: E402
 NUM_EXAMPLES = 10
 BATCH = 4
 
-# The SD VAE's layout (4 blocks: 3 downsamplings, 4 latent channels), a few channels wide.
-TINY_VAE_CONFIG = dict(vae_lib.SD_VAE_CONFIG, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
-                       norm_num_groups=4, sample_size=32)
-
 
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
-  """A randomly initialised diffusers Flax VAE saved as SDVAE.load reads it."""
+  """A random tiny diffusers Flax VAE (tests/tiny_artifacts.py) saved as SDVAE.load reads it."""
   folder = tmp_path_factory.mktemp("tiny_vae")
-  module = vae_lib.build_module(TINY_VAE_CONFIG)
-  params = module.init_weights(jax.random.PRNGKey(0))
-  module.save_pretrained(str(folder), params=params)
+  tiny_artifacts.save_tiny_vae(folder)
   return folder
 
 
