@@ -1,0 +1,57 @@
+"""The feature-function interface: pixel features, patch statistics, the frozen-MAE wrapper."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drifting_jax.models import features
+
+
+def test_pixel_features_are_the_flat_sample():
+  x = np.random.default_rng(0).normal(size=(3, 4, 4, 2)).astype(np.float32)
+  fn = features.pixel_features()
+  assert fn.params == {}
+  out = fn(fn.params, jnp.asarray(x))
+  assert list(out) == ["pixels"] and out["pixels"].shape == (3, 1, 32)
+  np.testing.assert_array_equal(np.asarray(out["pixels"]), x.reshape(3, 1, 32))
+  with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
+    fn(fn.params, jnp.zeros((3, 16)))
+
+
+def test_patch_statistics_groups():
+  x = np.random.default_rng(1).normal(size=(2, 4, 6, 3)).astype(np.float32)
+  out = features.pixel_features(patch_stats_sizes=(2,))({}, jnp.asarray(x))
+  assert sorted(out) == ["patch_mean_2", "patch_std_2", "pixels"]
+  assert out["patch_mean_2"].shape == out["patch_std_2"].shape == (2, 6, 3)  # (4/2) x (6/2) patches
+  # Patch t = (row block, column block) in row-major order.
+  patch = x[:, 2:4, 2:4, :].reshape(2, 4, 3)  # row block 1, column block 1 -> t = 1 * 3 + 1
+  np.testing.assert_allclose(np.asarray(out["patch_mean_2"])[:, 4], patch.mean(axis=1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out["patch_std_2"])[:, 4], np.sqrt(patch.var(axis=1) + 1e-6),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="divisible"):
+    features.patch_statistics(jnp.asarray(x), 4)
+
+
+def test_mae_features_freeze_the_encoder(monkeypatch):
+  """The wrapper passes its kwargs through and lets no gradient reach the MAE params."""
+  calls = []
+
+  def activations(module, params, x, **kwargs):
+    calls.append((module, kwargs))
+    return {"block": (params["w"] * x).reshape(x.shape[0], 1, -1)}
+
+  monkeypatch.setitem(sys.modules, "drifting_jax.models.mae", types.SimpleNamespace(activations=activations))
+  fn = features.mae_features("the module", {"w": jnp.float32(2.0)}, every_k_block=2)
+  x = jnp.ones((2, 2, 2, 1))
+  np.testing.assert_array_equal(np.asarray(fn(fn.params, x)["block"]), 2.0 * np.ones((2, 1, 4)))
+  assert calls[-1] == ("the module", {"every_k_block": 2})
+  loss = lambda params, x: jnp.sum(fn(params, x)["block"] ** 2)
+  param_grad, input_grad = jax.grad(loss, argnums=(0, 1))(fn.params, x)
+  assert float(param_grad["w"]) == 0.0
+  np.testing.assert_allclose(np.asarray(input_grad), 8.0 * np.ones((2, 2, 2, 1)))  # d/dx (2x)^2 = 8x
