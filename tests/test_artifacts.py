@@ -282,7 +282,8 @@ def test_wrong_and_unknown_kind(gen_dir, gen_copy):
   with pytest.raises(artifacts.ArtifactError, match=r"holds a 'gen' model, but a 'mae' model was requested") as info:
     artifacts.load(gen_dir, kind="mae")
   assert str(gen_dir) in str(info.value)
-  with pytest.raises(artifacts.ArtifactError, match=r"unknown artifact kind 'vae'; known kinds: \['gen', 'mae'\]"):
+  with pytest.raises(artifacts.ArtifactError,
+                     match=r"unknown artifact kind 'vae'; known kinds: \['classifier', 'gen', 'mae'\]"):
     artifacts.load(gen_dir, kind="vae")
   with pytest.raises(artifacts.ArtifactError, match="unknown artifact kind"):
     artifacts.abstract_params("generator", {})

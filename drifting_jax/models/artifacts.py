@@ -4,19 +4,21 @@ An artifact is a folder with two files:
 
   * `ema_params.msgpack`: `flax.serialization.msgpack_serialize` of the `params`
     collection (a nested dict of arrays, no `{"params": ...}` wrapper);
-  * `metadata.json`: `{"kind": "gen" | "mae", "model_config": {...}, ...}`; the model is
-    rebuilt as `build_module(model_config)` of the kind's model module.
+  * `metadata.json`: `{"kind": "gen" | "mae" | "classifier", "model_config": {...}, ...}`;
+    the model is rebuilt as `build_module(model_config)` of the kind's model module.
 
 The release writes these into `<workdir>/params_ema/`; a workdir is accepted too.
 `hf://NAME` names an artifact of the release's Hugging Face repository
-(`Goodeat/drifting`, files under `models/<kind>/jax/NAME/`). It is fetched with
-`huggingface_hub.snapshot_download` into a local cache that mirrors the repository
-layout: `<cache>/models/<kind>/jax/NAME/`. The cache is the `cache_dir` argument, else
-`$DRIFTING_JAX_CACHE`, else `~/.cache/drifting_jax`. A cached artifact is used as is,
-without contacting the Hub (released artifacts do not change).
+(`Goodeat/drifting`, files under `models/<kind>/jax/NAME/`; release kinds only). It is
+fetched with `huggingface_hub.snapshot_download` into a local cache that mirrors the
+repository layout: `<cache>/models/<kind>/jax/NAME/`. The cache is the `cache_dir`
+argument, else `$DRIFTING_JAX_CACHE`, else `~/.cache/drifting_jax`. A cached artifact
+is used as is, without contacting the Hub (released artifacts do not change).
 
 Every kind of model is handled alike through `KINDS`: each maps to a module exposing
-`build_module(model_config)` and `example_inputs(model_config, batch_size)`.
+`build_module(model_config)` and `example_inputs(model_config, batch_size)`. Besides
+the release's kinds (`gen`, `mae`), `classifier` is the project's own evaluation
+classifier for grayscale data (`drifting_jax.eval.classifier`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,11 @@ DEFAULT_CACHE_DIR = pathlib.Path("~/.cache/drifting_jax")
 KINDS: dict[str, str] = {
     "gen": "drifting_jax.models.generator",
     "mae": "drifting_jax.models.mae",
+    "classifier": "drifting_jax.eval.classifier",
 }
+# Kinds the release publishes on the Hub: an `hf://` name without a kind is looked
+# up under these only (the classifier is trained by the project, never downloaded).
+RELEASE_KINDS = ("gen", "mae")
 
 # Every rng stream a model may draw from while initialising; unused ones are ignored.
 _INIT_RNG_NAMES = ("params", "dropout", "noise", "masking")
@@ -128,15 +134,15 @@ def _fetch_instructions(name: str, kinds: list[str], cache_dir: pathlib.Path) ->
 def resolve_hf(name: str, *, kind: Optional[str] = None, cache_dir: Optional[PathLike] = None) -> pathlib.Path:
   """Local folder of the release artifact `hf://name`, downloading it if not cached.
 
-  Without `kind`, the artifact is looked up under both kinds; it must exist under
-  exactly one. Offline (`HF_HUB_OFFLINE=1`) only the cache is used.
+  Without `kind`, the artifact is looked up under both release kinds (`gen`, `mae`);
+  it must exist under exactly one. Offline (`HF_HUB_OFFLINE=1`) only the cache is used.
   """
   name = name.strip().strip("/")
   if not name or "/" in name or name in (".", ".."):
     raise ArtifactError(f"invalid artifact URI {HF_SCHEME + name!r}; expected {HF_SCHEME}<name>, e.g. "
                         f"{HF_SCHEME}latent_L_sota")
   cache = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-  kinds = [_check_kind(kind)] if kind is not None else sorted(KINDS)
+  kinds = [_check_kind(kind)] if kind is not None else sorted(RELEASE_KINDS)
 
   def found() -> list[pathlib.Path]:
     return [cache / hf_path_in_repo(k, name) for k in kinds if _is_complete(cache / hf_path_in_repo(k, name))]
@@ -263,8 +269,8 @@ def load(
   Args:
     path_or_uri: an artifact folder, a release workdir (its `params_ema/` is used),
       or `hf://NAME`.
-    kind: expected kind ("gen" or "mae"); an artifact of another kind is an error.
-      Needed only when the metadata does not say.
+    kind: expected kind ("gen", "mae" or "classifier"); an artifact of another kind
+      is an error. Needed only when the metadata does not say.
     cache_dir: local cache for `hf://` artifacts (default: see `default_cache_dir`).
     dtype: if given, floating-point params are cast to it after validation.
 
