@@ -1,0 +1,327 @@
+"""Jobs around training: evaluate, watch, train_classifier, train_mae, build_latents.
+
+`drifting_jax.main --mode=<job>` dispatches here. Every job reads the same config
+as the training run it serves, so an eval job beside a training job needs only the
+training run's config file and workdir.
+
+Evaluation of a generator, per CFG scale in `config.eval.cfg_scales`:
+
+  samples (each host its share of the labels)
+    -> [latents: SD-VAE decode in chunks]
+    -> features: the FID InceptionV3 (RGB images), or the project's MNIST
+       classifier (grayscale digits, the offline setting)
+    -> gathered to every host; process 0 computes the metrics
+    -> eval/step_<N>.json, eval/step_<N>_cfg<s>.png, and `eval/...` scalars in the
+       run's clu writers (TensorBoard + metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from drifting_jax.eval import sampling
+from drifting_jax.train import checkpointing, images
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
+  if mode == "evaluate":
+    return evaluate(config, workdir)
+  if mode == "watch":
+    return watch(config, workdir)
+  if mode == "train_classifier":
+    from drifting_jax.eval import classifier
+    return classifier.train_classifier_job(config, workdir)
+  if mode == "train_mae":
+    from drifting_jax.train import mae_pretrain
+    return mae_pretrain.train_mae(config, workdir)
+  if mode == "build_latents":
+    return build_latents(config, workdir)
+  raise ValueError(f"unknown mode {mode!r}")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _is_offline_setting(config) -> bool:
+  """Grayscale pixel data: the project's classifier supplies the feature space."""
+  return config.data.channels == 1
+
+
+def _host_labels(config) -> tuple[np.ndarray, np.ndarray]:
+  """(all labels, this host's labels): samples_per_class of every class, split over hosts."""
+  labels = np.repeat(np.arange(config.data.num_classes, dtype=np.int32), int(config.eval.samples_per_class))
+  return labels, np.array_split(labels, jax.process_count())[jax.process_index()]
+
+
+def _gather_rows(local: np.ndarray, counts: list[int]) -> np.ndarray:
+  """Concatenation over processes of per-host arrays with known, possibly unequal, row counts."""
+  if jax.process_count() == 1:
+    return local
+  width = max(counts)
+  padded = np.zeros((width, *local.shape[1:]), local.dtype)
+  padded[: len(local)] = local
+  gathered = np.asarray(multihost_utils.process_allgather(padded))  # [P, width, ...]
+  return np.concatenate([gathered[p, :n] for p, n in enumerate(counts)])
+
+
+class _FeatureSpace:
+  """Maps generated samples (model range) to evaluation features, per setting."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.offline = _is_offline_setting(config)
+    self.vae = None
+    if config.data.name in ("latents", "synthetic_latents") or config.data.channels == 4:
+      from drifting_jax.models import vae as vae_lib
+      self.vae = vae_lib.SDVAE.load(config.eval.vae_source)
+    if self.offline:
+      from drifting_jax.eval import classifier
+      from drifting_jax.models import artifacts
+      path = classifier.classifier_dir(config, workdir)  # where train_classifier puts it
+      # artifacts.load reports a missing folder as an ArtifactError; here the fix
+      # is a job to run, which the message names.
+      if not path.is_dir():
+        raise FileNotFoundError(
+            f"no evaluation classifier at {path}: run `python -m drifting_jax.main --mode=train_classifier "
+            f"--config=<this config> --workdir={workdir}` first, or set --config.eval.classifier_path")
+      self.module, self.params, _ = artifacts.load(path, kind="classifier")
+      self._classifier = classifier
+    else:
+      from drifting_jax.models import inception
+      self.extractor = inception.InceptionFeatureExtractor.load(config.eval.inception_path or None)
+
+  def to_pixels(self, samples: np.ndarray) -> np.ndarray:
+    """Samples -> model-range pixels (decoding latents in chunks)."""
+    if self.vae is not None:
+      return np.asarray(self.vae.decode_in_chunks(samples, int(self.config.eval.decode_chunk)))
+    return samples
+
+  def features(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    if self.offline:
+      feats, logits = self._classifier.features_and_logits(self.module, self.params, pixels)
+      return {"features": np.asarray(feats), "logits": np.asarray(logits)}
+    from drifting_jax.models import inception
+    out = self.extractor.features_in_chunks(inception.to_uint8(pixels), int(self.config.eval.batch_size))
+    # The Inception Score's logits are the graph's bias-free ones (as in the
+    # release, the original IS code and torch-fidelity), not `out.logits`.
+    return {"features": np.asarray(out.pool_features), "logits": np.asarray(out.logits_unbiased)}
+
+
+def _real_data(config) -> tuple[np.ndarray, np.ndarray]:
+  """Held-out real images (model range) and labels for the offline metrics."""
+  if config.data.name == "mnist5k":
+    from drifting_jax.data.mnist5k import load_mnist5k
+    raw, labels = load_mnist5k("heldout")
+  else:
+    from drifting_jax.data import pipelines
+    raw, labels = pipelines.load_in_memory(config.data.name, split="test", data_dir=config.data.data_dir or None)
+  from drifting_jax.train.data import pad_images
+  pixels = pad_images(images.uint8_to_model(raw), int(config.data.pad_to))
+  return pixels, np.asarray(labels, np.int32)
+
+
+def evaluate_generator(config, workdir: str, module, params, step: Optional[int], *,
+                       features: Optional[_FeatureSpace] = None) -> dict[str, Any]:
+  """Metrics of one generator over the CFG sweep; process 0 writes eval/step_<N>.json."""
+  features = features or _FeatureSpace(config, workdir)
+  all_labels, host_labels = _host_labels(config)
+  counts = [len(x) for x in np.array_split(all_labels, jax.process_count())]
+  eval_dir = pathlib.Path(workdir) / "eval"
+  tag = f"step_{step}" if step is not None else "source"
+  results: dict[str, Any] = {"step": step, "samples_per_class": int(config.eval.samples_per_class), "cfg": {}}
+  real = _real_data(config) if features.offline else None
+  for cfg in config.eval.cfg_scales:
+    start = time.perf_counter()
+    samples = sampling.generate(module, params, host_labels, float(cfg), seed=int(config.sample.seed),
+                                batch_size=min(int(config.eval.batch_size), max(1, len(host_labels))))
+    pixels = features.to_pixels(samples)
+    host_feats = features.features(pixels)
+    feats = {k: _gather_rows(v, counts) for k, v in host_feats.items()}
+    grid_pixels = _gather_rows(images.model_to_uint8(pixels), counts) if features.offline else None
+    metrics: dict[str, Any] = {}
+    if jax.process_index() == 0:
+      if features.offline:
+        from drifting_jax.eval import offline
+        metrics = offline.evaluate_samples(
+            images.uint8_to_model(grid_pixels), all_labels, classifier_module=features.module,
+            classifier_params=features.params, real_images=real[0], real_labels=real[1],
+            num_classes=int(config.data.num_classes))
+      else:
+        metrics = _inception_metrics(config, feats)
+      metrics["seconds"] = time.perf_counter() - start
+      eval_dir.mkdir(parents=True, exist_ok=True)
+      shown = grid_pixels if grid_pixels is not None else images.model_to_uint8(pixels)
+      shown_labels = all_labels if grid_pixels is not None else host_labels
+      _save_grid(eval_dir / f"{tag}_cfg{cfg:g}.png", shown, shown_labels, config.data.num_classes)
+    results["cfg"][f"{cfg:g}"] = metrics
+  if jax.process_index() == 0:
+    (eval_dir / f"{tag}.json").write_text(json.dumps(_jsonable(results), indent=2))
+  return results
+
+
+def _inception_metrics(config, feats: dict[str, np.ndarray]) -> dict[str, Any]:
+  from drifting_jax.eval import metrics
+  out: dict[str, Any] = {}
+  inception_score, inception_score_std = metrics.inception_score(feats["logits"])
+  out["inception_score"], out["inception_score_std"] = inception_score, inception_score_std
+  if config.eval.reference_stats:
+    mu_ref, sigma_ref = metrics.load_reference_statistics(config.eval.reference_stats)
+    mu, sigma = metrics.compute_statistics(feats["features"])
+    out["fid"] = metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+  else:
+    logging.warning("eval.reference_stats is empty: FID not computed")
+  if config.eval.reference_features:
+    real = np.load(config.eval.reference_features)["features"]
+    out["precision"], out["recall"] = metrics.precision_recall(real, feats["features"])
+  return out
+
+
+def _save_grid(path: pathlib.Path, pixels: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int = 10):
+  """Up to 16 classes, one row each, of `per_row` samples (fewer if every class has fewer)."""
+  classes = np.unique(labels)[: min(num_classes, 16)]
+  if not len(classes) or pixels.shape[-1] not in (1, 3):
+    return
+  per_row = min(per_row, max(int(np.sum(labels == c)) for c in classes))
+  rows = [pixels[labels == c][:per_row] for c in classes]
+  rows = [r for r in rows if len(r) == per_row]
+  images.save_png(path, images.grid(np.concatenate(rows), rows=len(rows)))
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return x
+
+
+def _log_scalars(workdir: str, step: int, results: dict[str, Any]) -> None:
+  from drifting_jax.train import trainer
+  scalars = {}
+  for cfg, metrics in results["cfg"].items():
+    for name, value in metrics.items():
+      if isinstance(value, (int, float)) and np.isfinite(value):
+        scalars[f"eval/cfg{cfg}/{name}"] = float(value)
+  writer = trainer.make_writer(workdir)
+  writer.write_scalars(step, scalars)
+  writer.flush()
+
+
+def evaluate(config, workdir: str) -> dict[str, Any]:
+  """Evaluates eval.source, or the checkpoint eval.step, or the latest checkpoint."""
+  module, params, step = sampling.load_generator(config, workdir)
+  results = evaluate_generator(config, workdir, module, params, step)
+  if jax.process_index() == 0:
+    if step is not None:
+      _log_scalars(workdir, step, results)
+    print(json.dumps(_jsonable(results), indent=2))
+  return results
+
+
+def watch(config, workdir: str) -> list[int]:
+  """Evaluates every new checkpoint of a training workdir once; restartable.
+
+  Evaluated steps are recorded in eval/evaluated.json (written after each
+  evaluation), so a restarted watcher continues where it stopped. Stops after the
+  final step (train.total_steps) or when no new checkpoint appears for
+  eval.watch_timeout_s seconds.
+  """
+  record = pathlib.Path(workdir) / "eval" / "evaluated.json"
+  done = set(json.loads(record.read_text())) if record.exists() else set()
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+  features = None
+  last_new = time.monotonic()
+  evaluated = []
+  while True:
+    ckpt.reload()
+    pending = [s for s in ckpt.all_steps() if s not in done]
+    for step in pending:
+      features = features or _FeatureSpace(config, workdir)
+      try:
+        module, params, _ = sampling.load_generator(config, workdir, step=step)
+      except checkpointing.CheckpointError:
+        # The training job prunes old checkpoints (checkpoint.keep_last): one listed
+        # a moment ago may be gone by the time it is read. Anything else is an error.
+        ckpt.reload()
+        if step in ckpt.all_steps():
+          raise
+        logging.warning("checkpoint %d was deleted before it could be evaluated; skipped", step)
+        continue
+      results = evaluate_generator(config, workdir, module, params, step, features=features)
+      done.add(step)
+      evaluated.append(step)
+      if jax.process_index() == 0:
+        _log_scalars(workdir, step, results)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(done)))
+        tmp.replace(record)
+      last_new = time.monotonic()
+    if int(config.train.total_steps) in done:
+      return evaluated
+    if time.monotonic() - last_new > float(config.eval.watch_timeout_s):
+      logging.info("no new checkpoint for %.0f s: watcher stops", config.eval.watch_timeout_s)
+      return evaluated
+    time.sleep(float(config.eval.watch_poll_s))
+
+
+# --------------------------------------------------------------------------- latent cache
+
+
+def build_latents(config, workdir: str) -> pathlib.Path:
+  """Encodes a tfds image data set through the SD-VAE into a sharded latent cache.
+
+  Each host encodes its share of the images; shard `i` of host `p` is global shard
+  `i * process_count + p`, written atomically, so a re-run skips finished shards.
+  Output: config.latents.out_dir (default workdir/latents), read by data.name=latents.
+  """
+  from drifting_jax.data import latents as latents_lib, pipelines
+  from drifting_jax.models import vae as vae_lib
+
+  lc = config.latents
+  out_dir = pathlib.Path(lc.out_dir or pathlib.Path(workdir) / "latents")
+  vae = vae_lib.SDVAE.load(lc.vae_source)
+  factor = vae.downsampling_factor
+  size = int(lc.image_size)
+  pi, pc = jax.process_index(), jax.process_count()
+  # process_count is part of the writer's spec: shard numbers depend on it, so a
+  # resume on another number of hosts must be refused, not mixed in.
+  writer = latents_lib.LatentCacheWriter(
+      out_dir, sample_shape=(size // factor, size // factor, vae.latent_channels), dtype=lc.dtype,
+      shard_size=int(lc.batch_size),
+      metadata={"source": lc.dataset, "split": lc.split, "image_size": size, "vae": lc.vae_source,
+                "scaling_factor": vae.scaling_factor, "pad_to": int(lc.pad_to), "process_count": pc})
+  done = writer.completed_shards()
+  batches = pipelines.image_batches(lc.dataset, lc.split, data_dir=config.data.data_dir or None,
+                                    batch_size=int(lc.batch_size), image_size=size, process_index=pi,
+                                    process_count=pc, pad_to=int(lc.pad_to), to_rgb=True)
+  written = 0
+  for i, batch in enumerate(batches):
+    shard = i * pc + pi
+    if shard in done:
+      continue
+    valid = np.asarray(batch["valid"], bool)
+    pixels = images.uint8_to_model(batch["image"])
+    latents = vae.encode_in_chunks(pixels, int(lc.batch_size))
+    writer.write_shard(shard, np.asarray(latents)[valid], np.asarray(batch["label"], np.int32)[valid])
+    written += 1
+    if written % 10 == 0:
+      logging.info("host %d: %d shards written", pi, written)
+  multihost_utils.sync_global_devices("build_latents_done")
+  if pi == 0:
+    writer.finalize(num_classes=int(config.data.num_classes))
+    print(f"latent cache written to {out_dir}")
+  return out_dir

@@ -1,0 +1,87 @@
+"""Generator loading for evaluation, and the `sample` mode (samples.npz + PNG grid)."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from drifting_jax.models import artifacts, generator as generator_lib
+from drifting_jax.train import checkpointing, images, optim, partitioning
+from drifting_jax.train import trainer
+
+
+def load_generator(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+  """(module, EMA params, step or None) to evaluate.
+
+  Source, in order: `config.eval.source` (an artifact folder or hf://NAME); the
+  checkpoint at `step` (or config.eval.step >= 0); the latest checkpoint of the
+  workdir. A missing or corrupt checkpoint is a clear error.
+  """
+  source = config.eval.source
+  if source:
+    module, params, _ = artifacts.load(source, kind="gen")
+    return module, params, None
+  step = config.eval.step if step is None and config.eval.step >= 0 else step
+  directory = pathlib.Path(workdir).absolute() / "checkpoints"
+  # Checked first: opening a Checkpointer creates the folder, and a mistyped
+  # workdir should not be left behind as an empty run.
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False) if directory.is_dir() else None
+  if ckpt is None or ckpt.latest_step() is None:
+    raise checkpointing.CheckpointError(
+        f"no checkpoint in {directory}: train first, or set --config.eval.source to a params_ema "
+        f"folder or hf://NAME")
+  model_config = trainer.generator_config(config)
+  module = generator_lib.build_module(model_config)
+  mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp)
+  tx, _ = optim.make_optimizer(config.optim, config.train.total_steps, config.train.max_grad_norm)
+  feature_names = _feature_names(config)
+  abstract = jax.eval_shape(lambda: trainer.init_state(config, module, tx, mesh, feature_names)[0])
+  shardings = partitioning.tree_shardings(abstract, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  restored_step, state, _ = ckpt.restore(abstract, step, with_host_state=False)
+  return module, state.ema_params, restored_step
+
+
+def _feature_names(config) -> list[str]:
+  if config.loss.feature_normalization != "topk_ema":
+    return []
+  apply, params = trainer.build_features(config)
+  size, channels = config.data.image_size, config.data.channels
+  return sorted(jax.eval_shape(apply, params, jnp.zeros((1, size, size, channels), jnp.float32)))
+
+
+def generate(module, params, labels: np.ndarray, cfg_scale: float, seed: int, batch_size: int = 500) -> np.ndarray:
+  """fp32 samples for `labels`, in batches of one compiled shape (last batch padded)."""
+  out = []
+  key = jax.random.PRNGKey(seed)
+  for i, start in enumerate(range(0, len(labels), batch_size)):
+    chunk = labels[start:start + batch_size]
+    padded = np.pad(chunk, (0, batch_size - len(chunk)))
+    samples = generator_lib.sample(module, params, padded, cfg_scale, rng=jax.random.fold_in(key, i))
+    out.append(np.asarray(samples)[: len(chunk)])
+  return np.concatenate(out)
+
+
+def sample_to_files(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+  """Writes samples.npz (images or latents, labels) and a PNG grid; returns the folder."""
+  module, params, step = load_generator(config, workdir)
+  classes = np.asarray(config.sample.classes or range(config.data.num_classes), np.int32)
+  labels = np.repeat(classes, config.sample.per_class)
+  samples = generate(module, params, labels, float(config.sample.cfg_scale), int(config.sample.seed),
+                     batch_size=min(int(config.eval.batch_size), len(labels)))
+  out = pathlib.Path(workdir)
+  if jax.process_index() == 0:
+    if samples.shape[-1] in (1, 3):
+      pixels = images.model_to_uint8(samples)
+      np.savez(out / "samples.npz", images=pixels[..., 0] if pixels.shape[-1] == 1 else pixels, labels=labels)
+      per_row = min(config.sample.per_class, 20)
+      shown = np.concatenate([pixels[labels == c][:per_row] for c in classes])
+      images.save_png(out / "samples.png", images.grid(shown, rows=len(classes)))
+    else:
+      np.savez(out / "samples.npz", latents=samples, labels=labels)
+  return out

@@ -1,0 +1,206 @@
+"""The sample / evaluate / watch jobs on a 6-step MNIST-5k run with a briefly trained classifier."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import mnist_tiny
+from drifting_jax.eval import classifier, jobs, sampling
+from drifting_jax.models import artifacts, inception
+from drifting_jax.train import checkpointing, trainer
+
+NUM_CLASSES = 10
+
+
+def _config():
+  c = mnist_tiny.get_config("smoke")  # 6 steps, checkpoints at 3 and 6, 10 samples per class
+  # The generator's output layer starts at zero: without warm-up, with a large rate and
+  # a short EMA, six steps move the EMA generator off a blank (all-grey) canvas.
+  c.optim.warmup_steps = 0
+  c.optim.learning_rate = 1e-2
+  c.train.ema_decay = 0.5
+  c.classifier = ml_collections.ConfigDict({"steps": 20, "batch_size": 32})
+  c.eval.watch_poll_s = 0.01
+  c.eval.watch_timeout_s = 60.0
+  return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> pathlib.Path:
+  """A trained workdir: checkpoints 3 and 6, params_ema, classifier/ with reference statistics."""
+  workdir = tmp_path_factory.mktemp("run")
+  config = _config()
+  trainer.train_and_evaluate(config, str(workdir))
+  classifier.train_classifier_job(config, str(workdir))
+  return workdir
+
+
+@pytest.fixture
+def workdir(run, tmp_path) -> pathlib.Path:
+  """A private copy of the run, so that tests do not see each other's eval/ files."""
+  return pathlib.Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def _results_without_timings(results):
+  return {cfg: {k: v for k, v in metrics.items() if k != "seconds"} for cfg, metrics in results["cfg"].items()}
+
+
+def test_sample_to_files_writes_uint8_digits_and_a_grid(workdir):
+  config = _config()
+  out = sampling.sample_to_files(config, str(workdir))
+  per_class = config.sample.per_class
+  with np.load(out / "samples.npz") as data:
+    images, labels = data["images"], data["labels"]
+  assert images.shape == (per_class * NUM_CLASSES, 28, 28) and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(NUM_CLASSES), per_class))
+  assert images.std() > 0  # not a blank canvas
+  grid = np.asarray(Image.open(out / "samples.png"))
+  side = 2 * (NUM_CLASSES * 29 - 1)  # 10 x 10 digits of 28 px, 1-px gaps, shown at 2x
+  assert grid.shape == (side, side)
+  np.testing.assert_array_equal(grid[:56:2, :56:2], images[0])  # the first digit of class 0
+
+  config.sample.classes = (3, 7)
+  config.sample.per_class = 4
+  sampling.sample_to_files(config, str(workdir))
+  with np.load(out / "samples.npz") as data:
+    np.testing.assert_array_equal(data["labels"], [3] * 4 + [7] * 4)
+
+
+def test_evaluate_latest_a_params_ema_source_and_a_chosen_step(workdir):
+  config = _config()
+  results = jobs.evaluate(config, str(workdir))
+  assert results["step"] == 6
+  report = json.loads((workdir / "eval" / "step_6.json").read_text())
+  assert report["step"] == 6 and report["samples_per_class"] == 10 and list(report["cfg"]) == ["1"]
+  metrics = report["cfg"]["1"]
+  assert (metrics["num_samples"], metrics["num_real"], metrics["k"]) == (100, 1000, 3)
+  for name in ("accuracy", "precision", "recall", "coverage", "neighbour_agreement"):
+    assert 0.0 <= metrics[name] <= 1.0 and len(metrics[f"{name}_per_class"]) == NUM_CLASSES
+  assert metrics["frechet_distance"] > 0 and 0 <= metrics["real_accuracy"] <= 1
+  assert (workdir / "eval" / "step_6_cfg1.png").is_file()
+  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any(line.get("step") == 6 and line.get("eval/cfg1/accuracy") == metrics["accuracy"] for line in logged)
+
+  # The reported accuracy is the classifier's on the samples of the checkpoint's EMA generator.
+  module, params, step = sampling.load_generator(config, str(workdir))
+  labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), 10)
+  samples = sampling.generate(module, params, labels, 1.0, seed=config.sample.seed, batch_size=100)
+  clf, clf_params, _ = artifacts.load(workdir / "classifier", kind="classifier")
+  assert classifier.accuracy(clf, clf_params, samples, labels) == pytest.approx(metrics["accuracy"])
+
+  # eval.source: the run's params_ema folder holds the final EMA params, i.e. checkpoint 6's.
+  config.eval.source = str(workdir / "params_ema")
+  assert jobs.evaluate(config, str(workdir))["step"] is None
+  from_source = json.loads((workdir / "eval" / "source.json").read_text())
+  assert from_source["step"] is None
+  assert _results_without_timings(from_source) == _results_without_timings(report)
+
+  config.eval.source = ""
+  config.eval.step = 3  # --config.eval.step=3
+  assert jobs.evaluate(config, str(workdir))["step"] == 3
+  earlier = json.loads((workdir / "eval" / "step_3.json").read_text())
+  assert earlier["step"] == 3 and earlier["cfg"]["1"]["frechet_distance"] != metrics["frechet_distance"]
+
+
+def test_watch_evaluates_each_checkpoint_once_across_restarts(workdir, monkeypatch):
+  config = _config()
+  assert jobs.watch(config, str(workdir)) == [3, 6]  # stops at train.total_steps
+  record = workdir / "eval" / "evaluated.json"
+  assert json.loads(record.read_text()) == [3, 6]
+  assert json.loads((workdir / "eval" / "step_3.json").read_text())["step"] == 3
+  assert json.loads((workdir / "eval" / "step_6.json").read_text())["step"] == 6
+
+  # From here on evaluations are only recorded (the real one is tested above).
+  evaluated = []
+
+  def record_only(config, workdir, module, params, step, **kwargs):
+    evaluated.append(step)
+    return {"step": step, "cfg": {"1": {"accuracy": 0.5}}}
+
+  monkeypatch.setattr(jobs, "evaluate_generator", record_only)
+  assert jobs.watch(config, str(workdir)) == [] and evaluated == []  # a restart has nothing new
+
+  record.write_text(json.dumps([3]))  # as if the watcher stopped before step 6 was done
+  assert jobs.watch(config, str(workdir)) == [6] and evaluated == [6]
+  assert json.loads(record.read_text()) == [3, 6]
+
+  # A checkpoint that the training job prunes between listing and reading is skipped.
+  record.write_text(json.dumps([]))
+  real_load = sampling.load_generator
+
+  def load_after_pruning(config, workdir, step=None):
+    if step == 3:
+      shutil.rmtree(pathlib.Path(workdir) / "checkpoints" / "3")
+    return real_load(config, workdir, step=step)
+
+  monkeypatch.setattr(sampling, "load_generator", load_after_pruning)
+  evaluated.clear()
+  assert jobs.watch(config, str(workdir)) == [6] and evaluated == [6]
+
+  # A run whose final step never comes: the watcher gives up after watch_timeout_s.
+  config.train.total_steps = 9
+  config.eval.watch_timeout_s = 0.1
+  assert jobs.watch(config, str(workdir)) == [] and evaluated == [6]
+
+
+# orbax leaves an asyncio callback behind after the failed restore; harmless.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_missing_or_corrupt_checkpoints_are_clear_errors(workdir, tmp_path):
+  config = _config()
+  empty = tmp_path / "no_run"
+  with pytest.raises(checkpointing.CheckpointError, match=r"no checkpoint in .*no_run/checkpoints: train first"):
+    jobs.evaluate(config, str(empty))
+  assert not empty.exists()  # a mistyped workdir is not created
+
+  config.eval.step = 4
+  with pytest.raises(checkpointing.CheckpointError, match=r"no checkpoint for step 4 .*available: \[3, 6\]"):
+    jobs.evaluate(config, str(workdir))
+
+  config.eval.step = -1
+  for data_file in (workdir / "checkpoints" / "6").rglob("*"):
+    if data_file.is_file() and data_file.parent.name == "d":  # the array chunks
+      data_file.write_bytes(data_file.read_bytes()[:20])
+  with pytest.raises(checkpointing.CheckpointError, match=r"checkpoints/6 could not be restored"):
+    jobs.evaluate(config, str(workdir))
+
+  shutil.rmtree(workdir / "classifier")
+  config.eval.step = 3
+  with pytest.raises(FileNotFoundError, match="--mode=train_classifier"):
+    jobs.evaluate(config, str(workdir))
+
+
+def test_rgb_feature_space_scores_with_the_unbiased_inception_logits(monkeypatch):
+  """The Inception Score takes the bias-free logits; FID the pool_3 features."""
+  outputs = inception.InceptionOutputs(pool_features=np.ones((4, 2048), np.float32),
+                                       logits=np.full((4, 1008), 5.0, np.float32),
+                                       logits_unbiased=np.full((4, 1008), 2.0, np.float32))
+  seen = {}
+
+  class FakeExtractor:
+
+    def features_in_chunks(self, images, chunk_size):
+      seen["images"], seen["chunk_size"] = images, chunk_size
+      return outputs
+
+  monkeypatch.setattr(inception.InceptionFeatureExtractor, "load", classmethod(lambda cls, path: FakeExtractor()))
+  config = mnist_tiny.get_config("smoke")
+  config.data.channels = 3
+  features = jobs._FeatureSpace(config, "unused")
+  assert not features.offline and features.vae is None
+  got = features.features(np.zeros((4, 28, 28, 3), np.float32))  # model range: 0 is grey
+  np.testing.assert_array_equal(got["logits"], outputs.logits_unbiased)
+  np.testing.assert_array_equal(got["features"], outputs.pool_features)
+  assert seen["images"].dtype == np.uint8 and seen["images"].max() == 127
+  assert seen["chunk_size"] == config.eval.batch_size
+
+
+def test_unknown_mode_is_refused():
+  with pytest.raises(ValueError, match="unknown mode 'evaluat'"):
+    jobs.run("evaluat", _config(), "unused")
