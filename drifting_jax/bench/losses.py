@@ -8,9 +8,10 @@ the same shape ([B, Cg, S] x [B, Cg + Cn + Cp, S]), interleaved round-robin so
 machine noise hits all of them alike; the median over repeats is reported. Peak
 memory is XLA's compile-time buffer assignment (arguments + outputs + temporaries).
 
-Targets (issue "loss library"): log-KDE within 4x one matmul (3x is the floor: one
-matmul forward, two backward) and >= 1.5x faster than the release field; the
-corrected field's memory linear in Cp + Cn. Each is evaluated per shape and
+Targets (issue "loss library"): log-KDE within 4x one matmul (3x is autodiff's floor:
+one matmul forward, two backward; the analytic gradient of `log_kde_loss` needs two,
+the distances and one product for the gradient) and >= 1.5x faster than the release
+field; the corrected field's memory linear in Cp + Cn. Each is evaluated per shape and
 written to the JSON under "targets" as measured / target / met.
 
 Shapes: the release's ImageNet ablation groups (B=64 groups of Cg=64 generated,

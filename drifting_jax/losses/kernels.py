@@ -49,6 +49,11 @@ class Kernel:
 
   All three methods take Euclidean distances r >= 0 (any shape) and return the
   natural logarithm of the kernel value elementwise.
+
+  The closed-form kernels also give the ratios of neighbouring kernels, k#/k and
+  k/k_flat, as plain (not log) functions of r, or None where unknown. With them an
+  objective evaluates a kernel and its neighbour from one exp (of log_k) and a
+  multiplication, instead of two logs and a derivative.
   """
 
   name: str
@@ -56,6 +61,8 @@ class Kernel:
   log_k: Callable[[Array], Array]
   log_sharp: Callable[[Array], Array]
   log_flat: Callable[[Array], Array]
+  sharp_over_k: Callable[[Array], Array] | None = None
+  k_over_flat: Callable[[Array], Array] | None = None
 
   def __repr__(self) -> str:
     return f"Kernel({self.name!r}, bandwidth={self.bandwidth:g})"
@@ -81,7 +88,9 @@ def gaussian(bandwidth: float) -> Kernel:
   def log_k(r):
     return -0.5 * jnp.square(r / s)
 
-  return Kernel("gaussian", s, log_k, lambda r: log_k(r) + log_s2, lambda r: log_k(r) - log_s2)
+  s2 = s * s
+  return Kernel("gaussian", s, log_k, lambda r: log_k(r) + log_s2, lambda r: log_k(r) - log_s2,
+                sharp_over_k=lambda r: jnp.full_like(r, s2), k_over_flat=lambda r: jnp.full_like(r, s2))
 
 
 def laplace(bandwidth: float) -> Kernel:
@@ -98,7 +107,8 @@ def laplace(bandwidth: float) -> Kernel:
   def log_flat(r):
     return -r / s - log_s - jnp.log(r)
 
-  return Kernel("laplace", s, log_k, log_sharp, log_flat)
+  return Kernel("laplace", s, log_k, log_sharp, log_flat, sharp_over_k=lambda r: s * (r + s),
+                k_over_flat=lambda r: s * r)
 
 
 def rational_quadratic(bandwidth: float) -> Kernel:
@@ -115,10 +125,13 @@ def rational_quadratic(bandwidth: float) -> Kernel:
   def log_k(r):
     return -2.0 * jnp.log1p(jnp.square(r / s))
 
+  s2 = s * s
   return Kernel(
       "rational_quadratic", s, log_k,
       lambda r: log_half_s2 + 0.5 * log_k(r),
       lambda r: log_four_over_s2 + 1.5 * log_k(r),
+      sharp_over_k=lambda r: 0.5 * (s2 + jnp.square(r)),  # s^2/2 k^(-1/2)
+      k_over_flat=lambda r: 0.25 * (s2 + jnp.square(r)),  # s^2/4 k^(-1/2)
   )
 
 

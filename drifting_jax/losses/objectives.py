@@ -133,9 +133,13 @@ def _references(groups: _Groups) -> _References:
   return _References(points, weights, cg + groups.neg.shape[1], self_mask)
 
 
-def _distance_scale(groups: _Groups, refs: _References, normalize_distances: bool,
-                    distance_scale) -> Array:
-  """Per-group scale [G] that distances (and coordinates) are divided by."""
+def _distance_scale(groups: _Groups, refs: _References | None, normalize_distances: bool, distance_scale,
+                    distances: Sequence[tuple[Array, Array]] | None = None) -> Array:
+  """Per-group scale [G] that distances (and coordinates) are divided by.
+
+  `distances`: the generated-to-reference distances where the caller has them, as
+  column blocks [(dist [G, Cg, Mb], weights [G, Mb])]; else computed from `refs`.
+  """
   num_groups = groups.gen.shape[0]
   if distance_scale is not None:
     scale = jnp.asarray(distance_scale, groups.gen.dtype)
@@ -146,8 +150,15 @@ def _distance_scale(groups: _Groups, refs: _References, normalize_distances: boo
     return jax.lax.stop_gradient(jnp.broadcast_to(scale, (num_groups,)))
   if not normalize_distances:
     return jnp.ones((num_groups,), groups.gen.dtype)
-  dist = _common.pairwise_distances(jax.lax.stop_gradient(groups.gen), refs.points)
-  scale = jnp.maximum(batch_distance_scale(dist, refs.weights), _MIN_DISTANCE_SCALE)
+  if distances is None:
+    distances = [(_common.pairwise_distances(jax.lax.stop_gradient(groups.gen), refs.points), refs.weights)]
+  if len(distances) == 1:
+    scale = batch_distance_scale(*distances[0])
+  else:  # batch_distance_scale of the blocks side by side, without concatenating them
+    entries = sum(d.size for d, _ in distances)
+    weight_mean = sum(jnp.sum(w) for _, w in distances) / sum(w.size for _, w in distances)
+    scale = sum(jnp.sum(d * w[:, None, :]) for d, w in distances) / entries / weight_mean
+  scale = jnp.maximum(scale, _MIN_DISTANCE_SCALE)
   return jax.lax.stop_gradient(jnp.broadcast_to(scale, (num_groups,)))
 
 
@@ -166,94 +177,176 @@ def _kernels(kernel, bandwidths) -> tuple[Kernel, ...]:
 # ---------------------------------------------------------------------------------
 
 
+class _Side(NamedTuple):
+  """One KDE's references (q: the generated samples and fixed negatives; p: the positives)."""
+
+  points: Array          # [G, N, S]
+  distances: Array       # [G, Cg, N]: |x_i - y_j| / scale (stop-gradient)
+  log_weights: Array     # [G, Cg, N] or [G, 1, N]: -inf for zero weights and for a sample itself
+  log_max_weight: Array  # [G, 1]: max_j log w_j (for q over all columns: a bound for j != i)
+  log_norm: Array        # [G, Cg] or [G, 1]: log sum_j w_j (for q, over j != i)
+
+
 class _KDEOperands(NamedTuple):
-  refs: Array            # [G, M, S]
-  log_weights: Array     # [G, Cg, M]: log of the reference weights, -inf at self
-  log_norm_q: Array      # [G, Cg]: log total weight of q's references for each sample
-  log_norm_p: Array      # [G]
+  q: _Side
+  p: _Side
   gen_prob: Array        # [G, Cg]
   scale: Array           # [G]
 
 
-def _kde_operands(groups: _Groups, refs: _References, scale: Array) -> _KDEOperands:
-  log_w = _common.safe_log(refs.weights)[:, None, :]
-  log_w = jnp.where(refs.self_mask[None], -jnp.inf, log_w)
-  total_q = jnp.sum(groups.w_gen, -1, keepdims=True) - groups.w_gen + jnp.sum(groups.w_neg, -1, keepdims=True)
-  return _KDEOperands(refs.points, log_w, _common.safe_log(total_q),
-                      jnp.log(jnp.sum(groups.w_pos, -1)), _generated_probabilities(groups), scale)
+def _kde_operands(groups: _Groups, normalize_distances: bool, distance_scale) -> _KDEOperands:
+  cg = groups.gen.shape[1]
+  gen_sg = jax.lax.stop_gradient(groups.gen)
+  points_q = jnp.concatenate([gen_sg, groups.neg], axis=1)
+  w_q = jnp.concatenate([groups.w_gen, groups.w_neg], axis=1)
+  is_self = jnp.arange(cg)[:, None] == jnp.arange(w_q.shape[1])[None, :]
+  # A sample's distance to itself is exactly the floor: |x|^2 + |x|^2 - 2 x.x leaves
+  # rounding noise there, which would enter the distance scale.
+  dist_q = jnp.where(is_self, math.sqrt(_common.SQUARED_DISTANCE_EPS),
+                     _common.pairwise_distances(gen_sg, points_q))
+  dist_p = _common.pairwise_distances(gen_sg, groups.pos)
+  scale = _distance_scale(groups, None, normalize_distances, distance_scale,
+                          distances=[(dist_q, w_q), (dist_p, groups.w_pos)])
+  inv_scale = 1.0 / scale[:, None, None]
+  log_w_q = _common.safe_log(w_q)
+  # q's references exclude the sample itself: weight 0 on the diagonal.
+  total_q = jnp.sum(w_q, -1, keepdims=True) - groups.w_gen
+  q = _Side(points_q, dist_q * inv_scale, jnp.where(is_self, -jnp.inf, log_w_q[:, None, :]),
+            jnp.max(log_w_q, -1, keepdims=True), _common.safe_log(total_q))
+  log_w_p = _common.safe_log(groups.w_pos)
+  p = _Side(groups.pos, dist_p * inv_scale, log_w_p[:, None, :], jnp.max(log_w_p, -1, keepdims=True),
+            jnp.log(jnp.sum(groups.w_pos, -1, keepdims=True)))
+  return _KDEOperands(q, p, _generated_probabilities(groups), scale)
 
 
-def _logsumexp_and_softmax(logits: Array) -> tuple[Array, Array]:
-  """logsumexp over the last axis and the softmax, sharing one exp per entry."""
-  top = jnp.max(logits, axis=-1, keepdims=True)
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
-  e = jnp.exp(logits - top)
-  total = jnp.sum(e, axis=-1, keepdims=True)
-  return (top + jnp.log(total))[..., 0], e / total
+class _KernelPair(NamedTuple):
+  """How one bandwidth's kernels are evaluated from a single exp per entry.
+
+  `value` is the kernel K of the KDEs (k# or k) and `grad` its gradient kernel
+  K' = -(1/r) dK/dr (k or k_flat, FHM Table 1). With e = exp(log_base(r)) (shifted),
+  K = e * value_over_base(r) and K' = e * grad_over_base(r). Closed-form kernels give
+  the ratios without transcendentals; others fall back to base = K and autodiff.
+  """
+
+  log_base: Callable[[Array], Array]
+  value_over_base: Callable[[Array], Array] | None  # None: 1
+  grad_over_base: Callable[[Array], Array] | None   # None: 1
 
 
-def _kde_values_and_gradients(gen: Array, ops: _KDEOperands, *, kernels: Sequence[Kernel], num_negative: int,
-                              log_kernel: str, take_log: bool, normalize_gradients: bool):
+def _kernel_pair(kern: Kernel, sharp: bool) -> _KernelPair:
+  if sharp and kern.sharp_over_k is not None:  # K = k# = k * (k#/k), K' = k
+    return _KernelPair(kern.log_k, kern.sharp_over_k, None)
+  if not sharp and kern.k_over_flat is not None:  # K = k, K' = k_flat = k / (k/k_flat)
+    return _KernelPair(kern.log_k, None, lambda r: 1.0 / kern.k_over_flat(r))
+  log_value = kern.log_sharp if sharp else kern.log_k
+
+  def grad_over_value(r):  # -(1/r) d log K / dr, by forward-mode autodiff
+    return -jax.jvp(log_value, (r,), (jnp.ones_like(r),))[1] / r
+
+  return _KernelPair(log_value, None, grad_over_value)
+
+
+def _kde_side(pair: _KernelPair, side: _Side, r_min: Array) -> tuple[Array, Array, Array]:
+  """One KDE at every generated sample: (log KDE [G, Cg], entries e [G, Cg, N], sum_j K / exp(shift)).
+
+  The logsumexp's shift is log base(r_min) + log max_j w_j, r_min the distance to the
+  nearest reference of nonzero weight. The kernels decrease with r (radial profiles;
+  a sharp kernel is a tail integral), so every e_ij <= 1 and the nearest one is
+  >= w_nearest / w_max; the KDE's terms are e times K / base, a moderate factor
+  (k#/k = s (r + s) for the Laplace kernel). So no overflow, and no underflow short of
+  weight ratios of ~1e30. One min over r serves all bandwidths: unlike a max-shifted
+  logsumexp, no max pass per bandwidth.
+  """
+  shift = pair.log_base(r_min) + side.log_max_weight
+  e = jnp.exp(pair.log_base(side.distances) + side.log_weights - shift[..., None])
+  value = e
+  if pair.value_over_base is not None:
+    # Entries that are masked or underflowed (e = 0) add exactly 0, even where the ratio
+    # overflows (0 * inf = NaN). The select also keeps XLA:CPU from fusing the product
+    # into the reduction, which its YNNPACK backend then runs several times slower.
+    value = jnp.where(e > 0, e * pair.value_over_base(side.distances), 0.0)
+  total = jnp.sum(value, axis=-1)
+  return shift + jnp.log(total) - side.log_norm, e, total
+
+
+def _kde_values_and_gradients(gen: Array, ops: _KDEOperands, *, kernels: Sequence[Kernel], sharp: bool,
+                              take_log: bool, normalize_gradients: bool):
   """Per-bandwidth values [H, G] and the gradient of sum_h value_h[g] w.r.t. gen [G, Cg, S].
 
-  The gradient is formed analytically in the same pass as the values: with
-  r_ij = |x_i - y_j| / c and L_ij = log k#(r_ij) + log w_j,
+  The gradient is formed analytically in the same pass as the values. With
+  r_ij = |x_i - y_j| / c, K the KDE's kernel (k# for the log-KDE) and
+  K'(r) = -(1/r) dK/dr its gradient kernel (k for K = k#, FHM Table 1),
 
-      d value / d x_i = sum_j a_ij (d log k# / dr)(r_ij) / r_ij * (x_i - y_j) / c^2,
+      log q#(x_i) = log sum_{j in q} w_j K(r_ij) - log sum_{j in q} w_j,
+      d log q#(x_i) / d x_i = -sum_{j in q} w_j K'(r_ij) (x_i - y_j) / (c^2 sum_{j in q} w_j K(r_ij)),
 
-  a_ij = +softmax_q(L)_ij on q's columns and -softmax_p(L)_ij on p's (for the log-KDE;
-  the MMD witness uses the unnormalized exp(L_ij) / Z instead), times w_i. So the
-  backward pass is one matrix product instead of autodiff's replay of every
-  logsumexp. Groups are independent, hence the gradient of value[g] only touches
-  gen[g] and a cotangent only rescales rows (see `_with_precomputed_gradient`).
+  and likewise for p (for the MMD witness, q_hat = exp(log q#) scales it). So the
+  backward pass is one matrix product per side of the coefficients summed over
+  bandwidths, instead of autodiff's replay of every logsumexp; K and K' come from
+  one exp per entry and bandwidth (`_KernelPair`). Groups are independent, hence
+  the gradient of value[g] only touches gen[g] and a cotangent only rescales rows
+  (see `_with_precomputed_gradient`). The distances in `ops` are stop-gradient:
+  this function's own gradient is the analytic one, not autodiff's.
   """
-  r = _common.pairwise_distances(gen, ops.refs) / ops.scale[:, None, None]
-  inv_r = 1.0 / r
+  q, p = ops.q, ops.p
+  r_min_q = jnp.min(jnp.where(q.log_weights > -jnp.inf, q.distances, jnp.inf), axis=-1)
+  r_min_p = jnp.min(jnp.where(p.log_weights > -jnp.inf, p.distances, jnp.inf), axis=-1)
+  gen_prob = ops.gen_prob
   values, coefficients = [], []
   for kern in kernels:
-    log_k, dlog_k_dr = jax.jvp(getattr(kern, log_kernel), (r,), (jnp.ones_like(r),))
-    logits = log_k + ops.log_weights
-    lse_q, soft_q = _logsumexp_and_softmax(logits[..., :num_negative])
-    lse_p, soft_p = _logsumexp_and_softmax(logits[..., num_negative:])
-    log_q = lse_q - ops.log_norm_q
-    log_p = lse_p - ops.log_norm_p[:, None]
+    pair = _kernel_pair(kern, sharp)
+    log_q, e_q, total_q = _kde_side(pair, q, r_min_q)
+    log_p, e_p, total_p = _kde_side(pair, p, r_min_p)
+    # coefficient_ij = gen_prob_i (d value_i / d log KDE) (d log KDE / d r_ij) / r_ij, and
+    # (d log KDE / d r_ij) / r_ij = -w_j K'(r_ij) / sum_j w_j K(r_ij) = -e_ij grad_over_base / total.
     if take_log:
       per_sample = log_q - log_p
-      side = jnp.concatenate([soft_q, -soft_p], axis=-1)
-    else:  # d exp(lse - log Z) / dL_j = exp(lse - log Z) softmax_j
+      row_q, row_p = -gen_prob / total_q, gen_prob / total_p
+    else:  # d exp(log KDE) / d log KDE = KDE
       q_hat, p_hat = jnp.exp(log_q), jnp.exp(log_p)
       per_sample = q_hat - p_hat
-      side = jnp.concatenate([soft_q * q_hat[..., None], -soft_p * p_hat[..., None]], axis=-1)
-    values.append(jnp.sum(ops.gen_prob * per_sample, axis=-1))
-    coefficients.append(side * (ops.gen_prob[..., None] * dlog_k_dr * inv_r))
-  to_gen = lambda c: (jnp.sum(c, -1, keepdims=True) * gen - jnp.einsum("gim,gms->gis", c, ops.refs)) / (
-      jnp.square(ops.scale)[:, None, None])
+      row_q, row_p = -gen_prob * q_hat / total_q, gen_prob * p_hat / total_p
+    values.append(jnp.sum(gen_prob * per_sample, axis=-1))
+    grad_q = e_q if pair.grad_over_base is None else e_q * pair.grad_over_base(q.distances)
+    grad_p = e_p if pair.grad_over_base is None else e_p * pair.grad_over_base(p.distances)
+    coefficients.append((grad_q * row_q[..., None], grad_p * row_p[..., None]))
+
+  def to_gen(c_q, c_p):  # sum_j c_ij (x_i - y_j) / c^2 over both sides
+    rows = jnp.sum(c_q, -1, keepdims=True) + jnp.sum(c_p, -1, keepdims=True)
+    products = jnp.einsum("gim,gms->gis", c_q, q.points) + jnp.einsum("gim,gms->gis", c_p, p.points)
+    return (rows * gen - products) / jnp.square(ops.scale)[:, None, None]
+
   if normalize_gradients:
-    grads = [to_gen(c) for c in coefficients]
+    grads = [to_gen(c_q, c_p) for c_q, c_p in coefficients]
     unit = sum(g / jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(g))), 1e-30) for g in grads)
     gradient = unit / (gen.shape[1] * gen.shape[2])
   else:
-    gradient = to_gen(sum(coefficients))
+    gradient = to_gen(sum(c for c, _ in coefficients), sum(c for _, c in coefficients))
   return jnp.stack(values), gradient
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _with_precomputed_gradient(values_and_gradient_fn: Callable, gen: Array, operands: Any) -> Array:
-  """sum_h values[h] as a function of gen, differentiated with the precomputed gradient.
+def _with_precomputed_gradient(values_and_gradient_fn: Callable, gen: Array, operands: Any):
+  """(sum_h values[h], values) as a function of gen, differentiated with the precomputed gradient.
 
   `values_and_gradient_fn(gen, operands) -> (values [H, G], gradient [G, Cg, S])`, the
-  gradient of sum_h values[h, g] for every g at once. First-order only.
+  gradient of sum_h values[h, g] for every g at once. Returns the total [G] and the
+  per-bandwidth values [H, G] from one evaluation. Only the total is differentiated:
+  the cotangent of the per-bandwidth values is ignored, so callers must stop their
+  gradient (they are for logging). The operands get a zero cotangent. First-order only.
   """
-  return jnp.sum(values_and_gradient_fn(gen, operands)[0], axis=0)
+  values = values_and_gradient_fn(gen, operands)[0]
+  return jnp.sum(values, axis=0), values
 
 
 def _precomputed_fwd(values_and_gradient_fn, gen, operands):
   values, gradient = values_and_gradient_fn(gen, operands)
-  return jnp.sum(values, axis=0), (gradient, operands)
+  return (jnp.sum(values, axis=0), values), (gradient, operands)
 
 
-def _precomputed_bwd(values_and_gradient_fn, residuals, cotangent):
+def _precomputed_bwd(values_and_gradient_fn, residuals, cotangents):
   gradient, operands = residuals
+  cotangent = cotangents[0]  # the per-bandwidth values' cotangent is ignored, see above
   return (cotangent[:, None, None] * gradient).astype(gradient.dtype), jax.tree.map(jnp.zeros_like, operands)
 
 
@@ -261,21 +354,19 @@ _with_precomputed_gradient.defvjp(_precomputed_fwd, _precomputed_bwd)
 
 
 def _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, *, kernel, bandwidths,
-                   normalize_distances, distance_scale, normalize_gradients, log_kernel, take_log):
+                   normalize_distances, distance_scale, normalize_gradients, sharp, take_log):
   groups = _prepare(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg)
-  refs = _references(groups)
-  if refs.num_negative < 2:
+  if groups.gen.shape[1] + groups.neg.shape[1] < 2:
     raise ValueError("the model KDE q needs a reference besides the sample itself: use Cg >= 2 "
                      "generated samples per group or pass fixed_neg")
   kernels = _kernels(kernel, bandwidths)
-  scale = _distance_scale(groups, refs, normalize_distances, distance_scale)
-  ops = _kde_operands(groups, refs, scale)
-  fn = functools.partial(_kde_values_and_gradients, kernels=kernels, num_negative=refs.num_negative,
-                         log_kernel=log_kernel, take_log=take_log, normalize_gradients=normalize_gradients)
-  total = _with_precomputed_gradient(fn, groups.gen, ops)
-  per_bandwidth = jax.lax.stop_gradient(fn(groups.gen, ops)[0])
+  ops = _kde_operands(groups, normalize_distances, distance_scale)
+  fn = functools.partial(_kde_values_and_gradients, kernels=kernels, sharp=sharp, take_log=take_log,
+                         normalize_gradients=normalize_gradients)
+  total, per_bandwidth = _with_precomputed_gradient(fn, groups.gen, ops)
+  per_bandwidth = jax.lax.stop_gradient(per_bandwidth)
   loss = _per_row(groups, _nan_if_invalid(groups, total))
-  info = {"scale": jnp.mean(scale)}
+  info = {"scale": jnp.mean(ops.scale)}
   for kern, term in zip(kernels, per_bandwidth):
     info[f"loss_{kern.bandwidth:g}"] = jnp.mean(term)
   return loss, info
@@ -328,7 +419,7 @@ def log_kde_loss(
   return _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, kernel=kernel,
                         bandwidths=bandwidths, normalize_distances=normalize_distances,
                         distance_scale=distance_scale, normalize_gradients=normalize_gradients,
-                        log_kernel="log_sharp", take_log=True)
+                        sharp=True, take_log=True)
 
 
 def mmd_loss(
@@ -361,7 +452,7 @@ def mmd_loss(
   return _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, kernel=kernel,
                         bandwidths=bandwidths, normalize_distances=normalize_distances,
                         distance_scale=distance_scale, normalize_gradients=normalize_gradients,
-                        log_kernel="log_sharp" if sharp else "log_k", take_log=False)
+                        sharp=sharp, take_log=False)
 
 
 # ---------------------------------------------------------------------------------
