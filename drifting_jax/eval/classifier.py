@@ -283,16 +283,9 @@ def train_classifier(
 
 
 def _pad_uint8(images: np.ndarray, pad_to: int) -> np.ndarray:
-  """Same canvas as `train.data.pad_images` (black = 0 in uint8, -1 in model range)."""
-  if images.ndim == 3:
-    images = images[..., None]
-  if not pad_to:
-    return images
-  size = images.shape[1]
-  if pad_to < size:
-    raise ValueError(f"data.pad_to={pad_to} is smaller than the images ({size})")
-  lo = (pad_to - size) // 2
-  return np.pad(images, ((0, 0), (lo, pad_to - size - lo), (lo, pad_to - size - lo), (0, 0)))
+  """[N, H, W(, 1)] uint8 on the training data's canvas (`train.data.pad_images`, black = 0)."""
+  from drifting_jax.train.data import pad_images
+  return pad_images(images[..., None] if images.ndim == 3 else images, pad_to, black=0)
 
 
 def _job_data(config) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:

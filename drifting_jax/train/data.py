@@ -63,15 +63,18 @@ class TrainingData:
     return np.sort(self._rng(step, 1).choice(self.num_classes, size=n, replace=False)).astype(np.int32)
 
 
-def pad_images(images: np.ndarray, pad_to: int) -> np.ndarray:
-  """Centers [N, H, W, C] model-range images on a black pad_to x pad_to canvas (0: unchanged)."""
+def pad_images(images: np.ndarray, pad_to: int, black: float = -1.0) -> np.ndarray:
+  """Centers [N, H, W, C] images on a black pad_to x pad_to canvas (0: unchanged).
+
+  Black is -1 in model range (the default) and 0 for uint8 images.
+  """
   if not pad_to:
     return images
   h = images.shape[1]
   if pad_to < h:
     raise ValueError(f"data.pad_to={pad_to} is smaller than the images ({h})")
   lo = (pad_to - h) // 2
-  return np.pad(images, ((0, 0), (lo, pad_to - h - lo), (lo, pad_to - h - lo), (0, 0)), constant_values=-1.0)
+  return np.pad(images, ((0, 0), (lo, pad_to - h - lo), (lo, pad_to - h - lo), (0, 0)), constant_values=black)
 
 
 def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
