@@ -53,8 +53,10 @@ def _read_all() -> tuple[np.ndarray, np.ndarray]:
   labels = rows[:, 784]
   if images.min() < 0 or images.max() > 255 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
     raise ValueError(f"{data_file()} holds values outside the MNIST ranges")
-  images.setflags(write=False)
-  return images.astype(np.uint8), labels.astype(np.int32)
+  images, labels = images.astype(np.uint8), labels.astype(np.int32)
+  for cached in (images, labels):  # shared by every call: callers get copies
+    cached.setflags(write=False)
+  return images, labels
 
 
 @functools.lru_cache(maxsize=1)
