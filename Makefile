@@ -28,9 +28,10 @@ bench: $(STAMP)
 	$(PY) -m drifting_jax.bench.models
 	$(PY) -m drifting_jax.bench.trainer
 
-# Objective comparison on MNIST-5k (resumable; hours on 2 CPU cores).
+# Objective comparison on MNIST-5k: the two grids docs/results.md reports
+# (resumable; about 2.5 hours on 2 CPU cores with two single-threaded workers).
 experiments: $(STAMP)
-	$(PY) -m scripts.experiments
+	$(PY) -m scripts.experiments --preset all --workers 2
 
 figures: $(STAMP)
 	$(PY) -m scripts.theory_figures

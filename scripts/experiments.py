@@ -1,27 +1,45 @@
 r"""Objective comparison on MNIST-5k (FHM Table 2 / Figure 4 at CPU scale): `make experiments`.
 
+    python -m scripts.experiments --preset all [--workers 2]     # what the docs report
     python -m scripts.experiments [--root runs/experiments] [--steps 600] [--seeds 0,1]
                                   [--widths 0.05,0.15,0.5] [--only log_kde_laplace,...] [--docs docs]
-                                  [--model-overrides hidden_size=64,cond_dim=64,depth=2,num_heads=2,patch_size=4]
+                                  [--model-overrides hidden_size=64,...] [--stem experiments] [--workers 1]
 
 Every run trains the `mnist_tiny` model with identical hyperparameters except the
 objective and the kernel width, then evaluates its EMA generator with the project's
-MNIST classifier (trained once on the held-out digits): Frechet distance in the
-classifier's feature space, classifier accuracy on conditional samples, precision,
-recall and F1. Runs are resumable: a run with a `result.json` is skipped, a run
-with a checkpoint resumes from it. The aggregate (mean and seed spread) goes to
-`<docs>/experiments.json`, `<docs>/experiments.md` and
-`<docs>/figures/objective_width_sweep.png`.
+MNIST classifier (trained once per root on the held-out digits): Frechet distance in
+the classifier's feature space, classifier accuracy on conditional samples,
+precision, recall and F1. Runs are resumable: a run with a `result.json` is skipped,
+a run with a checkpoint resumes from it. The aggregate (mean and seed spread) goes to
+`<docs>/<stem>.json` and `<docs>/<stem>.md`, the plot to
+`<docs>/figures/<stem>_metrics.png` and the final sample grids, side by side, to
+`<docs>/figures/<stem>_samples.png`.
+
+Presets (`--preset`) fix the grids that docs/results.md reports:
+
+* `width_sweep`: the kernel-width sweep on a shrunk DiT (hidden 64, depth 2), 450
+  steps, widths 0.3 and 1.0 for seed 0 and width 0.3 for seed 1;
+* `mnist_tiny`: the full `mnist_tiny` DiT (hidden 128, depth 4), 700 steps, width
+  0.3, seeds 0 and 1;
+* `all`: both, in that order.
+
+`--workers N` trains N runs at a time in separate processes, each on one CPU thread
+(on 2 cores two single-threaded runs finish sooner than two runs one after the
+other on two threads).
 
 All objectives use the release's batch-mean distance scaling, so a width is a
 fraction of the mean feature distance (the release objective computes that scale
-itself and cannot use the top-k EMA scale).
+itself and cannot use the top-k EMA scale); the annealing pair uses top-k EMA.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import json
+import multiprocessing
+import os
 import pathlib
 import time
 
@@ -87,11 +105,15 @@ def run_config(name: str, width: float, seed: int, steps: int, model_overrides: 
   return c
 
 
+def run_name(name: str, width: float, seed: int) -> str:
+  return f"{name}_w{width:g}_s{seed}"
+
+
 def run_one(root: pathlib.Path, name: str, width: float, seed: int, steps: int,
             classifier_path: pathlib.Path, model_overrides: dict | None = None) -> dict:
   from drifting_jax.eval import jobs
   from drifting_jax.train import trainer
-  workdir = root / f"{name}_w{width:g}_s{seed}"
+  workdir = root / run_name(name, width, seed)
   result_path = workdir / "result.json"
   if result_path.exists():
     return json.loads(result_path.read_text())
@@ -149,102 +171,260 @@ def _best_width(widths: dict) -> tuple[str, dict]:
   return min(scored, key=lambda we: we[1]["frechet_distance"]["mean"])
 
 
-def write_markdown(table: dict, path: pathlib.Path, command: str) -> None:
-  def fmt(stat):
-    if not stat or stat["mean"] is None:
-      return "-"
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}" if stat["n"] > 1 else f"{stat['mean']:.3f}"
+def _fmt(stat, digits: int = 3) -> str:
+  if not stat or stat["mean"] is None:
+    return "-"
+  return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}" if stat["n"] > 1 else f"{stat['mean']:.{digits}f}"
 
+
+def write_markdown(table: dict, path: pathlib.Path, command: str) -> None:
+  widths_all = sorted({w for widths in table.values() for w in widths}, key=float)
   lines = [f"Produced by `{command}`.", "",
-           "Best width per objective (lowest Frechet distance; mean ± std over seeds):", "",
-           "| objective | best width | FD (classifier features) ↓ | accuracy ↑ | precision ↑ | recall ↑ | F1 ↑ |",
-           "|---|---|---|---|---|---|---|"]
+           "Best width per objective (lowest mean Frechet distance; mean ± std over seeds, ddof 0):", "",
+           "| objective | best width | seeds | FD (classifier features) ↓ | accuracy ↑ | precision ↑ | recall ↑ | F1 ↑ |",
+           "|---|---|---|---|---|---|---|---|"]
   ranked = sorted(table.items(), key=lambda kv: (_best_width(kv[1])[1].get("frechet_distance", {}).get("mean")
                                                    or np.inf))
   for name, widths in ranked:
     width, e = _best_width(widths)
-    lines.append(f"| {name} | {width} | " + " | ".join(fmt(e.get(m)) for m in METRICS) + " |")
+    n = e.get("frechet_distance", {}).get("n", 0)
+    lines.append(f"| {name} | {width} | {n} | " + " | ".join(_fmt(e.get(m)) for m in METRICS) + " |")
   lines += ["", "All widths (FD / accuracy):", "",
-            "| objective | " + " | ".join(f"w={w}" for w in sorted(next(iter(table.values())), key=float)) + " |",
-            "|---|" + "---|" * len(next(iter(table.values())))]
+            "| objective | " + " | ".join(f"w={w}" for w in widths_all) + " |",
+            "|---|" + "---|" * len(widths_all)]
   for name, widths in table.items():
     cells = []
-    for w in sorted(widths, key=float):
-      e = widths[w]
-      cells.append("diverged" if e["frechet_distance"]["mean"] is None else
-                   f"{fmt(e['frechet_distance'])} / {fmt(e['accuracy'])}")
+    for w in widths_all:
+      e = widths.get(w)
+      if e is None:
+        cells.append("-")
+      elif e["frechet_distance"]["mean"] is None:
+        cells.append("diverged")
+      else:
+        cells.append(f"{_fmt(e['frechet_distance'], 1)} / {_fmt(e['accuracy'])}")
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines += ["", "Every run:", "",
+            "| objective | width | seed | steps | status | FD | accuracy | precision | recall | F1 | wall s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for name, widths in table.items():
+    for w in sorted(widths, key=float):
+      for r in sorted(widths[w]["runs"], key=lambda r: r["seed"]):
+        values = " | ".join("-" if r.get(m) is None else f"{r[m]:.3f}" for m in METRICS)
+        lines.append(f"| {name} | {w} | {r['seed']} | {r['steps']} | {r['status'].split(':')[0]} | {values} | "
+                     f"{r.get('total_seconds', 0):.0f} |")
   path.write_text("\n".join(lines) + "\n")
 
 
+_PLOTTED = (("frechet_distance", "Frechet distance (classifier features) ↓"), ("accuracy", "classifier accuracy ↑"),
+            ("precision", "precision ↑"), ("recall", "recall ↑"))
+
+
 def plot(table: dict, path: pathlib.Path) -> None:
+  """Metrics vs kernel width per objective; with a single width, one bar per objective and a dot per seed."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for name, widths in table.items():
-    ws = sorted(widths, key=float)
-    for ax, metric in zip(axes, ("frechet_distance", "accuracy")):
-      xs = [float(w) for w in ws if widths[w][metric]["mean"] is not None]
-      ys = [widths[w][metric]["mean"] for w in ws if widths[w][metric]["mean"] is not None]
-      es = [widths[w][metric]["std"] for w in ws if widths[w][metric]["mean"] is not None]
-      if xs:
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
-  for ax, title in zip(axes, ("Frechet distance (classifier features) ↓", "classifier accuracy ↑")):
-    ax.set_xscale("log")
-    ax.set_xlabel("kernel width (fraction of mean distance)")
-    ax.set_title(title)
-  axes[0].set_yscale("log")
-  axes[1].legend(fontsize=7)
+  single_width = all(len(widths) == 1 for widths in table.values())
+  fig, axes = plt.subplots(1, len(_PLOTTED), figsize=(4.2 * len(_PLOTTED), 4 if not single_width else 3.6))
+  names = list(table)
+  for ax, (metric, title) in zip(axes, _PLOTTED):
+    if single_width:
+      for row, name in enumerate(names):
+        (entry,) = table[name].values()
+        if entry[metric]["mean"] is None:
+          continue
+        ax.barh(row, entry[metric]["mean"], xerr=entry[metric]["std"], color="C0", alpha=0.5, capsize=3)
+        seeds = [r[metric] for r in entry["runs"] if r.get(metric) is not None]
+        ax.plot(seeds, [row] * len(seeds), "k.", ms=6)
+      ax.set_yticks(range(len(names)))
+      ax.set_yticklabels(names if ax is axes[0] else [""] * len(names), fontsize=8)
+      ax.invert_yaxis()
+    else:
+      for name, widths in table.items():
+        ws = [w for w in sorted(widths, key=float) if widths[w][metric]["mean"] is not None]
+        if ws:
+          ax.errorbar([float(w) for w in ws], [widths[w][metric]["mean"] for w in ws],
+                      yerr=[widths[w][metric]["std"] for w in ws], marker="o", capsize=3, label=name)
+      ax.set_xscale("log")
+      ax.set_xlabel("kernel width (fraction of mean distance)")
+    ax.set_title(title, fontsize=10)
+  if single_width:
+    (width,) = next(iter(table.values()))
+    fig.suptitle(f"kernel width {width}: mean ± std over seeds (bars), each seed (dots)", fontsize=10)
+  else:
+    axes[0].set_yscale("log")
+    axes[-1].legend(fontsize=7)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def sample_montage(results: list[dict], root: pathlib.Path, path: pathlib.Path) -> None:
+  """The final EMA sample grid of each objective's first finished run (lowest seed, first width) side by side."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.image
+  import matplotlib.pyplot as plt
+  chosen = {}
+  for r in sorted(results, key=lambda r: r["seed"]):
+    grid = root / run_name(r["objective"], r["width"], r["seed"]) / "samples" / f"step_{r['steps']}.png"
+    if r["status"] == "ok" and grid.exists() and r["objective"] not in chosen:
+      chosen[r["objective"]] = (r, grid)
+  if not chosen:
+    return
+  cols = min(3, len(chosen))
+  rows = -(-len(chosen) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.6 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for ax, (name, (r, grid)) in zip(axes.flat, chosen.items()):
+    ax.imshow(matplotlib.image.imread(grid), cmap="gray", interpolation="nearest")
+    ax.set_title(f"{name} (w={r['width']:g}, seed {r['seed']})\nFD {r['frechet_distance']:.0f}, "
+                 f"accuracy {r['accuracy']:.2f}", fontsize=9)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """A documented grid: every (seed, width) pair of each `grids` entry, for every objective."""
+  root: str
+  stem: str
+  steps: int
+  model_overrides: str
+  grids: tuple[tuple[tuple[int, ...], tuple[float, ...]], ...]  # ((seeds, widths), ...)
+
+
+PRESETS = {
+    "width_sweep": Preset(root="runs/experiments", stem="experiments", steps=450,
+                          model_overrides=DEFAULT_MODEL_OVERRIDES, grids=(((0,), (0.3, 1.0)), ((1,), (0.3,)))),
+    "mnist_tiny": Preset(root="runs/experiments_mnist_tiny", stem="experiments_mnist_tiny", steps=700,
+                         model_overrides="", grids=(((0, 1), (0.3,)),)),
+}
+
+
+def grid_runs(names: list[str], grids) -> list[tuple[str, float, int]]:
+  """(objective, width, seed) for every cell, seed-major so a stopped sweep has whole seeds."""
+  runs = []
+  for seeds, widths in grids:
+    for seed in seeds:
+      for name in names:
+        for width in widths:
+          if (name, width, seed) not in runs:
+            runs.append((name, width, seed))
+  return runs
+
+
+def _worker_init() -> None:
+  # Runs in a fresh (spawned) process before jax is imported there.
+  flags = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+
+
+def _run_in_worker(args) -> dict:
+  root, name, width, seed, steps, classifier_path, model_overrides = args
+  return run_one(pathlib.Path(root), name, width, seed, steps, pathlib.Path(classifier_path), model_overrides)
+
+
+def run_grid(root: pathlib.Path, runs, steps: int, model_overrides: dict, workers: int) -> list[dict]:
+  """Trains and evaluates every run that has no result.json; returns all results in `runs` order."""
+  def report(result):
+    print(json.dumps({k: result[k] for k in ("objective", "width", "seed", "status", "frechet_distance",
+                                             "accuracy")}), flush=True)
+
+  pending = [r for r in runs if not (root / run_name(*r) / "result.json").exists()]
+  classifier_path = ensure_classifier(root) if pending else root / "classifier"
+  results = {}
+  if workers > 1 and len(pending) > 1:
+    jobs = {r: (str(root), *r, steps, str(classifier_path), model_overrides) for r in pending}
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init) as pool:
+      futures = {pool.submit(_run_in_worker, args): r for r, args in jobs.items()}
+      for future in concurrent.futures.as_completed(futures):
+        results[futures[future]] = future.result()
+        report(results[futures[future]])
+  for r in runs:
+    if r not in results:
+      results[r] = run_one(root, *r, steps, classifier_path, model_overrides)
+      if r in pending:
+        report(results[r])
+  return [results[r] for r in runs]
+
+
+def load_results(root: pathlib.Path, runs) -> list[dict]:
+  paths = [root / run_name(*r) / "result.json" for r in runs]
+  return [json.loads(p.read_text()) for p in paths if p.exists()]
+
+
+def write_outputs(results: list[dict], root: pathlib.Path, docs: pathlib.Path, stem: str, command: str) -> dict:
+  if not results:
+    raise SystemExit(f"no finished runs (result.json) under {root} for this grid; nothing to aggregate")
+  table = aggregate(results)
+  docs.mkdir(parents=True, exist_ok=True)
+  (docs / f"{stem}.json").write_text(json.dumps(table, indent=2))
+  write_markdown(table, docs / f"{stem}.md", command)
+  plot(table, docs / "figures" / f"{stem}_metrics.png")
+  sample_montage(results, root, docs / "figures" / f"{stem}_samples.png")
+  return table
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--root", default="runs/experiments")
-  parser.add_argument("--steps", type=int, default=600)
-  parser.add_argument("--seeds", default="0,1")
-  parser.add_argument("--widths", default="0.05,0.15,0.5")
+  parser.add_argument("--preset", choices=(*PRESETS, "all"),
+                      help="a documented grid (root, steps, widths, seeds, model, output stem); "
+                           "the grid flags below must then be left out")
+  parser.add_argument("--root", default=None, help="run directory (default runs/experiments)")
+  parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 600)")
+  parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1)")
+  parser.add_argument("--widths", default=None, help="comma-separated kernel widths (default 0.05,0.15,0.5)")
+  parser.add_argument("--model-overrides", default=None,
+                      help="k=v,... overrides of the `tiny` DiT (\"\" = the full mnist_tiny model; default "
+                           + DEFAULT_MODEL_OVERRIDES + ")")
+  parser.add_argument("--stem", default=None, help="output file stem under --docs (default experiments)")
   parser.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(OBJECTIVES))
   parser.add_argument("--docs", default="docs")
+  parser.add_argument("--workers", type=int, default=1, help="runs trained at a time (one CPU thread each)")
   parser.add_argument("--aggregate-only", action="store_true",
                       help="train nothing: aggregate the runs of the grid that have a result.json")
-  parser.add_argument("--model-overrides", default=DEFAULT_MODEL_OVERRIDES,
-                      help="k=v,... overrides of the `tiny` DiT (\"\" = the full mnist_tiny model)")
   args = parser.parse_args(argv)
-  root = pathlib.Path(args.root)
   names = [n for n in args.only.split(",") if n] or list(OBJECTIVES)
   unknown = sorted(set(names) - set(OBJECTIVES))
   if unknown:
     parser.error(f"unknown objectives {unknown}; known: {list(OBJECTIVES)}")
-  seeds = [int(s) for s in args.seeds.split(",")]
-  widths = [float(w) for w in args.widths.split(",")]
-  model_overrides = parse_overrides(args.model_overrides)
-  classifier_path = None if args.aggregate_only else ensure_classifier(root)
-  results = []
-  for seed in seeds:
-    for name in names:
-      for width in widths:
-        if args.aggregate_only:
-          path = root / f"{name}_w{width:g}_s{seed}" / "result.json"
-          if not path.exists():
-            continue
-          result = json.loads(path.read_text())
-        else:
-          result = run_one(root, name, width, seed, args.steps, classifier_path, model_overrides)
-        print(json.dumps({k: result[k] for k in ("objective", "width", "seed", "status", "frechet_distance",
-                                                 "accuracy")}), flush=True)
-        results.append(result)
-  table = aggregate(results)
-  docs = pathlib.Path(args.docs)
-  docs.mkdir(parents=True, exist_ok=True)
-  (docs / "experiments.json").write_text(json.dumps(table, indent=2))
+  if args.workers < 1:
+    parser.error("--workers must be at least 1")
+  grid_flags = ("root", "steps", "seeds", "widths", "model_overrides", "stem")
+  if args.preset:
+    given = [f"--{f.replace('_', '-')}" for f in grid_flags if getattr(args, f) is not None]
+    if given:
+      parser.error(f"--preset fixes the grid; leave out {', '.join(given)}")
+    presets = list(PRESETS.values()) if args.preset == "all" else [PRESETS[args.preset]]
+  else:
+    try:
+      presets = [Preset(
+          root=args.root or "runs/experiments", stem=args.stem or "experiments",
+          steps=600 if args.steps is None else args.steps,
+          model_overrides=DEFAULT_MODEL_OVERRIDES if args.model_overrides is None else args.model_overrides,
+          grids=((tuple(int(s) for s in (args.seeds or "0,1").split(",")),
+                  tuple(float(w) for w in (args.widths or "0.05,0.15,0.5").split(","))),))]
+    except ValueError as e:
+      parser.error(f"--seeds takes integers and --widths numbers, comma-separated: {e}")
+  if any(p.steps < 1 for p in presets):
+    parser.error("--steps must be positive")
   command = "python -m scripts.experiments " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-  write_markdown(table, docs / "experiments.md", command.strip())
-  plot(table, docs / "figures" / "objective_width_sweep.png")
-  return table
+  tables = {}
+  for preset in presets:
+    root = pathlib.Path(preset.root)
+    runs = grid_runs(names, preset.grids)
+    if args.aggregate_only:
+      results = load_results(root, runs)
+    else:
+      results = run_grid(root, runs, preset.steps, parse_overrides(preset.model_overrides), args.workers)
+    tables[preset.stem] = write_outputs(results, root, pathlib.Path(args.docs), preset.stem, command.strip())
+  return tables
 
 
 if __name__ == "__main__":

@@ -1,0 +1,142 @@
+"""scripts/experiments.py: the grid, the run configs, aggregation and the written reports.
+
+No training here (a run takes minutes); the training and evaluation each run calls
+are covered by test_trainer.py and test_eval_jobs.py.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from scripts import experiments
+
+
+def _result(name, width, seed, fd, acc, status="ok", steps=5):
+  return {"objective": name, "width": width, "seed": seed, "steps": steps, "status": status,
+          "model_overrides": {}, "train_seconds": 1.0, "total_seconds": 2.0,
+          "frechet_distance": fd if status == "ok" else None, "accuracy": acc if status == "ok" else None,
+          "precision": 0.5 if status == "ok" else None, "recall": 0.1 if status == "ok" else None,
+          "f1": 1 / 6 if status == "ok" else None}
+
+
+def test_grid_runs_is_seed_major_and_covers_each_cell_once():
+  runs = experiments.grid_runs(["a", "b"], (((0,), (0.3, 1.0)), ((1,), (0.3,)), ((0,), (0.3,))))
+  assert runs == [("a", 0.3, 0), ("a", 1.0, 0), ("b", 0.3, 0), ("b", 1.0, 0), ("a", 0.3, 1), ("b", 0.3, 1)]
+
+
+def test_presets_are_the_documented_grids():
+  sweep, tiny = experiments.PRESETS["width_sweep"], experiments.PRESETS["mnist_tiny"]
+  names = list(experiments.OBJECTIVES)
+  assert len(experiments.grid_runs(names, sweep.grids)) == 3 * len(names)  # 2 widths seed 0, 1 width seed 1
+  assert len(experiments.grid_runs(names, tiny.grids)) == 2 * len(names)
+  assert experiments.parse_overrides(sweep.model_overrides) == dict(
+      hidden_size=64, cond_dim=64, depth=2, num_heads=2, patch_size=4)
+  assert experiments.parse_overrides(tiny.model_overrides) == {}  # the full mnist_tiny DiT
+  assert sweep.root != tiny.root and sweep.stem != tiny.stem
+
+
+def test_parse_overrides_casts_numbers():
+  assert experiments.parse_overrides(" depth=2, mlp_ratio=2.5 ,name=x") == {"depth": 2, "mlp_ratio": 2.5, "name": "x"}
+  assert experiments.parse_overrides("") == {}
+
+
+@pytest.mark.parametrize("name", list(experiments.OBJECTIVES))
+def test_run_config_changes_only_objective_width_and_length(name):
+  from configs import mnist_tiny
+  from drifting_jax.train import train_step
+
+  base = mnist_tiny.get_config()
+  c = experiments.run_config(name, 0.3, seed=7, steps=450, model_overrides={"depth": 2})
+  objective, kernel, extra = experiments.OBJECTIVES[name]
+  assert (c.loss.objective, c.loss.kernel, tuple(c.loss.bandwidths), c.seed) == (objective, kernel, (0.3,), 7)
+  assert c.loss.feature_normalization == extra.get("feature_normalization", "batch_mean")
+  assert c.loss.bandwidth_anneal_rate == extra.get("bandwidth_anneal_rate", base.loss.bandwidth_anneal_rate)
+  assert c.train.total_steps == 450 and c.optim.warmup_steps == 90  # a fifth of the run
+  assert dict(c.model.overrides) == {"depth": 2}
+  # Identical hyperparameters across objectives: the data, optimizer and batch shape are the config's.
+  for section in ("optim", "data"):
+    for key, value in base[section].items():
+      if key != "warmup_steps":
+        assert c[section][key] == value, (section, key)
+  assert (c.train.gen_per_class, c.train.classes_per_step) == (base.train.gen_per_class, base.train.classes_per_step)
+  train_step.objective_from_config(c.loss)  # a valid loss configuration
+
+
+def test_aggregate_mean_and_population_std_and_divergence():
+  results = [_result("a", 0.3, 0, 100.0, 0.2), _result("a", 0.3, 1, 300.0, 0.4),
+             _result("a", 1.0, 0, 50.0, 0.1), _result("b", 0.3, 0, None, None, status="diverged: nan")]
+  table = experiments.aggregate(results)
+  cell = table["a"]["0.3"]
+  assert cell["frechet_distance"] == {"mean": 200.0, "std": 100.0, "n": 2}
+  assert cell["accuracy"]["mean"] == pytest.approx(0.3) and cell["accuracy"]["std"] == pytest.approx(0.1)
+  assert table["a"]["1"]["frechet_distance"] == {"mean": 50.0, "std": 0.0, "n": 1}
+  assert table["b"]["0.3"]["diverged"] == 1 and table["b"]["0.3"]["frechet_distance"]["mean"] is None
+  assert experiments._best_width(table["a"])[0] == "1"  # lowest mean FD
+  assert experiments._best_width(table["b"]) == ("-", {})
+
+
+def _fake_run_dirs(root, results):
+  import matplotlib.image
+  for r in results:
+    grid = root / experiments.run_name(r["objective"], r["width"], r["seed"]) / "samples" / f"step_{r['steps']}.png"
+    grid.parent.mkdir(parents=True)
+    matplotlib.image.imsave(grid, np.random.default_rng(0).random((28, 28)), cmap="gray")
+    (grid.parent.parent / "result.json").write_text(json.dumps(r))
+
+
+@pytest.mark.parametrize("widths", [(0.3,), (0.3, 1.0)])
+def test_write_outputs_reports_every_run(tmp_path, widths):
+  results = [_result(name, w, seed, fd + 10 * seed, 0.5) for name, fd in (("a", 900.0), ("b", 100.0))
+             for w in widths for seed in (0, 1)]
+  root = tmp_path / "runs"
+  _fake_run_dirs(root, results)
+  docs = tmp_path / "docs"
+  table = experiments.write_outputs(results, root, docs, "stem", "cmd")
+  assert json.loads((docs / "stem.json").read_text()) == json.loads(json.dumps(table))
+  markdown = (docs / "stem.md").read_text()
+  best_rows = [line for line in markdown.splitlines() if line.startswith("| a | ") or line.startswith("| b | ")]
+  assert best_rows[0].startswith("| b | 0.3 | 2 | 105.000 ± 5.000")  # ranked by mean FD, b first
+  assert sum(line.startswith("| a | 0.3 | 1 | 5 | ok | 910.000") for line in markdown.splitlines()) == 1
+  for figure in ("stem_metrics.png", "stem_samples.png"):
+    assert (docs / "figures" / figure).stat().st_size > 1000
+
+
+def test_run_grid_reuses_finished_runs_without_training(tmp_path, monkeypatch):
+  results = [_result("a", 0.3, 0, 1.0, 0.5), _result("b", 0.3, 0, 2.0, 0.5)]
+  _fake_run_dirs(tmp_path, results)
+
+  def no_classifier(root):
+    raise AssertionError("nothing should be trained")
+  monkeypatch.setattr(experiments, "ensure_classifier", no_classifier)
+  got = experiments.run_grid(tmp_path, [("b", 0.3, 0), ("a", 0.3, 0)], steps=5, model_overrides={}, workers=2)
+  assert [r["objective"] for r in got] == ["b", "a"]
+  assert experiments.load_results(tmp_path, [("a", 0.3, 0), ("c", 0.3, 0)]) == [results[0]]
+
+
+def test_worker_init_pins_one_thread(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  experiments._worker_init()
+  import os
+  flags = os.environ["XLA_FLAGS"].split()
+  assert flags[0] == "--xla_force_host_platform_device_count=1"
+  assert "--xla_cpu_multi_thread_eigen=false" in flags and "intra_op_parallelism_threads=1" in flags
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "mnist_tiny", "--steps", "5"], "--preset fixes the grid; leave out --steps"),
+    (["--only", "log_kde_laplace,bogus"], "unknown objectives ['bogus']"),
+    (["--widths", "0.3,wide"], "--widths numbers"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--steps", "0"], "--steps must be positive"),
+])
+def test_bad_command_lines_are_refused(argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    experiments.main(argv)
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_aggregate_only_without_runs_says_so(tmp_path):
+  with pytest.raises(SystemExit, match="no finished runs"):
+    experiments.main(["--aggregate-only", "--root", str(tmp_path), "--docs", str(tmp_path / "docs")])
