@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.image_size = 32         # side of the generated sample (pixels or latent cells)
   c.data.channels = 4
   c.data.pad_to = 0              # MNIST-like 28x28 padded to 32 for latent models; 0 = no padding
+  c.data.latent_flip = True      # a cache with mirror-image latents: draw either view with p = 1/2 (release)
 
   # Feature space the loss is computed in.
   c.feature = ml_collections.ConfigDict()
@@ -119,6 +120,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.latents.dtype = "float32"
   c.latents.out_dir = ""             # "" = <workdir>/latents
   c.latents.vae_source = "hf://pcuenq/sd-vae-ft-mse-flax"
+  c.latents.posterior = "sample"     # "sample" (the release: one posterior draw per image) | "mean"
+  c.latents.flip = True              # also store the mirror image's latent (the release's augmentation)
+  c.latents.seed = 0                 # posterior draws: a pure function of (seed, shard)
+  c.latents.release_cache = ""       # --mode=import_latents: the release's .pt cache root (<root>/<split>/<class>/*.pt)
 
   c.sample = ml_collections.ConfigDict()
   c.sample.per_class = 100

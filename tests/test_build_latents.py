@@ -28,8 +28,9 @@ def tiny_vae_dir(tmp_path_factory):
   return folder
 
 
-def _config(tfds_dir, vae_dir):
+def _config(tfds_dir, vae_dir, posterior="mean"):
   c = mnist_tiny.get_config()
+  c.latents.posterior = posterior
   c.data.name = "mnist"
   c.data.data_dir = str(tfds_dir)
   c.latents.dataset = "mnist"
@@ -53,14 +54,21 @@ def test_build_latents_then_train_from_the_cache(tmp_path, tiny_vae_dir, monkeyp
   assert [s["count"] for s in index["shards"]] == [4, 4, 2]  # padding rows are not stored
   assert index["sample_shape"] == [4, 4, 4] and index["num_classes"] == 10
   assert index["metadata"]["source"] == "mnist" and index["metadata"]["image_size"] == 32
+  assert index["flipped"] is True and index["metadata"]["posterior"] == "mean"
 
-  # The cached latents are the VAE's encodings of the padded RGB digits, in order.
+  # The cached latents are the VAE's encodings of the padded RGB digits, in order,
+  # and of the same digits mirrored left to right.
   vae = vae_lib.SDVAE.load(tiny_vae_dir)
-  rgb = np.repeat(np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))), 3, axis=-1)
-  expected = np.asarray(vae.encode(rgb.astype(np.float32) / 127.5 - 1.0))
-  cached, cached_labels = latents.LatentCacheReader(out_dir).load_host_shard(0, 1)
+  rgb = np.repeat(np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))), 3, axis=-1).astype(np.float32) / 127.5 - 1.0
+  expected = np.asarray(vae.encode(rgb))
+  reader = latents.LatentCacheReader(out_dir)
+  cached, cached_labels = reader.load_host_shard(0, 1)
   np.testing.assert_allclose(cached, expected, rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(cached_labels, labels)
+  mirrored, mirrored_labels = reader.load_host_shard(0, 1, view="latents_flip")
+  np.testing.assert_allclose(mirrored, np.asarray(vae.encode(rgb[:, :, ::-1])), rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(mirrored_labels, labels)
+  assert np.abs(mirrored - cached).max() > 1e-3  # the digits are not symmetric
 
   # The trainer reads it as data.name=latents.
   config.data.name = "latents"
@@ -70,6 +78,16 @@ def test_build_latents_then_train_from_the_cache(tmp_path, tiny_vae_dir, monkeyp
   data = train_data.load_training_data(config)
   assert data.samples.shape == (NUM_EXAMPLES, 4, 4, 4) and data.samples.dtype == np.float32
   np.testing.assert_array_equal(data.labels, labels)
+  # Each draw is the image's latent or its mirror image's, about half each.
+  drawn, drawn_labels = data.push_batch(step=0, n=400)
+  match_plain = np.isclose(drawn[:, None], cached[None]).all(axis=(2, 3, 4))
+  match_mirror = np.isclose(drawn[:, None], mirrored[None]).all(axis=(2, 3, 4))
+  assert (match_plain.sum(1) + match_mirror.sum(1) == 1).all()
+  source = np.where(match_plain.any(1), match_plain.argmax(1), match_mirror.argmax(1))
+  np.testing.assert_array_equal(labels[source], drawn_labels)
+  assert 0.4 < match_mirror.any(1).mean() < 0.6
+  config.data.latent_flip = False
+  assert train_data.load_training_data(config).flipped is None
 
   # A re-run finds every shard done and writes nothing.
   def fail(*args, **kwargs):
@@ -113,3 +131,35 @@ def test_two_hosts_build_one_cache(tmp_path, tiny_vae_dir, monkeypatch):
   monkeypatch.setattr(jobs.jax, "process_count", lambda: 3)
   with pytest.raises(ValueError, match="other settings"):
     jobs.build_latents(config, str(tmp_path / "work"))
+
+
+def test_build_latents_samples_the_posterior_reproducibly(tmp_path, tiny_vae_dir):
+  """posterior="sample" (the release's cache): one draw of N(mean, std^2) per image, fixed by latents.seed."""
+  import jax
+
+  config = _config(tmp_path / "tfds", tiny_vae_dir, posterior="sample")
+  config.latents.flip = False
+
+  def build(seed, name):
+    config.latents.seed = seed
+    config.latents.out_dir = str(tmp_path / name)
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+      out_dir = jobs.build_latents(config, str(tmp_path / "work"))
+    return latents.LatentCacheReader(out_dir)
+
+  reader = build(0, "a")
+  assert not reader.flipped
+  sampled, _ = reader.load_host_shard(0, 1)
+  with pytest.raises(ValueError, match="no mirror-image latents"):
+    reader.load_host_shard(0, 1, view="latents_flip")
+  np.testing.assert_array_equal(build(0, "b").load_host_shard(0, 1)[0], sampled)
+  assert np.abs(build(1, "c").load_host_shard(0, 1)[0] - sampled).min() > 0
+
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    images, _ = pipelines.load_in_memory("mnist", "train", data_dir=str(tmp_path / "tfds"))
+  vae = vae_lib.SDVAE.load(tiny_vae_dir)
+  rgb = np.repeat(np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))), 3, axis=-1).astype(np.float32) / 127.5 - 1.0
+  posterior = vae.module.apply({"params": vae.params}, jax.numpy.asarray(rgb.transpose(0, 3, 1, 2)),
+                               method="encode").latent_dist  # diffusers' Flax VAE takes NCHW
+  z = (sampled / vae.scaling_factor - np.asarray(posterior.mean)) / np.asarray(posterior.std)
+  assert abs(z.mean()) < 0.15 and 0.85 < z.std() < 1.15  # 640 standard normal residuals

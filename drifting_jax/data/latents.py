@@ -5,8 +5,11 @@ Layout of a cache folder:
   spec.json             what the writer was built with (sample shape, dtype, shard
                         size, metadata); a re-run with other settings is refused
   shard_000000.npz ...  shard i: `latents` [n, *sample_shape] (dtype of the cache)
-                        and `labels` [n] int32, n <= shard_size; plain numpy npz
-                        (uncompressed), readable without this package
+                        and `labels` [n] int32, n <= shard_size; in a `flipped`
+                        cache also `latents_flip` [n, *sample_shape], the latent of
+                        each image's mirror image (the release's augmentation: a
+                        draw takes either view with probability 1/2); plain numpy
+                        npz (uncompressed), readable without this package
   index.json            written last by `finalize`: the shards and their counts,
                         sample_shape, dtype, num_classes, metadata. Its presence
                         means the cache is complete.
@@ -17,7 +20,9 @@ Several hosts may write disjoint shards of one cache on a shared file system;
 one host then calls `finalize`, which checks that shards 0..K-1 are all there.
 
 `LatentCacheReader.load_host_shard(p, P)` gives host p the shards p, p+P, ...
-held in memory. `write_synthetic_latents` makes a tiny class-conditional cache
+held in memory (`view="latents_flip"` their mirror-image latents).
+`drifting_jax.data.release_cache` converts the release's per-image `.pt` cache
+into this format. `write_synthetic_latents` makes a tiny class-conditional cache
 (class means plus noise) for tests and CPU smoke runs of the latent pipeline.
 """
 
@@ -104,6 +109,8 @@ class LatentCacheWriter:
     shard_size: most latents per shard (the build job's batch size).
     metadata: JSON-able description kept in the index (source data set, VAE ...).
       It is part of the writer's spec: resuming with different metadata is refused.
+    flipped: every shard also holds `latents_flip`, the latents of the mirror
+      images (in the spec and index only when true, so older caches read as before).
 
   Raises:
     ValueError: `out_dir` holds shards written with a different spec (shape,
@@ -111,7 +118,7 @@ class LatentCacheWriter:
   """
 
   def __init__(self, out_dir: PathLike, *, sample_shape: Sequence[int], dtype: Any = "float32",
-               shard_size: int, metadata: Optional[Mapping[str, Any]] = None):
+               shard_size: int, metadata: Optional[Mapping[str, Any]] = None, flipped: bool = False):
     self.out_dir = pathlib.Path(out_dir)
     self.sample_shape = tuple(int(s) for s in sample_shape)
     self.dtype = _check_dtype(dtype)
@@ -119,9 +126,12 @@ class LatentCacheWriter:
     if self.shard_size < 1 or any(s < 1 for s in self.sample_shape):
       raise ValueError(f"need shard_size >= 1 and a positive sample_shape, got {shard_size} and {sample_shape}")
     self.metadata = _jsonable(dict(metadata or {}))
+    self.flipped = bool(flipped)
     self.out_dir.mkdir(parents=True, exist_ok=True)
     spec = {"format": FORMAT, "version": VERSION, "sample_shape": list(self.sample_shape), "dtype": self.dtype,
             "shard_size": self.shard_size, "metadata": self.metadata}
+    if self.flipped:
+      spec["flipped"] = True
     spec_path = self.out_dir / SPEC_FILE
     if spec_path.exists():
       old = json.loads(spec_path.read_text())
@@ -141,9 +151,16 @@ class LatentCacheWriter:
     """Indices of the shards already in place (written completely: see the module docstring)."""
     return {int(m.group(1)) for p in self.out_dir.iterdir() if (m := _SHARD_RE.match(p.name))}
 
-  def write_shard(self, shard_index: int, latents: np.ndarray, labels: np.ndarray) -> pathlib.Path:
-    """Atomically writes shard `shard_index`: latents [n, *sample_shape], labels [n]."""
+  def write_shard(self, shard_index: int, latents: np.ndarray, labels: np.ndarray,
+                  latents_flip: Optional[np.ndarray] = None) -> pathlib.Path:
+    """Atomically writes shard `shard_index`: latents [n, *sample_shape], labels [n] (and latents_flip [n, ...])."""
     latents, labels = np.asarray(latents), np.asarray(labels)
+    if self.flipped != (latents_flip is not None):
+      raise ValueError(f"shard {shard_index}: this cache is {'' if self.flipped else 'not '}flipped, so "
+                       f"latents_flip must {'' if self.flipped else 'not '}be given")
+    if latents_flip is not None and np.shape(latents_flip) != latents.shape:
+      raise ValueError(f"shard {shard_index}: latents_flip {np.shape(latents_flip)} differs from latents "
+                       f"{latents.shape}")
     if shard_index < 0:
       raise ValueError(f"shard_index must be >= 0, got {shard_index}")
     if latents.shape[1:] != self.sample_shape or latents.shape[0] > self.shard_size:
@@ -154,6 +171,8 @@ class LatentCacheWriter:
     if not np.issubdtype(labels.dtype, np.integer):
       raise ValueError(f"shard {shard_index}: labels must be integers, got {labels.dtype}")
     arrays = {"latents": latents.astype(self.dtype, copy=False), "labels": labels.astype(np.int32)}
+    if latents_flip is not None:
+      arrays["latents_flip"] = np.asarray(latents_flip).astype(self.dtype, copy=False)
     path = self.shard_path(shard_index)
     _atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
     return path
@@ -175,7 +194,7 @@ class LatentCacheWriter:
     shards = []
     for i in found:
       path = self.shard_path(i)
-      shape, labels = _read_shard_meta(path)
+      shape, labels = _read_shard_meta(path, self.flipped)
       if shape[1:] != self.sample_shape:
         raise ValueError(f"{path} holds latents of shape {shape}, expected [n, *{self.sample_shape}]")
       if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
@@ -185,15 +204,19 @@ class LatentCacheWriter:
              "num_examples": sum(s["count"] for s in shards), "sample_shape": list(self.sample_shape),
              "dtype": self.dtype, "shard_size": self.shard_size, "num_classes": int(num_classes),
              "metadata": self.metadata}
+    if self.flipped:
+      index["flipped"] = True
     _atomic_write_json(self.out_dir / INDEX_FILE, index)
     return index
 
 
-def _read_shard_meta(path: pathlib.Path) -> tuple[tuple[int, ...], np.ndarray]:
+def _read_shard_meta(path: pathlib.Path, flipped: bool = False) -> tuple[tuple[int, ...], np.ndarray]:
   """(latents shape, labels) of a shard, reading the latents' header only."""
   try:
     with zipfile.ZipFile(path) as zf:
       shape, _ = _npy_header(zf, "latents.npy")
+      if flipped and _npy_header(zf, "latents_flip.npy")[0] != shape:
+        raise ValueError(f"latents_flip.npy has another shape than latents.npy {shape}")
       with zf.open("labels.npy") as f:
         labels = np.lib.format.read_array(f)
   except FileNotFoundError:
@@ -220,6 +243,7 @@ class LatentCacheReader:
     directory: the cache folder.
     index: the parsed index.json.
     num_classes, sample_shape, dtype, num_examples, metadata: from the index.
+    flipped: the shards also hold the mirror images' latents (`view="latents_flip"`).
 
   Raises:
     FileNotFoundError: no folder, or no index.json (the build did not finish).
@@ -253,6 +277,7 @@ class LatentCacheReader:
       raise ValueError(f"{index_path} has format {index.get('format')!r}, this reader reads {FORMAT!r}")
     self.index = index
     self.metadata = index.get("metadata", {})
+    self.flipped = bool(index.get("flipped", False))
     self.num_examples = sum(count for _, _, count in self.shards)
 
   def host_shards(self, process_index: int, process_count: int) -> list[tuple[int, str, int]]:
@@ -261,15 +286,22 @@ class LatentCacheReader:
       raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     return self.shards[process_index::process_count]
 
-  def load_shard(self, file: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """One shard's (latents, labels int32), checked against the index."""
+  def _check_view(self, view: str) -> None:
+    if view not in ("latents", "latents_flip"):
+      raise ValueError(f"view must be 'latents' or 'latents_flip', got {view!r}")
+    if view == "latents_flip" and not self.flipped:
+      raise ValueError(f"latent cache {self.directory} has no mirror-image latents (it was not built flipped)")
+
+  def load_shard(self, file: str, count: int, view: str = "latents") -> tuple[np.ndarray, np.ndarray]:
+    """One shard's (latents, labels int32), checked against the index; `view="latents_flip"`: the mirrored."""
+    self._check_view(view)
     path = self.directory / file
     if not path.is_file():
       raise FileNotFoundError(f"latent shard {path} listed in {self.directory / INDEX_FILE} is missing; re-run "
                               f"--mode=build_latents with the same settings to rewrite it")
     try:
       with np.load(path, allow_pickle=False) as data:
-        latents, labels = data["latents"], data["labels"]
+        latents, labels = data[view], data["labels"]
     except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError) as e:
       raise ValueError(_corrupt_message(path, e)) from e
     if latents.shape != (count, *self.sample_shape) or labels.shape != (count,):
@@ -279,14 +311,19 @@ class LatentCacheReader:
       raise ValueError(f"latent shard {path} has dtype {latents.dtype}, the index says {self.dtype}")
     return latents, labels.astype(np.int32, copy=False)
 
-  def load_host_shard(self, process_index: int, process_count: int) -> tuple[np.ndarray, np.ndarray]:
+  def load_host_shard(self, process_index: int, process_count: int,
+                      view: str = "latents") -> tuple[np.ndarray, np.ndarray]:
     """Host p's latents [N, *sample_shape] (cache dtype) and labels int32 [N] (shards p, p+P, ...).
+
+    `view="latents_flip"` reads the mirror images' latents of a flipped cache instead
+    (same order and labels).
 
     Raises:
       ValueError: fewer shards than hosts (host p would have nothing), or a
         corrupt shard or one that disagrees with the index.
       FileNotFoundError: a shard of the index is missing.
     """
+    self._check_view(view)
     mine = self.host_shards(process_index, process_count)
     if not mine or not sum(count for _, _, count in mine):
       raise ValueError(f"latent cache {self.directory} has {len(self.shards)} shards, too few for "
@@ -297,7 +334,7 @@ class LatentCacheReader:
     labels = np.empty((total,), np.int32)
     start = 0
     for _, file, count in mine:  # filled in place: no second copy of the host's share
-      latents[start: start + count], labels[start: start + count] = self.load_shard(file, count)
+      latents[start: start + count], labels[start: start + count] = self.load_shard(file, count, view)
       start += count
     return latents, labels
 

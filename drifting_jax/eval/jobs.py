@@ -284,6 +284,12 @@ def watch(config, workdir: str) -> list[int]:
 def build_latents(config, workdir: str) -> pathlib.Path:
   """Encodes a tfds image data set through the SD-VAE into a sharded latent cache.
 
+  As the release does, each image is stored as one posterior sample times 0.18215
+  (`latents.posterior="sample"`; "mean" stores the posterior mean) and, with
+  `latents.flip`, so is its mirror image, which training then draws half of the
+  time. The draws are a pure function of (latents.seed, shard), so a resumed build
+  writes what an uninterrupted one would.
+
   Each host encodes its share of the images; shard `i` of host `p` is global shard
   `i * process_count + p`, written atomically, so a re-run skips finished shards.
   Output: config.latents.out_dir (default workdir/latents), read by data.name=latents.
@@ -292,6 +298,8 @@ def build_latents(config, workdir: str) -> pathlib.Path:
   from drifting_jax.models import vae as vae_lib
 
   lc = config.latents
+  if lc.posterior not in ("sample", "mean"):
+    raise ValueError(f"latents.posterior must be 'sample' or 'mean', got {lc.posterior!r}")
   out_dir = pathlib.Path(lc.out_dir or pathlib.Path(workdir) / "latents")
   vae = vae_lib.SDVAE.load(lc.vae_source)
   factor = vae.downsampling_factor
@@ -303,7 +311,9 @@ def build_latents(config, workdir: str) -> pathlib.Path:
       out_dir, sample_shape=(size // factor, size // factor, vae.latent_channels), dtype=lc.dtype,
       shard_size=int(lc.batch_size),
       metadata={"source": lc.dataset, "split": lc.split, "image_size": size, "vae": lc.vae_source,
-                "scaling_factor": vae.scaling_factor, "pad_to": int(lc.pad_to), "process_count": pc})
+                "scaling_factor": vae.scaling_factor, "pad_to": int(lc.pad_to), "process_count": pc,
+                "posterior": lc.posterior, "seed": int(lc.seed)},
+      flipped=bool(lc.flip))
   done = writer.completed_shards()
   batches = pipelines.image_batches(lc.dataset, lc.split, data_dir=config.data.data_dir or None,
                                     batch_size=int(lc.batch_size), image_size=size, process_index=pi,
@@ -315,8 +325,12 @@ def build_latents(config, workdir: str) -> pathlib.Path:
       continue
     valid = np.asarray(batch["valid"], bool)
     pixels = images.uint8_to_model(batch["image"])
-    latents = vae.encode_in_chunks(pixels, int(lc.batch_size))
-    writer.write_shard(shard, np.asarray(latents)[valid], np.asarray(batch["label"], np.int32)[valid])
+    # One key per shard and view: the same draws however the build is split or resumed.
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(int(lc.seed)), shard))
+    encode = lambda x, key: np.asarray(vae.encode_in_chunks(
+        x, int(lc.batch_size), rng=key if lc.posterior == "sample" else None))[valid]
+    flipped = encode(pixels[:, :, ::-1], keys[1]) if lc.flip else None
+    writer.write_shard(shard, encode(pixels, keys[0]), np.asarray(batch["label"], np.int32)[valid], flipped)
     written += 1
     if written % 10 == 0:
       logging.info("host %d: %d shards written", pi, written)

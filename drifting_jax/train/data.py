@@ -18,11 +18,17 @@ Two layouts over hosts:
   process computes, which is what the multi-process tests check.
 * sharded (latent caches, ImageNet scale): each host holds its own shard and draws
   its own stream (the release's behaviour); banks differ between hosts.
+
+A latent cache built with mirror images (`flipped`) gives each drawn sample the
+latent of the image or of its mirror image with probability 1/2 each, as the
+release's loader does. Latents stay in the cache's dtype in host memory (float16
+halves it) and are cast to float32 when drawn.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import ml_collections
@@ -39,6 +45,7 @@ class TrainingData:
   seed: int
   process_index: int = 0
   replicated: bool = True  # every host holds all data and draws the global stream
+  flipped: Optional[np.ndarray] = None  # [N, H, W, C]: the mirror images' latents, drawn half the time
 
   def __post_init__(self):
     if self.samples.shape[0] != self.labels.shape[0] or self.samples.shape[0] == 0:
@@ -46,6 +53,8 @@ class TrainingData:
                        f"{self.labels.shape[0]}")
     if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
       raise ValueError(f"labels must be in [0, {self.num_classes}), got [{self.labels.min()}, {self.labels.max()}]")
+    if self.flipped is not None and self.flipped.shape != self.samples.shape:
+      raise ValueError(f"flipped views {self.flipped.shape} must match the samples {self.samples.shape}")
 
   @property
   def sample_shape(self) -> tuple[int, ...]:
@@ -56,8 +65,14 @@ class TrainingData:
     return np.random.default_rng([self.seed, int(step), host, stream, salt])
 
   def push_batch(self, step: int, n: int, salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    idx = self._rng(step, 0, salt).integers(0, self.labels.shape[0], size=n)
-    return self.samples[idx], self.labels[idx]
+    """(samples float32 [n, H, W, C], labels [n]): n draws with replacement, a pure function of the step."""
+    rng = self._rng(step, 0, salt)
+    idx = rng.integers(0, self.labels.shape[0], size=n)
+    samples = self.samples[idx]
+    if self.flipped is not None:
+      mirror = rng.random(n) < 0.5
+      samples[mirror] = self.flipped[idx[mirror]]
+    return samples.astype(np.float32, copy=False), self.labels[idx]
 
   def step_classes(self, step: int, n: int) -> np.ndarray:
     return np.sort(self._rng(step, 1).choice(self.num_classes, size=n, replace=False)).astype(np.int32)
@@ -81,6 +96,7 @@ def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
   """This host's training data for `config.data` (see configs/default.py)."""
   name = config.data.name
   process_index, process_count = jax.process_index(), jax.process_count()
+  flipped = None
   if name == "mnist5k":
     from drifting_jax.data.mnist5k import load_mnist5k
     raw, labels = load_mnist5k("train")
@@ -104,15 +120,18 @@ def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
           seed=int(config.seed))
     reader = latents.LatentCacheReader(data_dir)
     samples, labels = reader.load_host_shard(process_index, process_count)
-    samples = samples.astype(np.float32)
+    if reader.flipped and config.data.get("latent_flip", True):
+      flipped, _ = reader.load_host_shard(process_index, process_count, view="latents_flip")
     replicated = False
   else:
     raise ValueError(f"unknown data.name {name!r}; expected mnist5k, mnist, fashion_mnist, latents or "
                      f"synthetic_latents")
   samples = pad_images(samples, int(config.data.pad_to))
+  if flipped is not None:
+    flipped = pad_images(flipped, int(config.data.pad_to))
   expected = (config.data.image_size, config.data.image_size, config.data.channels)
   if samples.shape[1:] != expected:
     raise ValueError(f"data {name!r} has samples of shape {samples.shape[1:]}, config expects {expected} "
                      f"(data.image_size, data.channels, data.pad_to)")
   return TrainingData(samples, np.asarray(labels, np.int32), int(config.data.num_classes), int(config.seed),
-                      process_index, replicated)
+                      process_index, replicated, flipped)
