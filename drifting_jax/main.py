@@ -1,7 +1,8 @@
 r"""drifting_jax entry point.
 
     python -m drifting_jax.main --config=configs/mnist_tiny.py --workdir=runs/demo \
-        [--mode=train|sample|evaluate|train_mae|build_latents] [--config.a.b=value ...]
+        [--mode=train|sample|evaluate|watch|train_classifier|train_mae|build_latents|import_latents]
+        [--config.a.b=value ...]
 
 The config file returns an ml_collections.ConfigDict; command-line overrides are
 type-checked against it before any work starts (an unknown key or a value of the
@@ -16,7 +17,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-MODES = ("train", "sample", "evaluate", "watch", "train_classifier", "train_mae", "build_latents")
+MODES = ("train", "sample", "evaluate", "watch", "train_classifier", "train_mae", "build_latents",
+         "import_latents")
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")

@@ -45,6 +45,8 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
     return mae_pretrain.train_mae(config, workdir)
   if mode == "build_latents":
     return build_latents(config, workdir)
+  if mode == "import_latents":
+    return import_latents(config, workdir)
   raise ValueError(f"unknown mode {mode!r}")
 
 
@@ -338,4 +340,26 @@ def build_latents(config, workdir: str) -> pathlib.Path:
   if pi == 0:
     writer.finalize(num_classes=int(config.data.num_classes))
     print(f"latent cache written to {out_dir}")
+  return out_dir
+
+
+def import_latents(config, workdir: str) -> pathlib.Path:
+  """Converts the release's per-image .pt latent cache (latents.release_cache) into our npz cache.
+
+  Runs on process 0 only (it is file conversion); the others wait. Output:
+  config.latents.out_dir (default workdir/latents), flipped, read by data.name=latents.
+  """
+  from drifting_jax.data import release_cache
+
+  lc = config.latents
+  if not lc.release_cache:
+    raise ValueError("--mode=import_latents needs --config.latents.release_cache=<the release's cache root, "
+                     "holding train/<class>/*.pt>")
+  out_dir = pathlib.Path(lc.out_dir or pathlib.Path(workdir) / "latents")
+  if jax.process_index() == 0:
+    index = release_cache.import_release_cache(lc.release_cache, out_dir, split=lc.split,
+                                               shard_size=int(lc.batch_size), dtype=lc.dtype,
+                                               num_classes=int(config.data.num_classes))
+    print(f"imported {index['num_examples']} latents of {lc.release_cache}/{lc.split} into {out_dir}")
+  multihost_utils.sync_global_devices("import_latents_done")
   return out_dir
