@@ -240,6 +240,16 @@ def test_batches_are_deterministic_epochs():
   was_flipped = [(f == p[:, ::-1]).all() and not (f == p).all() for f, p in zip(flipped, plain)]
   assert 0 < sum(was_flipped) < 8 and all(w or (f == p).all() for w, f, p in zip(was_flipped, flipped, plain))
 
+  # A flipped cache: the mirror image's own latent is drawn, not the mirrored array.
+  import dataclasses
+  mirror_latents = data.samples + 100.0
+  with_views = dataclasses.replace(data, flipped=mirror_latents)
+  from_cache = mae_pretrain.BatchStream(with_views, 8, seed=3, hflip=True)(0)["images"]
+  took_mirror = (from_cache > 50).all(axis=(1, 2, 3))
+  np.testing.assert_array_equal(took_mirror, was_flipped)  # the same coin flips
+  np.testing.assert_array_equal(from_cache[took_mirror], plain[took_mirror] + 100.0)
+  np.testing.assert_array_equal(from_cache[~took_mirror], plain[~took_mirror])
+
 
 def test_schedule_and_classification_ramp():
   m = imagenet_mae_latent_256.get_config().mae

@@ -141,11 +141,13 @@ class BatchStream:
       index = index[jax.process_index() * self.per_host:(jax.process_index() + 1) * self.per_host]
     images = np.asarray(self.data.samples[index], np.float32)
     if self.hflip:
-      # Stand-in for the release's cache of latents of flipped images.
       flip = np.random.default_rng([self.seed, self.stream, step, 1]).random(self.draw_size) < 0.5
       if self.data.replicated:
         flip = flip[jax.process_index() * self.per_host:(jax.process_index() + 1) * self.per_host]
-      images[flip] = images[flip, :, ::-1]
+      if self.data.flipped is not None:  # the mirror image's own latent (a flipped cache, as the release's)
+        images[flip] = self.data.flipped[index[flip]]
+      else:  # pixels, or a cache without mirror views: mirror the array itself
+        images[flip] = images[flip, :, ::-1]
     return {"images": images, "labels": np.asarray(self.data.labels[index], np.int32)}
 
 
