@@ -21,15 +21,19 @@ def _result(name, width, seed, fd, acc, status="ok", steps=5):
 
 
 def test_grid_runs_is_seed_major_and_covers_each_cell_once():
-  runs = experiments.grid_runs(["a", "b"], (((0,), (0.3, 1.0)), ((1,), (0.3,)), ((0,), (0.3,))))
-  assert runs == [("a", 0.3, 0), ("a", 1.0, 0), ("b", 0.3, 0), ("b", 1.0, 0), ("a", 0.3, 1), ("b", 0.3, 1)]
+  runs = experiments.grid_runs(["a", "b"], (((0,), (0.3, 1.0)), ((1,), (0.3,)), ((0,), (0.3,)), ((2,), (1.0,), ("b",))))
+  assert runs == [("a", 0.3, 0), ("a", 1.0, 0), ("b", 0.3, 0), ("b", 1.0, 0), ("a", 0.3, 1), ("b", 0.3, 1),
+                  ("b", 1.0, 2)]
 
 
 def test_presets_are_the_documented_grids():
   sweep, tiny = experiments.PRESETS["width_sweep"], experiments.PRESETS["mnist_tiny"]
   names = list(experiments.OBJECTIVES)
   assert len(experiments.grid_runs(names, sweep.grids)) == 3 * len(names)  # 2 widths seed 0, 1 width seed 1
-  assert len(experiments.grid_runs(names, tiny.grids)) == 2 * len(names)
+  tiny_runs = experiments.grid_runs(names, tiny.grids)
+  assert len(tiny_runs) == 2 * len(names) + 4
+  assert sorted(n for n, _, seed in tiny_runs if seed == 2) == sorted(experiments.PAIRS)
+  assert set(experiments.PAIRS) <= set(names)
   assert experiments.parse_overrides(sweep.model_overrides) == dict(
       hidden_size=64, cond_dim=64, depth=2, num_heads=2, patch_size=4)
   assert experiments.parse_overrides(tiny.model_overrides) == {}  # the full mnist_tiny DiT
