@@ -29,7 +29,7 @@ bench: $(STAMP)
 	$(PY) -m drifting_jax.bench.trainer
 
 # Objective comparison on MNIST-5k: the two grids docs/results.md reports
-# (resumable; about 2.5 hours on 2 CPU cores with two single-threaded workers).
+# (resumable; about 3 hours on 2 CPU cores with two single-threaded workers).
 experiments: $(STAMP)
 	$(PY) -m scripts.experiments --preset all --workers 2
 
