@@ -329,11 +329,6 @@ def _worker_init() -> None:
   os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
 
 
-def _run_in_worker(args) -> dict:
-  root, name, width, seed, steps, classifier_path, model_overrides = args
-  return run_one(pathlib.Path(root), name, width, seed, steps, pathlib.Path(classifier_path), model_overrides)
-
-
 def run_grid(root: pathlib.Path, runs, steps: int, model_overrides: dict, workers: int) -> list[dict]:
   """Trains and evaluates every run that has no result.json; returns all results in `runs` order."""
   def report(result):
@@ -344,10 +339,9 @@ def run_grid(root: pathlib.Path, runs, steps: int, model_overrides: dict, worker
   classifier_path = ensure_classifier(root) if pending else root / "classifier"
   results = {}
   if workers > 1 and len(pending) > 1:
-    jobs = {r: (str(root), *r, steps, str(classifier_path), model_overrides) for r in pending}
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init) as pool:
-      futures = {pool.submit(_run_in_worker, args): r for r, args in jobs.items()}
+      futures = {pool.submit(run_one, root, *r, steps, classifier_path, model_overrides): r for r in pending}
       for future in concurrent.futures.as_completed(futures):
         results[futures[future]] = future.result()
         report(results[futures[future]])

@@ -283,6 +283,11 @@ def watch(config, workdir: str) -> list[int]:
 # --------------------------------------------------------------------------- latent cache
 
 
+def _latent_cache_dir(config, workdir: str) -> pathlib.Path:
+  """Where build_latents and import_latents write: latents.out_dir, default <workdir>/latents."""
+  return pathlib.Path(config.latents.out_dir or pathlib.Path(workdir) / "latents")
+
+
 def build_latents(config, workdir: str) -> pathlib.Path:
   """Encodes a tfds image data set through the SD-VAE into a sharded latent cache.
 
@@ -302,7 +307,7 @@ def build_latents(config, workdir: str) -> pathlib.Path:
   lc = config.latents
   if lc.posterior not in ("sample", "mean"):
     raise ValueError(f"latents.posterior must be 'sample' or 'mean', got {lc.posterior!r}")
-  out_dir = pathlib.Path(lc.out_dir or pathlib.Path(workdir) / "latents")
+  out_dir = _latent_cache_dir(config, workdir)
   vae = vae_lib.SDVAE.load(lc.vae_source)
   factor = vae.downsampling_factor
   size = int(lc.image_size)
@@ -355,7 +360,7 @@ def import_latents(config, workdir: str) -> pathlib.Path:
   if not lc.release_cache:
     raise ValueError("--mode=import_latents needs --config.latents.release_cache=<the release's cache root, "
                      "holding train/<class>/*.pt>")
-  out_dir = pathlib.Path(lc.out_dir or pathlib.Path(workdir) / "latents")
+  out_dir = _latent_cache_dir(config, workdir)
   if jax.process_index() == 0:
     index = release_cache.import_release_cache(lc.release_cache, out_dir, split=lc.split,
                                                shard_size=int(lc.batch_size), dtype=lc.dtype,
