@@ -59,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.gen_per_class = 64          # Cg
   c.train.pos_per_class = 64          # Cp, drawn from the positive bank
   c.train.neg_per_class = 16          # Cn, unconditional negatives from the negative bank
+  # Where positives/negatives come from: "bank" (the release's memory banks, fed
+  # push_per_step samples a step) or "fresh" (FHM's sampler: each step draws
+  # pos_per_class distinct training samples of each class; no bank).
+  c.train.positive_sampler = "bank"
   c.train.positive_bank_size = 128    # slots per class
   c.train.negative_bank_size = 1000   # slots of the unconditional bank
   c.train.push_per_step = 64          # data samples pushed into the banks per step, per host

@@ -43,6 +43,56 @@ def test_paper_and_release_settings():
   assert (release_model["n_cls_tokens"], release_model["noise_coords"], release_model["noise_classes"]) == (16, 32, 64)
 
 
+# FHM Table 2: (loss.objective, loss.kernel, best width on MNIST, best width on Fashion-MNIST).
+PAPER_TABLE2 = {
+    "log_kde_gauss": ("log_kde", "gaussian", 0.20, 0.25),
+    "drifting_gauss": ("joint", "gaussian", 0.25, 0.25),
+    "log_kde_laplace": ("log_kde", "laplace", 0.10, 0.10),
+    "naive_laplace": ("corrected", "laplace", 0.05, 0.10),
+    "drifting_laplace": ("joint", "laplace", 0.05, 0.05),
+}
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+@pytest.mark.parametrize("variant", sorted(PAPER_TABLE2))
+def test_paper_configs_are_table3_to_the_letter(dataset, variant):
+  module = importlib.import_module(f"configs.{dataset}_dit_s2")
+  c = module.get_config(variant)
+  objective, kernel, width_mnist, width_fashion = PAPER_TABLE2[variant]
+  # Architecture: DiT-S/2, 28x28x1, patch 2, width 384, MLP 1536, depth 12, 8 registers, 32 style tokens.
+  model = trainer.generator_config(c)
+  assert (model["input_size"], model["in_channels"], model["patch_size"]) == (28, 1, 2)
+  assert (model["hidden_size"], model["hidden_size"] * model["mlp_ratio"], model["depth"]) == (384, 1536, 12)
+  assert (model["n_cls_tokens"], model["noise_coords"]) == (8, 32)
+  # Optimizer: AdamW (0.95, 0.999), lr 2e-4, wd 1e-4, cosine, 300 no-op, 300 ramp-up, clip 2.0.
+  o = c.optim
+  assert (o.b1, o.b2, o.learning_rate, o.weight_decay, o.schedule) == (0.95, 0.999, 2e-4, 1e-4, "cosine")
+  assert (o.noop_steps, o.warmup_steps, c.train.max_grad_norm) == (300, 300, 2.0)
+  assert c.train.total_steps == (12_000 if dataset == "mnist" else 16_000)
+  assert c.train.ema_decay == 0.0  # no EMA
+  # Loss: pixel space, single width, top-k EMA (k 5, beta 0.99), no field normalization, no CFG.
+  assert c.feature.kind == "pixels" and tuple(c.feature.patch_stats_sizes) == ()
+  assert (c.loss.feature_normalization, c.loss.topk_k, c.loss.topk_beta) == ("topk_ema", 5, 0.99)
+  assert c.loss.normalize_gradients is False and c.loss.bandwidth_anneal_rate == 0.0
+  assert (c.train.cfg_min, c.train.cfg_max, c.train.neg_per_class) == (1.0, 1.0, 0)
+  # Batch: Nc 5, Npos = Ngen = 96 (B = 480), no memory bank.
+  assert (c.train.classes_per_step, c.train.pos_per_class, c.train.gen_per_class) == (5, 96, 96)
+  assert c.train.classes_per_step * c.train.gen_per_class == 480
+  assert c.train.positive_sampler == "fresh"
+  # Table 2: the objective and its best width on this data set.
+  assert (c.loss.objective, c.loss.kernel) == (objective, kernel)
+  assert tuple(c.loss.bandwidths) == ((width_mnist if dataset == "mnist" else width_fashion),)
+  assert c.data.name == dataset
+  trainer.validate_config(c)
+
+
+def test_paper_config_default_variant_and_unknown_variant():
+  module = importlib.import_module("configs.mnist_dit_s2")
+  assert module.get_config().to_dict() == module.get_config("log_kde_gauss").to_dict()
+  with pytest.raises(ValueError, match="unknown mnist_dit_s2 variant 'gauss'"):
+    module.get_config("gauss")
+
+
 def _main(*args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)

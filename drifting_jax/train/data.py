@@ -5,9 +5,20 @@ pixels in [-1, 1], latents as cached) and answers two questions, both pure
 functions of (seed, step, process index), so a resumed run sees the same stream:
 
 * `push_batch(step, n)`: the n samples pushed into the memory banks at `step`;
-* `step_classes(step, n)`: the n distinct classes trained on at `step` (the
-  paper's class-balanced "specialized sampler": N classes per step, a fixed number
-  of positives per class, drawn from the banks).
+* `step_classes(step, n)`: the n distinct classes trained on at `step`;
+* `class_draw(step, classes, k)`: k distinct samples of each given class, drawn
+  afresh (FHM's "specialized sampler", their Table 3: no memory bank).
+
+Where a step's positives and negatives come from is a *positive source*
+(`make_source`), chosen by `train.positive_sampler`:
+
+* `"bank"` (`BankSource`, the release): every step pushes `push_per_step` fresh
+  samples into a per-class memory bank of positives and a single-row bank of
+  unconditional negatives, then draws from them; the banks' state is part of the
+  checkpoint.
+* `"fresh"` (`FreshSource`, FHM's MNIST setting): every step draws `pos_per_class`
+  distinct training samples of each of its classes (and `neg_per_class`
+  unconditional samples) straight from the data set; nothing to checkpoint.
 
 Two layouts over hosts:
 
@@ -28,13 +39,22 @@ halves it) and are cast to float32 when drawn.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Protocol
 
 import jax
 import ml_collections
 import numpy as np
 
 from drifting_jax.train import images as image_utils
+from drifting_jax.train.memory_bank import MemoryBank
+
+POSITIVE_SAMPLERS = ("bank", "fresh")
+
+# Random streams of a step (the `stream` argument of TrainingData._rng).
+_PUSH_STREAM, _CLASS_STREAM, _FRESH_POSITIVE_STREAM, _FRESH_NEGATIVE_STREAM = 0, 1, 2, 3
+# Streams of the banks' draws in the replicated layout (kept from earlier releases
+# of this file, so resumed runs and stored checkpoints draw as before).
+_BANK_POSITIVE_STREAM, _BANK_NEGATIVE_STREAM = 11, 12
 
 
 @dataclasses.dataclass
@@ -55,6 +75,14 @@ class TrainingData:
       raise ValueError(f"labels must be in [0, {self.num_classes}), got [{self.labels.min()}, {self.labels.max()}]")
     if self.flipped is not None and self.flipped.shape != self.samples.shape:
       raise ValueError(f"flipped views {self.flipped.shape} must match the samples {self.samples.shape}")
+    # Indices of each class's samples, for the fresh (bank-free) sampler.
+    order = np.argsort(self.labels, kind="stable")
+    bounds = np.searchsorted(self.labels[order], np.arange(self.num_classes + 1))
+    self._by_class = [order[bounds[c]:bounds[c + 1]] for c in range(self.num_classes)]
+
+  def class_sizes(self) -> np.ndarray:
+    """Number of samples of each class held by this host."""
+    return np.array([len(i) for i in self._by_class], np.int64)
 
   @property
   def sample_shape(self) -> tuple[int, ...]:
@@ -66,16 +94,40 @@ class TrainingData:
 
   def push_batch(self, step: int, n: int, salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(samples float32 [n, H, W, C], labels [n]): n draws with replacement, a pure function of the step."""
-    rng = self._rng(step, 0, salt)
+    rng = self._rng(step, _PUSH_STREAM, salt)
     idx = rng.integers(0, self.labels.shape[0], size=n)
-    samples = self.samples[idx]
-    if self.flipped is not None:
-      mirror = rng.random(n) < 0.5
-      samples[mirror] = self.flipped[idx[mirror]]
-    return samples.astype(np.float32, copy=False), self.labels[idx]
+    return self._gather(idx, rng), self.labels[idx]
 
   def step_classes(self, step: int, n: int) -> np.ndarray:
-    return np.sort(self._rng(step, 1).choice(self.num_classes, size=n, replace=False)).astype(np.int32)
+    return np.sort(self._rng(step, _CLASS_STREAM).choice(self.num_classes, size=n, replace=False)).astype(np.int32)
+
+  def class_draw(self, step: int, classes: np.ndarray, k: int) -> np.ndarray:
+    """[len(classes), k, H, W, C] float32: k distinct samples of each class, a pure function of the step."""
+    rng = self._rng(step, _FRESH_POSITIVE_STREAM)
+    rows = []
+    for c in np.asarray(classes):
+      pool = self._by_class[int(c)]
+      if len(pool) < k:
+        raise ValueError(f"class {int(c)} has {len(pool)} samples on this host, fewer than the {k} distinct "
+                         f"positives the fresh sampler draws: lower train.pos_per_class or use "
+                         f"train.positive_sampler='bank'")
+      rows.append(pool[rng.choice(len(pool), size=k, replace=False)])
+    idx = np.stack(rows) if rows else np.zeros((0, k), np.int64)
+    return self._gather(idx.reshape(-1), rng).reshape(*idx.shape, *self.sample_shape)
+
+  def unconditional_draw(self, step: int, n: int) -> np.ndarray:
+    """[n, H, W, C] float32: n distinct samples of any class (unconditional negatives)."""
+    rng = self._rng(step, _FRESH_NEGATIVE_STREAM)
+    idx = rng.choice(self.labels.shape[0], size=n, replace=n > self.labels.shape[0])
+    return self._gather(idx, rng)
+
+  def _gather(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Samples at `idx` as float32; with mirror views, each one is the mirror image's with p = 1/2."""
+    samples = self.samples[idx]
+    if self.flipped is not None:
+      mirror = rng.random(len(idx)) < 0.5
+      samples[mirror] = self.flipped[idx[mirror]]
+    return samples.astype(np.float32, copy=False)
 
 
 def pad_images(images: np.ndarray, pad_to: int, black: float = -1.0) -> np.ndarray:
@@ -135,3 +187,133 @@ def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
                      f"(data.image_size, data.channels, data.pad_to)")
   return TrainingData(samples, np.asarray(labels, np.int32), int(config.data.num_classes), int(config.seed),
                       process_index, replicated, flipped)
+
+
+# --------------------------------------------------------------------------- positive sources
+
+
+class PositiveSource(Protocol):
+  """Where a step's positives and unconditional negatives come from."""
+
+  def draw(self, step: int) -> dict[str, np.ndarray]:
+    """This host's {"labels" [m], "positives" [m, Cp, ...], "negatives" [m, Cn, ...]} for `step`."""
+
+  def state_dict(self) -> dict[str, np.ndarray]:
+    """What a checkpoint must hold to continue the same stream ({} if nothing)."""
+
+  def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+    ...
+
+
+def _host_classes(data: TrainingData, step: int, classes_per_step: int) -> tuple[np.ndarray, slice]:
+  """(classes drawn at `step`, this host's slice of them).
+
+  Replicated data: the global classes (identical on every host), of which this
+  host trains its slice, so the run does not depend on the number of processes.
+  Sharded data: a host-local draw of this host's share.
+  """
+  per_host = classes_per_step // jax.process_count()
+  if data.replicated:
+    first = jax.process_index() * per_host
+    return data.step_classes(step, classes_per_step), slice(first, first + per_host)
+  return data.step_classes(step, per_host), slice(None)
+
+
+class BankSource:
+  """The release's memory banks: push fresh data every step, draw positives and negatives from the banks."""
+
+  def __init__(self, data: TrainingData, train_config, *, seed: int):
+    self.data, self.t = data, train_config
+    dtype = np.dtype(jax.numpy.dtype(train_config.bank_dtype))
+    host = jax.process_index()
+    self.positive_bank = MemoryBank(data.num_classes, train_config.positive_bank_size, data.sample_shape,
+                                    dtype=dtype, seed=[seed, host, 1])
+    self.negative_bank = MemoryBank(1, max(1, train_config.negative_bank_size), data.sample_shape, dtype=dtype,
+                                    seed=[seed, host, 2])
+    self._filled = False
+
+  def _push(self, samples: np.ndarray, labels: np.ndarray) -> None:
+    self.positive_bank.push(samples, labels)
+    self.negative_bank.push(samples, np.zeros_like(labels))
+
+  def _fill(self, step: int) -> None:
+    """At (re)start, pushes data until every class holds pos_per_class samples (bounded).
+
+    A fresh bank would otherwise hand out the same few samples, with replacement,
+    during the first steps; the release pushed a fixed multiple of push_per_step.
+    """
+    t = self.t
+    want_pos, want_neg = min(t.pos_per_class, t.positive_bank_size), min(t.neg_per_class, t.negative_bank_size)
+    for extra in range(1, 1000):
+      if self.positive_bank.count.min() >= want_pos and self.negative_bank.count.min() >= want_neg:
+        break
+      self._push(*self.data.push_batch(step, t.push_per_step, salt=extra))
+    self._filled = True
+
+  def draw(self, step: int) -> dict[str, np.ndarray]:
+    t, data = self.t, self.data
+    self._push(*data.push_batch(step, t.push_per_step))
+    if not self._filled:
+      self._fill(step)
+    classes, mine = _host_classes(data, step, t.classes_per_step)
+
+    def draw_from(bank: MemoryBank, rows: np.ndarray, k: int, stream: int) -> np.ndarray:
+      if data.replicated:  # the global draw, keyed by step: identical on every host
+        return bank.sample(rows, k, rng=np.random.default_rng([data.seed, step, stream]))[mine]
+      return bank.sample(rows, k)
+
+    positives = draw_from(self.positive_bank, classes, t.pos_per_class, _BANK_POSITIVE_STREAM)
+    if t.neg_per_class:
+      negatives = draw_from(self.negative_bank, np.zeros_like(classes), t.neg_per_class, _BANK_NEGATIVE_STREAM)
+    else:
+      negatives = np.zeros((len(positives), 0, *data.sample_shape), np.float32)
+    return {"labels": classes[mine].astype(np.int32), "positives": positives.astype(np.float32, copy=False),
+            "negatives": negatives.astype(np.float32, copy=False)}
+
+  def state_dict(self) -> dict[str, np.ndarray]:
+    return {**{f"pos/{k}": v for k, v in self.positive_bank.state_dict().items()},
+            **{f"neg/{k}": v for k, v in self.negative_bank.state_dict().items()}}
+
+  def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+    self.positive_bank.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("pos/")})
+    self.negative_bank.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("neg/")})
+
+
+class FreshSource:
+  """FHM's specialized sampler: each step draws distinct data samples of each class, no memory bank."""
+
+  def __init__(self, data: TrainingData, train_config):
+    self.data, self.t = data, train_config
+    too_small = [c for c, n in enumerate(data.class_sizes()) if n < train_config.pos_per_class]
+    if too_small:
+      raise ValueError(f"train.positive_sampler='fresh' draws {train_config.pos_per_class} distinct positives "
+                       f"per class, but classes {too_small} hold fewer samples on this host "
+                       f"({data.class_sizes()[too_small].tolist()}); lower train.pos_per_class")
+
+  def draw(self, step: int) -> dict[str, np.ndarray]:
+    t, data = self.t, self.data
+    classes, mine = _host_classes(data, step, t.classes_per_step)
+    positives = data.class_draw(step, classes, t.pos_per_class)[mine]
+    rows = len(positives)
+    if t.neg_per_class:
+      negatives = data.unconditional_draw(step, len(classes) * t.neg_per_class)
+      negatives = negatives.reshape(len(classes), t.neg_per_class, *data.sample_shape)[mine]
+    else:
+      negatives = np.zeros((rows, 0, *data.sample_shape), np.float32)
+    return {"labels": classes[mine].astype(np.int32), "positives": positives, "negatives": negatives}
+
+  def state_dict(self) -> dict[str, np.ndarray]:
+    return {}
+
+  def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+    del state  # every draw is a pure function of (seed, step)
+
+
+def make_source(config: ml_collections.ConfigDict, data: TrainingData) -> PositiveSource:
+  """The positive source `config.train.positive_sampler` names ("bank" or "fresh")."""
+  sampler = config.train.get("positive_sampler", "bank")
+  if sampler == "bank":
+    return BankSource(data, config.train, seed=int(config.seed))
+  if sampler == "fresh":
+    return FreshSource(data, config.train)
+  raise ValueError(f"train.positive_sampler must be one of {POSITIVE_SAMPLERS}, got {sampler!r}")

@@ -1,6 +1,6 @@
-"""The training loop: data -> memory banks -> jitted step -> logs and checkpoints.
+"""The training loop: data -> positive source -> jitted step -> logs and checkpoints.
 
-Host work (drawing data, the memory banks, logging, checkpointing) runs while the
+Host work (drawing data from the positive source (memory banks or fresh draws), logging, checkpointing) runs while the
 device executes the previous step: the loop never waits for a step's result except
 at log and checkpoint steps, where the pending losses are checked for NaN/inf.
 
@@ -30,7 +30,6 @@ from drifting_jax import losses
 from drifting_jax.models import artifacts, generator as generator_lib
 from drifting_jax.train import checkpointing, data as train_data, images, optim, partitioning
 from drifting_jax.train import train_step as train_step_lib
-from drifting_jax.train.memory_bank import MemoryBank
 from drifting_jax.train.train_step import TrainState
 
 
@@ -50,7 +49,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       problems.append(f"train.{key} must be >= 1, got {t[key]}")
   if t.neg_per_class < 0:
     problems.append("train.neg_per_class must be >= 0")
-  if t.neg_per_class and t.negative_bank_size < 1:
+  sampler = t.get("positive_sampler", "bank")
+  if sampler not in train_data.POSITIVE_SAMPLERS:
+    problems.append(f"train.positive_sampler must be one of {train_data.POSITIVE_SAMPLERS}, got {sampler!r}")
+  if sampler == "bank" and t.neg_per_class and t.negative_bank_size < 1:
     problems.append("train.negative_bank_size must be >= 1 when neg_per_class > 0")
   if t.classes_per_step > config.data.num_classes:
     problems.append(f"train.classes_per_step={t.classes_per_step} exceeds data.num_classes={config.data.num_classes}")
@@ -193,7 +195,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp)
   t = config.train
-  classes_per_host = t.classes_per_step // jax.process_count()
 
   model_config = generator_config(config)
   module = generator_lib.build_module({**model_config, "remat": bool(config.model.remat)})
@@ -205,11 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state, state_shardings = init_state(config, module, tx, mesh, feature_names)
   feature_params = jax.device_put(feature_params, partitioning.replicated(mesh))
 
-  bank_dtype = np.dtype(jnp.dtype(t.bank_dtype))
-  positive_bank = MemoryBank(config.data.num_classes, t.positive_bank_size, data.sample_shape, dtype=bank_dtype,
-                             seed=[config.seed, jax.process_index(), 1])
-  negative_bank = MemoryBank(1, max(1, t.negative_bank_size), data.sample_shape, dtype=bank_dtype,
-                             seed=[config.seed, jax.process_index(), 2])
+  source = train_data.make_source(config, data)
 
   ckpt = checkpointing.Checkpointer(workdir, keep_last=config.checkpoint.keep_last,
                                     keep_every=config.checkpoint.keep_every,
@@ -217,8 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start_step = 0
   if ckpt.latest_step() is not None:
     start_step, state, host_state = ckpt.restore(state)
-    positive_bank.load_state_dict({k[4:]: v for k, v in host_state.items() if k.startswith("pos/")})
-    negative_bank.load_state_dict({k[4:]: v for k, v in host_state.items() if k.startswith("neg/")})
+    source.load_state_dict(host_state)
     logging.info("resumed from step %d", start_step)
   elif config.init_from:
     _, init_params, _ = artifacts.load(config.init_from, kind="gen")
@@ -257,23 +253,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def save(step: int) -> None:
     nonlocal last_saved
     checked_metrics()
-    host_state = {**{f"pos/{k}": v for k, v in positive_bank.state_dict().items()},
-                  **{f"neg/{k}": v for k, v in negative_bank.state_dict().items()}}
-    ckpt.save(step, state, host_state)
+    ckpt.save(step, state, source.state_dict())
     write_params_ema_artifact(workdir, module, state.ema_params)
     last_saved = step
 
   try:
     for step in range(start_step, t.total_steps):
       host_start = time.perf_counter()
-      # Host: push fresh data into the banks, then draw this step's classes and samples.
-      push_samples, push_labels = data.push_batch(step, t.push_per_step)
-      positive_bank.push(push_samples, push_labels)
-      negative_bank.push(push_samples, np.zeros_like(push_labels))
-      if step == start_step:
-        _fill_banks(data, positive_bank, negative_bank, step, t)
-      batch = _host_batch(data, positive_bank, negative_bank, step, t, classes_per_host)
-      batch = {k: np.asarray(v, np.float32 if k != "labels" else np.int32) for k, v in batch.items()}
+      # Host: this step's classes, their positives and the unconditional negatives.
+      batch = source.draw(step)
       host_seconds += time.perf_counter() - host_start
       # The transfer is not counted as host work: on a CPU backend it may wait for
       # the previous step, which runs on the same cores.
@@ -311,45 +299,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.flush()
     guard.restore_handlers()
   return state
-
-
-def _host_batch(data, positive_bank: MemoryBank, negative_bank: MemoryBank, step: int, t,
-                classes_per_host: int) -> dict[str, np.ndarray]:
-  """This host's labels, positives [m, Cp, ...] and negatives [m, Cn, ...] for `step`.
-
-  Replicated data: the global classes and bank draws (keyed by step, identical on
-  every host) are computed and this host keeps its slice, so the run does not
-  depend on the number of processes. Sharded data: a host-local draw.
-  """
-  if data.replicated:
-    classes = data.step_classes(step, t.classes_per_step)
-    mine = slice(jax.process_index() * classes_per_host, (jax.process_index() + 1) * classes_per_host)
-    draw = lambda bank, cls, k, stream: bank.sample(cls, k, rng=np.random.default_rng([data.seed, step, stream]))[mine]
-  else:
-    classes = data.step_classes(step, classes_per_host)
-    mine = slice(None)
-    draw = lambda bank, cls, k, stream: bank.sample(cls, k)
-  positives = draw(positive_bank, classes, t.pos_per_class, 11)
-  if t.neg_per_class:
-    negatives = draw(negative_bank, np.zeros_like(classes), t.neg_per_class, 12)
-  else:
-    negatives = np.zeros((classes_per_host, 0, *data.sample_shape), np.float32)
-  return {"labels": classes[mine].astype(np.int32), "positives": positives, "negatives": negatives}
-
-
-def _fill_banks(data, positive_bank: MemoryBank, negative_bank: MemoryBank, step: int, t) -> None:
-  """At (re)start, pushes data until every class holds pos_per_class samples (bounded).
-
-  A fresh bank would otherwise hand out the same few samples, with replacement,
-  during the first steps; the release pushed a fixed multiple of push_per_step.
-  """
-  want = min(t.pos_per_class, t.positive_bank_size)
-  for extra in range(1, 1000):
-    if positive_bank.count.min() >= want and negative_bank.count.min() >= min(t.neg_per_class, t.negative_bank_size):
-      return
-    samples, labels = data.push_batch(step, t.push_per_step, salt=extra)
-    positive_bank.push(samples, labels)
-    negative_bank.push(samples, np.zeros_like(labels))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
