@@ -1,36 +1,46 @@
 r"""Objective comparison on MNIST-5k (FHM Table 2 / Figure 4 at CPU scale): `make experiments`.
 
-    python -m scripts.experiments --preset all [--workers 2]     # what the docs report
-    python -m scripts.experiments [--root runs/experiments] [--steps 600] [--seeds 0,1]
-                                  [--widths 0.05,0.15,0.5] [--only log_kde_laplace,...] [--docs docs]
+    python -m scripts.experiments --preset paper_widths [--workers 2]   # what docs/results.md reports
+    python -m scripts.experiments --preset demo_widths                  # the demo recipe's width sweep
+    python -m scripts.experiments [--root runs/experiments] [--steps N] [--seeds 0,1]
+                                  [--widths 0.05,0.1,0.2,0.3] [--only log_kde_gauss,...] [--docs docs]
                                   [--model-overrides hidden_size=64,...] [--stem experiments] [--workers 1]
 
-Every run trains the `mnist_tiny` model with identical hyperparameters except the
-objective and the kernel width, then evaluates its EMA generator with the project's
-MNIST classifier (trained once per root on the held-out digits): Frechet distance in
-the classifier's feature space, classifier accuracy on conditional samples,
-precision, recall and F1. Runs are resumable: a run with a `result.json` is skipped,
-a run with a checkpoint resumes from it. The aggregate (mean and seed spread) goes to
-`<docs>/<stem>.json` and `<docs>/<stem>.md`, the plot to
-`<docs>/figures/<stem>_metrics.png` and the final sample grids, side by side, to
+Every run trains the demo recipe (`configs/mnist_tiny.py`: the bundled digits, pixel
+features, FHM's per-class top-k EMA distance scale, FHM's fresh positive sampler)
+with identical hyperparameters except the objective and the kernel width, then
+evaluates its generator with the project's MNIST classifier (trained once per root
+on the held-out digits): Frechet distance in the classifier's feature space,
+classifier accuracy (mean and worst class), precision, recall and F1 (Kynkaanniemi
+et al.), the within-class spread against real digits and the distance to the
+training set against held-out digits'. Runs are resumable: a run with a
+`result.json` is skipped, a run with a checkpoint resumes from it. The aggregate
+(mean and seed spread) goes to `<docs>/<stem>.json` and `<docs>/<stem>.md` (beside
+FHM's Table 2), the width curves (as FHM's Figure 4) to
+`<docs>/figures/<stem>_metrics.png` and the final sample grids to
 `<docs>/figures/<stem>_samples.png`.
+
+The objectives are FHM's five (Table 2), with the paper's names:
+
+  log_kde_gauss, log_kde_laplace   log-KDE with the sharp kernel (FHM Alg. 1)
+  naive_laplace                    the corrected drifting field (FHM Eq. 3, Alg. 2)
+  drifting_gauss, drifting_laplace Deng et al.'s field as their code computes it (FHM Eq. 21)
+
+all with the top-k EMA scale and no field normalization, as in FHM's Table 3, so a
+width means what it means in FHM's Table 2.
 
 Presets (`--preset`) fix the grids that docs/results.md reports:
 
-* `width_sweep`: the kernel-width sweep on a shrunk DiT (hidden 64, depth 2), 450
-  steps, widths 0.3 and 1.0 for seed 0 and width 0.3 for seed 1;
-* `mnist_tiny`: the full `mnist_tiny` DiT (hidden 128, depth 4), 700 steps, width
-  0.3, seeds 0 and 1, and a third seed for the two pairs the paper's claim is about
-  (log-KDE and drifting, Gaussian and Laplace);
+* `demo_widths`: the two log-KDE kernels at widths 0.05, 0.1, 0.2, 0.3 with the
+  full demo recipe (how the demo's width and kernel were chosen);
+* `paper_widths`: the five objectives at widths 0.05, 0.1, 0.2, 0.3 (and 0.25,
+  Drifting-Gauss's paper width), three seeds each, on a shortened demo recipe
+  (`PAPER_WIDTHS_STEPS`) so the whole grid fits a few hours of two CPU cores;
 * `all`: both, in that order.
 
 `--workers N` trains N runs at a time in separate processes, each on one CPU thread
 (on 2 cores two single-threaded runs finish sooner than two runs one after the
 other on two threads).
-
-All objectives use the release's batch-mean distance scaling, so a width is a
-fraction of the mean feature distance (the release objective computes that scale
-itself and cannot use the top-k EMA scale); the annealing pair uses top-k EMA.
 """
 
 from __future__ import annotations
@@ -46,29 +56,23 @@ import time
 
 import numpy as np
 
-# name -> (loss.objective, loss.kernel, extra loss fields)
-OBJECTIVES = {
-    "log_kde_gauss": ("log_kde", "gaussian", {}),
-    "log_kde_laplace": ("log_kde", "laplace", {}),
-    "log_kde_rq": ("log_kde", "rational_quadratic", {}),
-    "naive_laplace": ("corrected", "laplace", {}),
-    "drifting_laplace": ("release", "laplace", {}),
-    "drifting_gauss": ("release", "gaussian", {}),
-    "mmd_laplace": ("mmd", "laplace", {}),
-    # Annealing needs an absolute scale (top-k EMA), so its reference is the same
-    # objective with top-k EMA normalization and a constant width.
-    "log_kde_laplace_topk": ("log_kde", "laplace", {"feature_normalization": "topk_ema"}),
-    "log_kde_laplace_annealed": ("log_kde", "laplace", {"feature_normalization": "topk_ema",
-                                                        "bandwidth_anneal_rate": 1.0}),
-}
-METRICS = ("frechet_distance", "accuracy", "precision", "recall", "f1")
+from configs import mnist_dit_s2
 
+# name -> (loss.objective, loss.kernel, extra loss fields): FHM's five objectives.
+OBJECTIVES = {name: (objective, kernel, {}) for name, (objective, kernel) in mnist_dit_s2.OBJECTIVES.items()}
+# FHM Table 2, MNIST column: (FID-50k, F1, best width) per objective.
+PAPER_TABLE2_MNIST = {"log_kde_gauss": (6.81, 0.57, 0.20), "drifting_gauss": (20.38, 0.28, 0.25),
+                      "log_kde_laplace": (17.48, 0.36, 0.10), "naive_laplace": (10.68, 0.52, 0.05),
+                      "drifting_laplace": (48.34, 0.02, 0.05)}
+METRICS = ("frechet_distance", "accuracy", "accuracy_min_class", "precision", "recall", "f1", "spread_ratio",
+           "novelty_ratio")
 
-DEFAULT_MODEL_OVERRIDES = "hidden_size=64,cond_dim=64,depth=2,num_heads=2,patch_size=4"
+# "" = the demo's own DiT (configs/mnist_tiny.py).
+DEFAULT_MODEL_OVERRIDES = ""
 
 
 def parse_overrides(text: str) -> dict:
-  """'k=v,k=v' -> {k: int/float/str}: per-key overrides of the `tiny` DiT's model_config."""
+  """'k=v,k=v' -> {k: int/float/str}: per-key overrides of the demo DiT's model_config."""
   out = {}
   for item in filter(None, (t.strip() for t in text.split(","))):
     key, _, value = item.partition("=")
@@ -82,7 +86,8 @@ def parse_overrides(text: str) -> dict:
   return out
 
 
-def run_config(name: str, width: float, seed: int, steps: int, model_overrides: dict | None = None):
+def run_config(name: str, width: float, seed: int, steps: int | None, model_overrides: dict | None = None):
+  """The demo recipe with objective `name` at kernel width `width`, `steps` long (None: the demo's length)."""
   from configs import mnist_tiny
   objective, kernel, extra = OBJECTIVES[name]
   c = mnist_tiny.get_config()
@@ -92,14 +97,17 @@ def run_config(name: str, width: float, seed: int, steps: int, model_overrides: 
   c.loss.objective = objective
   c.loss.kernel = kernel
   c.loss.bandwidths = (float(width),)
-  c.loss.feature_normalization = "batch_mean"
+  c.loss.feature_normalization = "topk_ema"
+  c.loss.normalize_gradients = False
   for k, v in extra.items():
     c.loss[k] = v
-  c.train.total_steps = steps
-  c.optim.warmup_steps = min(c.optim.warmup_steps, steps // 5)
+  if steps is not None and steps != c.train.total_steps:
+    c.train.total_steps = steps
+    c.optim.warmup_steps = min(c.optim.warmup_steps, steps // 5)
+  steps = c.train.total_steps
   c.checkpoint.every_steps = steps
   c.checkpoint.async_save = False
-  c.log.sample_grid_every = steps  # one grid of EMA samples at the end, to look at
+  c.log.sample_grid_every = steps  # one grid of samples at the end, to look at
   c.log.every_steps = min(c.log.every_steps, max(1, steps // 10))
   c.eval.cfg_scales = (1.0,)
   c.eval.samples_per_class = 100
@@ -119,6 +127,7 @@ def run_one(root: pathlib.Path, name: str, width: float, seed: int, steps: int,
   if result_path.exists():
     return json.loads(result_path.read_text())
   config = run_config(name, width, seed, steps, model_overrides)
+  steps = config.train.total_steps
   config.eval.classifier_path = str(classifier_path)
   start = time.perf_counter()
   try:
@@ -295,19 +304,24 @@ class Preset:
   those objectives (all of them when the entry has none)."""
   root: str
   stem: str
-  steps: int
+  steps: int | None  # None: the demo recipe's own length
   model_overrides: str
   grids: tuple[tuple, ...]  # ((seeds, widths) or (seeds, widths, objectives), ...)
 
 
-# The comparison FHM's claim is about: each sharp log-KDE loss against the drifting field of its kernel.
+# The pairs FHM's claim is about: each sharp log-KDE loss against the drifting field of its kernel.
 PAIRS = ("log_kde_gauss", "drifting_gauss", "log_kde_laplace", "drifting_laplace")
+SWEEP_WIDTHS = (0.05, 0.1, 0.2, 0.3)
+# The paper_widths grid is 63 runs; at the demo's full length it would take about
+# 10 hours on two cores, so it trains each run for this many steps instead.
+PAPER_WIDTHS_STEPS = 400
 
 PRESETS = {
-    "width_sweep": Preset(root="runs/experiments", stem="experiments", steps=450,
-                          model_overrides=DEFAULT_MODEL_OVERRIDES, grids=(((0,), (0.3, 1.0)), ((1,), (0.3,)))),
-    "mnist_tiny": Preset(root="runs/experiments_mnist_tiny", stem="experiments_mnist_tiny", steps=700,
-                         model_overrides="", grids=(((0, 1), (0.3,)), ((2,), (0.3,), PAIRS))),
+    "demo_widths": Preset(root="runs/demo_widths", stem="demo_widths", steps=None, model_overrides="",
+                          grids=(((0,), SWEEP_WIDTHS, ("log_kde_gauss", "log_kde_laplace")),)),
+    "paper_widths": Preset(root="runs/paper_widths", stem="paper_widths", steps=PAPER_WIDTHS_STEPS,
+                           model_overrides="",
+                           grids=(((0, 1, 2), SWEEP_WIDTHS), ((0, 1, 2), (0.25,), ("drifting_gauss",)))),
 }
 
 
@@ -376,12 +390,11 @@ def main(argv=None) -> dict:
                       help="a documented grid (root, steps, widths, seeds, model, output stem); "
                            "the grid flags below must then be left out")
   parser.add_argument("--root", default=None, help="run directory (default runs/experiments)")
-  parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 600)")
+  parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the demo's)")
   parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1)")
-  parser.add_argument("--widths", default=None, help="comma-separated kernel widths (default 0.05,0.15,0.5)")
+  parser.add_argument("--widths", default=None, help="comma-separated kernel widths (default 0.05,0.1,0.2,0.3)")
   parser.add_argument("--model-overrides", default=None,
-                      help="k=v,... overrides of the `tiny` DiT (\"\" = the full mnist_tiny model; default "
-                           + DEFAULT_MODEL_OVERRIDES + ")")
+                      help="k=v,... overrides of the demo's DiT (default: none, the demo's own model)")
   parser.add_argument("--stem", default=None, help="output file stem under --docs (default experiments)")
   parser.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(OBJECTIVES))
   parser.add_argument("--docs", default="docs")
@@ -405,13 +418,13 @@ def main(argv=None) -> dict:
     try:
       presets = [Preset(
           root=args.root or "runs/experiments", stem=args.stem or "experiments",
-          steps=600 if args.steps is None else args.steps,
+          steps=args.steps,
           model_overrides=DEFAULT_MODEL_OVERRIDES if args.model_overrides is None else args.model_overrides,
           grids=((tuple(int(s) for s in (args.seeds or "0,1").split(",")),
-                  tuple(float(w) for w in (args.widths or "0.05,0.15,0.5").split(","))),))]
+                  tuple(float(w) for w in (args.widths or "0.05,0.1,0.2,0.3").split(","))),))]
     except ValueError as e:
       parser.error(f"--seeds takes integers and --widths numbers, comma-separated: {e}")
-  if any(p.steps < 1 for p in presets):
+  if any(p.steps is not None and p.steps < 1 for p in presets):
     parser.error("--steps must be positive")
   command = "python -m scripts.experiments " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
   tables = {}

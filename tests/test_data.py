@@ -399,3 +399,31 @@ def test_training_data_from_latent_caches(tmp_path, monkeypatch):
   config.data.data_dir = str(tmp_path / "absent")
   with pytest.raises(FileNotFoundError, match="build_latents"):
     train_data.load_training_data(config)
+
+
+def test_fresh_sampler_draws_distinct_samples_of_each_class_per_step():
+  """FHM's sampler: Npos distinct training samples of each class, a pure function of (seed, step)."""
+  import ml_collections
+  from drifting_jax.train import data as train_data
+
+  labels = np.repeat(np.arange(4), 10).astype(np.int32)
+  samples = (np.arange(40, dtype=np.float32)[:, None, None, None] + np.zeros((40, 2, 2, 1), np.float32))
+  data = train_data.TrainingData(samples, labels, num_classes=4, seed=3)
+  t = ml_collections.ConfigDict(dict(classes_per_step=2, pos_per_class=10, neg_per_class=6, push_per_step=8,
+                                     positive_bank_size=4, negative_bank_size=4, bank_dtype="float32"))
+  source = train_data.FreshSource(data, t)
+  batch = source.draw(step=5)
+  assert batch["positives"].shape == (2, 10, 2, 2, 1) and batch["negatives"].shape == (2, 6, 2, 2, 1)
+  for row, c in enumerate(batch["labels"]):
+    ids = batch["positives"][row, :, 0, 0, 0].astype(int)
+    assert sorted(ids) == list(range(10 * c, 10 * c + 10))  # all 10 of the class, each once
+  negatives = batch["negatives"][..., 0, 0, 0].reshape(-1).astype(int)
+  assert len(set(negatives)) == 12  # distinct unconditional samples
+  again = train_data.FreshSource(data, t).draw(step=5)
+  for k in batch:
+    np.testing.assert_array_equal(batch[k], again[k])  # resumable: nothing but (seed, step) matters
+  assert not np.array_equal(source.draw(step=6)["negatives"], batch["negatives"])
+  assert source.state_dict() == {}
+  t.pos_per_class = 11
+  with pytest.raises(ValueError, match="fewer samples on this host"):
+    train_data.FreshSource(data, t)

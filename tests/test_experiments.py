@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from configs import mnist_dit_s2
 from scripts import experiments
 
 
@@ -27,17 +28,20 @@ def test_grid_runs_is_seed_major_and_covers_each_cell_once():
 
 
 def test_presets_are_the_documented_grids():
-  sweep, tiny = experiments.PRESETS["width_sweep"], experiments.PRESETS["mnist_tiny"]
+  demo, paper = experiments.PRESETS["demo_widths"], experiments.PRESETS["paper_widths"]
   names = list(experiments.OBJECTIVES)
-  assert len(experiments.grid_runs(names, sweep.grids)) == 3 * len(names)  # 2 widths seed 0, 1 width seed 1
-  tiny_runs = experiments.grid_runs(names, tiny.grids)
-  assert len(tiny_runs) == 2 * len(names) + 4
-  assert sorted(n for n, _, seed in tiny_runs if seed == 2) == sorted(experiments.PAIRS)
-  assert set(experiments.PAIRS) <= set(names)
-  assert experiments.parse_overrides(sweep.model_overrides) == dict(
-      hidden_size=64, cond_dim=64, depth=2, num_heads=2, patch_size=4)
-  assert experiments.parse_overrides(tiny.model_overrides) == {}  # the full mnist_tiny DiT
-  assert sweep.root != tiny.root and sweep.stem != tiny.stem
+  # FHM's five Table 2 objectives, named as in the paper and the paper configs.
+  assert sorted(names) == sorted(experiments.PAPER_TABLE2_MNIST) == sorted(mnist_dit_s2.TABLE2_MNIST)
+  demo_runs = experiments.grid_runs(names, demo.grids)
+  assert sorted(demo_runs) == sorted((n, w, 0) for n in ("log_kde_gauss", "log_kde_laplace")
+                                     for w in (0.05, 0.1, 0.2, 0.3))
+  assert demo.steps is None  # the demo recipe's own length
+  paper_runs = experiments.grid_runs(names, paper.grids)
+  assert len(paper_runs) == 3 * (5 * 4 + 1)  # three seeds of 5 objectives x 4 widths, + 0.25 for drifting_gauss
+  for name, (_, _, width) in experiments.PAPER_TABLE2_MNIST.items():
+    assert {seed for n, w, seed in paper_runs if n == name and w == width} == {0, 1, 2}  # the paper's width
+    assert mnist_dit_s2.TABLE2_MNIST[name] == width
+  assert paper.root != demo.root and paper.stem != demo.stem
 
 
 def test_parse_overrides_casts_numbers():
@@ -52,19 +56,24 @@ def test_run_config_changes_only_objective_width_and_length(name):
 
   base = mnist_tiny.get_config()
   c = experiments.run_config(name, 0.3, seed=7, steps=450, model_overrides={"depth": 2})
-  objective, kernel, extra = experiments.OBJECTIVES[name]
+  objective, kernel, _ = experiments.OBJECTIVES[name]
   assert (c.loss.objective, c.loss.kernel, tuple(c.loss.bandwidths), c.seed) == (objective, kernel, (0.3,), 7)
-  assert c.loss.feature_normalization == extra.get("feature_normalization", "batch_mean")
-  assert c.loss.bandwidth_anneal_rate == extra.get("bandwidth_anneal_rate", base.loss.bandwidth_anneal_rate)
-  assert c.train.total_steps == 450 and c.optim.warmup_steps == 90  # a fifth of the run
+  assert (objective, kernel) == mnist_dit_s2.OBJECTIVES[name]
+  # FHM's distance scale and no field normalization, as in their Table 3.
+  assert c.loss.feature_normalization == "topk_ema" and c.loss.normalize_gradients is False
+  assert c.train.total_steps == 450 and c.optim.warmup_steps == min(base.optim.warmup_steps, 90)
   assert dict(c.model.overrides) == {"depth": 2}
   # Identical hyperparameters across objectives: the data, optimizer and batch shape are the config's.
   for section in ("optim", "data"):
     for key, value in base[section].items():
       if key != "warmup_steps":
         assert c[section][key] == value, (section, key)
-  assert (c.train.gen_per_class, c.train.classes_per_step) == (base.train.gen_per_class, base.train.classes_per_step)
+  for key in ("gen_per_class", "classes_per_step", "pos_per_class", "positive_sampler", "ema_decay"):
+    assert c.train[key] == base.train[key], key
   train_step.objective_from_config(c.loss)  # a valid loss configuration
+  # steps=None keeps the demo's own length and schedule.
+  full = experiments.run_config(name, 0.3, seed=0, steps=None)
+  assert full.train.total_steps == base.train.total_steps and full.optim.warmup_steps == base.optim.warmup_steps
 
 
 def test_aggregate_mean_and_population_std_and_divergence():
@@ -128,7 +137,7 @@ def test_worker_init_pins_one_thread(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--preset", "mnist_tiny", "--steps", "5"], "--preset fixes the grid; leave out --steps"),
+    (["--preset", "paper_widths", "--steps", "5"], "--preset fixes the grid; leave out --steps"),
     (["--only", "log_kde_laplace,bogus"], "unknown objectives ['bogus']"),
     (["--widths", "0.3,wide"], "--widths numbers"),
     (["--workers", "0"], "--workers must be at least 1"),

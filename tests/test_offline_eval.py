@@ -321,3 +321,36 @@ def test_train_classifier_job_writes_artifact_and_reference(tmp_path, monkeypatc
     config.classifier.epochs = 3
   with pytest.raises(ValueError, match="unknown config.classifier keys"):
     C.train_classifier_job(config, str(tmp_path / "run"))
+
+
+def test_mean_pairwise_distance_closed_form():
+  from drifting_jax.eval import offline
+  corners = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])  # sides 3, 4, 5
+  assert offline.mean_pairwise_distance(corners) == pytest.approx(4.0)
+  assert offline.mean_pairwise_distance(corners[:1]) is None
+
+
+def test_diversity_and_novelty_tell_copies_and_collapse_from_new_digits():
+  from drifting_jax.eval import offline
+  rng = np.random.default_rng(0)
+  num_classes, per_class = 3, 12
+  centres = rng.normal(size=(num_classes, 1, 16)) * 5
+  def draw(n):
+    labels = np.repeat(np.arange(num_classes), n)
+    return centres[labels, 0] + rng.normal(size=(len(labels), 16)), labels
+  train, _ = draw(40)
+  real, real_labels = draw(per_class)
+  new, new_labels = draw(per_class)  # fresh draws of the same distribution
+  kwargs = dict(real_images=real, real_labels=real_labels, train_images=train, num_classes=num_classes)
+
+  fresh = offline.diversity_and_novelty(new, new_labels, **kwargs)
+  assert 0.8 < fresh["spread_ratio"] < 1.25 and 0.8 < fresh["novelty_ratio"] < 1.25
+  itself = offline.diversity_and_novelty(real, real_labels, **kwargs)
+  assert itself["spread_ratio"] == pytest.approx(1.0)
+  assert itself["novelty_ratio"] == pytest.approx(1.0)
+
+  copies = offline.diversity_and_novelty(train[:len(new)], new_labels, **kwargs)  # training digits verbatim
+  assert copies["novelty_ratio"] == pytest.approx(0.0, abs=1e-6) and copies["copied_fraction"] == 1.0
+  collapsed = offline.diversity_and_novelty(np.repeat(new[::per_class], per_class, axis=0), new_labels, **kwargs)
+  assert collapsed["spread_ratio"] == pytest.approx(0.0, abs=1e-6)
+  assert collapsed["spread_ratio_per_class"] == pytest.approx([0.0] * num_classes, abs=1e-6)

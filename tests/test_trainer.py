@@ -56,8 +56,9 @@ def _final_params(workdir):
   return step, params
 
 
-def test_resume_after_preemption_is_bit_exact(tmp_path, monkeypatch):
-  config = tiny_config()
+@pytest.mark.parametrize("sampler", ["bank", "fresh"])
+def test_resume_after_preemption_is_bit_exact(tmp_path, monkeypatch, sampler):
+  config = tiny_config(positive_sampler=sampler)
   trainer.train_and_evaluate(config, str(tmp_path / "straight"))
   straight_step, straight = _final_params(tmp_path / "straight")
   assert straight_step == 6
@@ -80,7 +81,7 @@ def test_resume_after_preemption_is_bit_exact(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-  config = tiny_config()
+  config = tiny_config(positive_sampler="bank")
   original = trainer.train_data.TrainingData.push_batch
 
   def poisoned(self, step, n, salt=0):
@@ -107,3 +108,10 @@ def test_bad_config_fails_before_work(tmp_path):
   config.train.cfg_max = 3.0
   with pytest.raises(ValueError, match="neg_per_class"):
     trainer.train_and_evaluate(config, str(tmp_path))
+  config = tiny_config(positive_sampler="memory")
+  with pytest.raises(ValueError, match="positive_sampler must be one of"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  config = tiny_config(positive_sampler="fresh", pos_per_class=1000)  # ~400 digits a class
+  with pytest.raises(ValueError, match="fewer samples on this host"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()

@@ -118,14 +118,15 @@ class _FeatureSpace:
     return {"features": np.asarray(out.pool_features), "logits": np.asarray(out.logits_unbiased)}
 
 
-def _real_data(config) -> tuple[np.ndarray, np.ndarray]:
-  """Held-out real images (model range) and labels for the offline metrics."""
+def _real_data(config, split: str = "heldout") -> tuple[np.ndarray, np.ndarray]:
+  """Real images (model range) and labels for the offline metrics: held-out (reference) or training."""
   if config.data.name == "mnist5k":
     from drifting_jax.data.mnist5k import load_mnist5k
-    raw, labels = load_mnist5k("heldout")
+    raw, labels = load_mnist5k(split)
   else:
     from drifting_jax.data import pipelines
-    raw, labels = pipelines.load_in_memory(config.data.name, split="test", data_dir=config.data.data_dir or None)
+    raw, labels = pipelines.load_in_memory(config.data.name, split="test" if split == "heldout" else "train",
+                                           data_dir=config.data.data_dir or None)
   from drifting_jax.train.data import pad_images
   pixels = pad_images(images.uint8_to_model(raw), int(config.data.pad_to))
   return pixels, np.asarray(labels, np.int32)
@@ -141,6 +142,7 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
   tag = f"step_{step}" if step is not None else "source"
   results: dict[str, Any] = {"step": step, "samples_per_class": int(config.eval.samples_per_class), "cfg": {}}
   real = _real_data(config) if features.offline else None
+  train_pixels = _real_data(config, "train")[0] if features.offline else None
   for cfg in config.eval.cfg_scales:
     start = time.perf_counter()
     samples = sampling.generate(module, params, host_labels, float(cfg), seed=int(config.sample.seed),
@@ -156,7 +158,7 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
         metrics = offline.evaluate_samples(
             images.uint8_to_model(grid_pixels), all_labels, classifier_module=features.module,
             classifier_params=features.params, real_images=real[0], real_labels=real[1],
-            num_classes=int(config.data.num_classes))
+            num_classes=int(config.data.num_classes), train_images=train_pixels)
       else:
         metrics = _inception_metrics(config, feats)
       metrics["seconds"] = time.perf_counter() - start

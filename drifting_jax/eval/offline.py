@@ -26,6 +26,23 @@ labels. `evaluate_samples` reports (keys of the returned dict):
   * `frechet_distance` between Gaussians fitted to all sample and all real features;
     `frechet_distance_per_class` and their mean `frechet_distance_class_mean`.
 
+With the training images given (`train_images`), three checks a reader of the
+samples wants, in pixel space (model range [-1, 1], L2):
+
+  * `spread_per_class` / `spread_ratio`: the within-class mean pairwise distance of
+    the samples over that of the real images of the class (1: as varied as real
+    digits; a collapsed class is near 0); `spread_ratio` is the mean over classes.
+  * `nearest_train_distance` / `heldout_nearest_train_distance` and their ratio
+    `novelty_ratio`: the mean distance of each sample, and of each held-out real
+    image, to its nearest training image. Held-out digits are new digits, so a ratio
+    near 1 or above says the samples are no closer to the training set than new
+    data are; copies of training digits would drive it towards 0.
+    `copied_fraction` is the share of samples nearer to a training image than the
+    closest held-out image is to one (the 0th percentile of held-out distances).
+  * `real_frechet_distance`: the Frechet distance between the training and the
+    held-out real images in the classifier's features, the floor a generator of
+    training-like digits would reach against the held-out set.
+
 Per-class values are lists indexed by class id, `None` where a class has too few
 samples or real images for the statistic (k + 1 for the k-NN ones, 2 for the
 Frechet distance). The k-NN and Frechet computations are those of
@@ -176,6 +193,45 @@ def evaluate_features(
   return results
 
 
+def mean_pairwise_distance(x: np.ndarray) -> Optional[float]:
+  """Mean L2 distance over all unordered pairs of rows of x ([N, ...], N >= 2)."""
+  x = np.asarray(x, np.float64).reshape(len(x), -1)
+  if len(x) < 2:
+    return None
+  x = x - x.mean(axis=0)
+  norms = np.sum(x * x, axis=1)
+  squared = np.maximum(norms[:, None] + norms[None, :] - 2.0 * x @ x.T, 0.0)
+  upper = np.triu_indices(len(x), k=1)
+  return float(np.mean(np.sqrt(squared[upper])))
+
+
+def diversity_and_novelty(images_model_range: Any, labels: Any, *, real_images: Any, real_labels: Any,
+                          train_images: Any, num_classes: int) -> dict[str, Any]:
+  """Within-class spread against real images, and distances to the training set (pixel space)."""
+  fake = np.asarray(images_model_range, np.float64).reshape(len(images_model_range), -1)
+  real = np.asarray(real_images, np.float64).reshape(len(real_images), -1)
+  train = np.asarray(train_images, np.float64).reshape(len(train_images), -1)
+  labels, real_labels = np.asarray(labels), np.asarray(real_labels)
+  spread, spread_real, ratios = [], [], []
+  for c in range(num_classes):
+    s_fake, s_real = mean_pairwise_distance(fake[labels == c]), mean_pairwise_distance(real[real_labels == c])
+    spread.append(s_fake)
+    spread_real.append(s_real)
+    ratios.append(None if s_fake is None or not s_real else s_fake / s_real)
+  fake_nearest = np.sqrt(nearest_neighbours(fake, train)[1])
+  real_nearest = np.sqrt(nearest_neighbours(real, train)[1])
+  return {
+      "spread_ratio": _mean(ratios),
+      "spread_ratio_per_class": ratios,
+      "spread_per_class": spread,
+      "real_spread_per_class": spread_real,
+      "nearest_train_distance": float(fake_nearest.mean()),
+      "heldout_nearest_train_distance": float(real_nearest.mean()),
+      "novelty_ratio": float(fake_nearest.mean() / max(real_nearest.mean(), 1e-12)),
+      "copied_fraction": float(np.mean(fake_nearest < real_nearest.min())),
+  }
+
+
 def evaluate_samples(
     images_model_range: Any,
     labels: Any,
@@ -186,6 +242,7 @@ def evaluate_samples(
     real_labels: Any,
     num_classes: int,
     k: int = metrics_lib.DEFAULT_NEIGHBOURHOOD,
+    train_images: Optional[Any] = None,
 ) -> dict[str, Any]:
   """Offline metrics of class-conditional samples against labelled real images.
 
@@ -197,14 +254,26 @@ def evaluate_samples(
     real_images, real_labels: (M, S, S, C) real images in [-1, 1] and their classes.
     num_classes: number of classes.
     k: neighbourhood size of precision, recall and coverage.
+    train_images: (T, S, S, C) the generator's training images in [-1, 1]; adds
+      the spread, novelty and `real_frechet_distance` entries.
 
   Returns the dict described in the module docstring (JSON-ready: floats, ints,
   lists and `None`).
   """
   features, logits = classifier_lib.features_and_logits(classifier_module, classifier_params, images_model_range)
   real_features, real_logits = classifier_lib.features_and_logits(classifier_module, classifier_params, real_images)
-  return evaluate_features(features, logits, labels, real_features=real_features, real_labels=real_labels,
-                           num_classes=num_classes, k=k, real_logits=real_logits)
+  results = evaluate_features(features, logits, labels, real_features=real_features, real_labels=real_labels,
+                              num_classes=num_classes, k=k, real_logits=real_logits)
+  if train_images is not None:
+    results.update(diversity_and_novelty(images_model_range, labels, real_images=real_images,
+                                         real_labels=real_labels, train_images=train_images,
+                                         num_classes=num_classes))
+    train_features, _ = classifier_lib.features_and_logits(classifier_module, classifier_params, train_images)
+    results["real_frechet_distance"] = metrics_lib.fid_from_features(np.asarray(train_features, np.float64),
+                                                                     np.asarray(real_features, np.float64))
+  present = [a for a in results["accuracy_per_class"] if a is not None]
+  results["accuracy_min_class"] = min(present) if present else None
+  return results
 
 
 def _jsonable(value: Any) -> Any:
