@@ -34,8 +34,9 @@ Presets (`--preset`) fix the grids that docs/results.md reports:
 * `demo_widths`: the two log-KDE kernels at widths 0.05, 0.1, 0.2, 0.3 with the
   full demo recipe (how the demo's width and kernel were chosen);
 * `paper_widths`: the five objectives at widths 0.05, 0.1, 0.2, 0.3 (and 0.25,
-  Drifting-Gauss's paper width), three seeds each, on a shortened demo recipe
-  (`PAPER_WIDTHS_STEPS`) so the whole grid fits a few hours of two CPU cores;
+  Drifting-Gauss's paper width), three seeds each, on a shrunk demo recipe
+  (`PAPER_WIDTHS_MODEL`, `PAPER_WIDTHS_STEPS`) so the whole grid fits about an
+  hour of two CPU cores;
 * `all`: both, in that order.
 
 `--workers N` trains N runs at a time in separate processes, each on one CPU thread
@@ -131,10 +132,13 @@ def run_one(root: pathlib.Path, name: str, width: float, seed: int, steps: int,
   config.eval.classifier_path = str(classifier_path)
   start = time.perf_counter()
   try:
-    trainer.train_and_evaluate(config, str(workdir))
+    state = trainer.train_and_evaluate(config, str(workdir))
     status = "ok"
   except trainer.NonFiniteLossError as e:
     status = f"diverged: {e}"
+  else:
+    if int(state.step) < steps:  # stopped early (SIGTERM): resume it next time, record nothing
+      raise SystemExit(f"{workdir.name} stopped at step {int(state.step)} of {steps}; rerun to resume it")
   seconds = time.perf_counter() - start
   metrics = {}
   if status == "ok":
@@ -187,35 +191,60 @@ def _fmt(stat, digits: int = 3) -> str:
   return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}" if stat["n"] > 1 else f"{stat['mean']:.{digits}f}"
 
 
+METRIC_LABELS = {"frechet_distance": "FD ↓", "accuracy": "accuracy ↑", "accuracy_min_class": "worst class ↑",
+                 "precision": "precision ↑", "recall": "recall ↑", "f1": "F1 ↑", "spread_ratio": "spread ↑",
+                 "novelty_ratio": "novelty"}
+
+
+def _paper_rows(table: dict) -> list[str]:
+  """Our best width per objective beside FHM's Table 2 (MNIST), and our numbers at the paper's width."""
+  rows = ["| objective | FHM σ | FHM FID ↓ | FHM F1 ↑ | our best σ (FD) | our FD at it | our F1 at it | "
+          "our FD at FHM σ | our F1 at FHM σ |", "|---|---|---|---|---|---|---|---|---|"]
+  for name, (fid, f1, width) in PAPER_TABLE2_MNIST.items():
+    if name not in table:
+      continue
+    best, e = _best_width(table[name])
+    at_paper = table[name].get(f"{width:g}", {})
+    rows.append(f"| {name} | {width:g} | {fid} | {f1} | {best} | {_fmt(e.get('frechet_distance'), 1)} | "
+                f"{_fmt(e.get('f1'))} | {_fmt(at_paper.get('frechet_distance'), 1)} | {_fmt(at_paper.get('f1'))} |")
+  return rows
+
+
 def write_markdown(table: dict, path: pathlib.Path, command: str) -> None:
   widths_all = sorted({w for widths in table.values() for w in widths}, key=float)
+  header = " | ".join(METRIC_LABELS[m] for m in METRICS)
   lines = [f"Produced by `{command}`.", "",
-           "Best width per objective (lowest mean Frechet distance; mean ± std over seeds, ddof 0):", "",
-           "| objective | best width | seeds | FD (classifier features) ↓ | accuracy ↑ | precision ↑ | recall ↑ | F1 ↑ |",
-           "|---|---|---|---|---|---|---|---|"]
+           "Best width per objective (lowest mean Frechet distance; mean ± std over seeds, ddof 0). FD, "
+           "precision, recall and F1 in the held-out classifier's features; spread = within-class pixel "
+           "spread over real digits'; novelty = distance to the nearest training digit over held-out digits':", "",
+           f"| objective | best width | seeds | {header} |", "|---|---|---|" + "---|" * len(METRICS)]
   ranked = sorted(table.items(), key=lambda kv: (_best_width(kv[1])[1].get("frechet_distance", {}).get("mean")
                                                    or np.inf))
   for name, widths in ranked:
     width, e = _best_width(widths)
     n = e.get("frechet_distance", {}).get("n", 0)
     lines.append(f"| {name} | {width} | {n} | " + " | ".join(_fmt(e.get(m)) for m in METRICS) + " |")
-  lines += ["", "All widths (FD / accuracy):", "",
-            "| objective | " + " | ".join(f"w={w}" for w in widths_all) + " |",
-            "|---|" + "---|" * len(widths_all)]
-  for name, widths in table.items():
-    cells = []
-    for w in widths_all:
-      e = widths.get(w)
-      if e is None:
-        cells.append("-")
-      elif e["frechet_distance"]["mean"] is None:
-        cells.append("diverged")
-      else:
-        cells.append(f"{_fmt(e['frechet_distance'], 1)} / {_fmt(e['accuracy'])}")
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  if set(table) & set(PAPER_TABLE2_MNIST):
+    lines += ["", "Beside FHM's Table 2 (MNIST; their FID-50k in Inception features, ours an FD in the "
+              "project classifier's features, so only rankings compare):", "", *_paper_rows(table)]
+  for metric in ("frechet_distance", "f1", "accuracy"):
+    lines += ["", f"All widths ({METRIC_LABELS[metric]}):", "",
+              "| objective | " + " | ".join(f"w={w}" for w in widths_all) + " |",
+              "|---|" + "---|" * len(widths_all)]
+    for name, widths in table.items():
+      cells = []
+      for w in widths_all:
+        e = widths.get(w)
+        if e is None:
+          cells.append("-")
+        elif e[metric]["mean"] is None:
+          cells.append("diverged")
+        else:
+          cells.append(_fmt(e[metric], 1 if metric == "frechet_distance" else 3))
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
   lines += ["", "Every run:", "",
-            "| objective | width | seed | steps | status | FD | accuracy | precision | recall | F1 | wall s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            f"| objective | width | seed | steps | status | {header} | wall s |",
+            "|---|---|---|---|---|" + "---|" * len(METRICS) + "---|"]
   for name, widths in table.items():
     for w in sorted(widths, key=float):
       for r in sorted(widths[w]["runs"], key=lambda r: r["seed"]):
@@ -225,8 +254,8 @@ def write_markdown(table: dict, path: pathlib.Path, command: str) -> None:
   path.write_text("\n".join(lines) + "\n")
 
 
-_PLOTTED = (("frechet_distance", "Frechet distance (classifier features) ↓"), ("accuracy", "classifier accuracy ↑"),
-            ("precision", "precision ↑"), ("recall", "recall ↑"))
+_PLOTTED = (("frechet_distance", "Frechet distance (classifier features) ↓"), ("f1", "F1 ↑"),
+            ("accuracy", "classifier accuracy ↑"), ("spread_ratio", "within-class spread / real ↑"))
 
 
 def plot(table: dict, path: pathlib.Path) -> None:
@@ -312,15 +341,16 @@ class Preset:
 # The pairs FHM's claim is about: each sharp log-KDE loss against the drifting field of its kernel.
 PAIRS = ("log_kde_gauss", "drifting_gauss", "log_kde_laplace", "drifting_laplace")
 SWEEP_WIDTHS = (0.05, 0.1, 0.2, 0.3)
-# The paper_widths grid is 63 runs; at the demo's full length it would take about
-# 10 hours on two cores, so it trains each run for this many steps instead.
-PAPER_WIDTHS_STEPS = 400
+# The paper_widths grid is 63 runs; with the demo's model and length it would take
+# about 12 hours of two cores, so it trains a shrunk DiT for fewer steps.
+PAPER_WIDTHS_STEPS = 300
+PAPER_WIDTHS_MODEL = "hidden_size=64,cond_dim=64,depth=2,num_heads=2"
 
 PRESETS = {
     "demo_widths": Preset(root="runs/demo_widths", stem="demo_widths", steps=None, model_overrides="",
                           grids=(((0,), SWEEP_WIDTHS, ("log_kde_gauss", "log_kde_laplace")),)),
     "paper_widths": Preset(root="runs/paper_widths", stem="paper_widths", steps=PAPER_WIDTHS_STEPS,
-                           model_overrides="",
+                           model_overrides=PAPER_WIDTHS_MODEL,
                            grids=(((0, 1, 2), SWEEP_WIDTHS), ((0, 1, 2), (0.25,), ("drifting_gauss",)))),
 }
 
