@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: venv test demo bench figures experiments clean
+.PHONY: venv test demo bench figures experiments device-check-smoke clean
 
 venv: $(STAMP)
 
@@ -28,10 +28,15 @@ bench: $(STAMP)
 	$(PY) -m drifting_jax.bench.models
 	$(PY) -m drifting_jax.bench.trainer
 
-# Objective comparison on MNIST-5k: the two grids docs/results.md reports
-# (resumable; about 3 hours on 2 CPU cores with two single-threaded workers).
+# Objective comparison on MNIST-5k: the demo's width sweep and FHM's five objectives
+# at their Table 2 widths, 3 seeds (resumable; about 1.5 hours on 2 CPU cores with two
+# single-threaded workers).
 experiments: $(STAMP)
 	$(PY) -m scripts.experiments --preset all --workers 2
+
+# The accelerator check at toy sizes on the CPU (docs/benchmarks.md).
+device-check-smoke: $(STAMP)
+	bash launch/device_check.sh --cpu-smoke
 
 figures: $(STAMP)
 	$(PY) -m scripts.theory_figures
