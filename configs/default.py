@@ -40,11 +40,20 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The objective: one field picks it (drifting_jax.losses.OBJECTIVES).
   c.loss = ml_collections.ConfigDict()
-  c.loss.objective = "log_kde"   # log_kde | corrected | release | joint | mmd
+  c.loss.objective = "log_kde"   # log_kde | corrected | release | joint | mmd | sinkhorn
   c.loss.kernel = "laplace"      # gaussian | laplace | rational_quadratic
   c.loss.bandwidths = (0.02, 0.05, 0.2)
   c.loss.normalize_gradients = False
   c.loss.mmd_sharp = False
+  # The sinkhorn objective (losses.sinkhorn_loss) uses no kernel or bandwidths: its
+  # entropic epsilon is relative to the feature_normalization scale (cost units of
+  # x / scale), the ground cost is "euclidean" |x - y| or "sqeuclidean" |x - y|^2,
+  # and Sinkhorn stops at this L1 marginal error or after max_iterations.
+  # bandwidth_anneal_rate shrinks its blur length epsilon * scale the same way.
+  c.loss.sinkhorn_epsilon = 0.1
+  c.loss.sinkhorn_cost = "euclidean"
+  c.loss.sinkhorn_threshold = 1e-3
+  c.loss.sinkhorn_max_iterations = 1000
   # How distances are made scale-free: the release's batch-mean distance
   # ("batch_mean"), FHM's per-class top-k EMA ("topk_ema"), or raw ("none").
   c.loss.feature_normalization = "batch_mean"

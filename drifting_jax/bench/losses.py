@@ -1,6 +1,6 @@
 """Benchmark of the grouped objectives: fwd+bwd time as a ratio to one cdist matmul.
 
-    python -m drifting_jax.bench.losses [--out .bench/losses.json] [--quick]
+    python -m drifting_jax.bench.losses [--out .bench/losses.json] [--quick] [--only sinkhorn,...]
 
 For every shape, each objective's jitted value-and-gradient (w.r.t. the generated
 features) is timed in the same run as the matmul that computes the distances of
@@ -17,6 +17,12 @@ written to the JSON under "targets" as measured / target / met.
 Shapes: the release's ImageNet ablation groups (B=64 groups of Cg=64 generated,
 Cp=64 positives, Cn=16 unconditional negatives, S in {64, 256, 768}, three
 bandwidths) and one large unconditional group (Cg=Cp=4096, Cn=0, S=256).
+
+`sinkhorn` (`losses.sinkhorn_loss`, epsilon 0.1, Euclidean cost, default solver
+settings) is an iterative solver: its time is about proportional to the Sinkhorn
+iterations, which the benchmark prints beside it. On these Gaussian inputs all
+distances of a group are nearly equal and it stops at its first convergence check.
+`--only` times a subset of the objectives (the matmul is always timed).
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ BANDWIDTHS = (0.02, 0.05, 0.2)
 MAX_LOG_KDE_OVER_MATMUL = 4.0
 MIN_RELEASE_OVER_LOG_KDE = 1.5
 MAX_LINEAR_FIT_DEVIATION = 0.05
+OBJECTIVE_NAMES = ("log_kde", "log_kde_gradnorm", "corrected", "release", "sinkhorn")
+SINKHORN_EPSILON = 0.1
 
 
 def _inputs(shape, seed=0):
@@ -54,7 +62,7 @@ def _inputs(shape, seed=0):
   return gen, pos, neg, w_neg
 
 
-def _candidates(pos, neg, w_neg):
+def _candidates(pos, neg, w_neg, names=OBJECTIVE_NAMES):
   def value_and_grad(objective, **kw):
     f = lambda g: objective(g, pos, neg, None, None, w_neg, **kw)[0].sum()
     return jax.jit(jax.value_and_grad(f))
@@ -66,14 +74,16 @@ def _candidates(pos, neg, w_neg):
     targets = jnp.concatenate([g, refs], axis=1)
     return jnp.einsum("bnd,bmd->bnm", g, targets)
 
-  return {
-      "matmul": cdist_matmul,
-      "log_kde": value_and_grad(losses.log_kde_loss, kernel="laplace", bandwidths=BANDWIDTHS),
-      "log_kde_gradnorm": value_and_grad(losses.log_kde_loss, kernel="laplace", bandwidths=BANDWIDTHS,
-                                         normalize_gradients=True),
-      "corrected": value_and_grad(losses.corrected_drift_loss, kernel="laplace", bandwidths=BANDWIDTHS),
-      "release": value_and_grad(losses.release_drift_loss, R_list=BANDWIDTHS),
+  makers = {
+      "log_kde": lambda: value_and_grad(losses.log_kde_loss, kernel="laplace", bandwidths=BANDWIDTHS),
+      "log_kde_gradnorm": lambda: value_and_grad(losses.log_kde_loss, kernel="laplace", bandwidths=BANDWIDTHS,
+                                                 normalize_gradients=True),
+      "corrected": lambda: value_and_grad(losses.corrected_drift_loss, kernel="laplace",
+                                          bandwidths=BANDWIDTHS),
+      "release": lambda: value_and_grad(losses.release_drift_loss, R_list=BANDWIDTHS),
+      "sinkhorn": lambda: value_and_grad(losses.sinkhorn_loss, epsilon=SINKHORN_EPSILON),
   }
+  return {"matmul": cdist_matmul, **{name: makers[name]() for name in names}}
 
 
 def _peak_bytes(fn, *args) -> int | None:
@@ -99,16 +109,20 @@ def _time_round_robin(fns: dict, gen, repeats: int) -> dict[str, float]:
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def run(shapes, repeats: int) -> list[dict]:
+def run(shapes, repeats: int, names=OBJECTIVE_NAMES) -> list[dict]:
   results = []
   for shape in shapes:
     gen, pos, neg, w_neg = _inputs(shape)
-    fns = _candidates(pos, neg, w_neg)
+    fns = _candidates(pos, neg, w_neg, names)
     seconds = _time_round_robin(fns, gen, repeats)
     memory = {name: _peak_bytes(fn, gen) for name, fn in fns.items()}
     row = {"shape": shape, "seconds": seconds, "peak_bytes": memory,
-           "ratio_to_matmul": {k: v / seconds["matmul"] for k, v in seconds.items()},
-           "release_over_log_kde": seconds["release"] / seconds["log_kde"]}
+           "ratio_to_matmul": {k: v / seconds["matmul"] for k, v in seconds.items()}}
+    if "release" in seconds and "log_kde" in seconds:
+      row["release_over_log_kde"] = seconds["release"] / seconds["log_kde"]
+    if "sinkhorn" in seconds:
+      info = losses.sinkhorn_loss(gen, pos, neg, None, None, w_neg, epsilon=SINKHORN_EPSILON)[1]
+      row["sinkhorn_iterations"] = int(info["sinkhorn_iterations"])
     results.append(row)
     label = " ".join(f"{k}={v}" for k, v in shape.items())
     print(f"[{label}] matmul {seconds['matmul'] * 1e3:.2f} ms", flush=True)
@@ -118,7 +132,11 @@ def run(shapes, repeats: int) -> list[dict]:
       mem = memory[name]
       print(f"    {name:18s} {seconds[name] * 1e3:9.2f} ms  = {row['ratio_to_matmul'][name]:5.2f} x matmul"
             f"   peak {mem / 2**20 if mem else float('nan'):8.1f} MiB", flush=True)
-    print(f"    release / log_kde time: {row['release_over_log_kde']:.2f}x", flush=True)
+    if "release_over_log_kde" in row:
+      print(f"    release / log_kde time: {row['release_over_log_kde']:.2f}x", flush=True)
+    if "sinkhorn_iterations" in row:
+      print(f"    sinkhorn iterations (largest over groups and problems): {row['sinkhorn_iterations']}",
+            flush=True)
   return results
 
 
@@ -133,7 +151,7 @@ def corrected_memory_scaling(base=dict(B=1, Cg=256, S=64), sizes=(256, 512, 1024
   for c in sizes:
     shape = dict(base, Cp=c, Cn=c)
     gen, pos, neg, w_neg = _inputs(shape)
-    fn = _candidates(pos, neg, w_neg)["corrected"]
+    fn = _candidates(pos, neg, w_neg, ("corrected",))["corrected"]
     peaks[2 * c] = _peak_bytes(fn, gen)
     literal[2 * c] = 4 * base["Cg"] * c * c
   out = {"Cg": base["Cg"], "S": base["S"], "peaks_by_Cp_plus_Cn": peaks,
@@ -156,6 +174,8 @@ def evaluate_targets(results: list[dict], memory: dict) -> list[dict]:
   """The issue's targets, one row per (target, shape): measured value and whether met."""
   rows = []
   for row in results:
+    if "release_over_log_kde" not in row:  # an --only run without both objectives
+      continue
     label = " ".join(f"{k}={v}" for k, v in row["shape"].items())
     ratio = row["ratio_to_matmul"]["log_kde"]
     rows.append({"target": f"log_kde fwd+bwd <= {MAX_LOG_KDE_OVER_MATMUL:g}x matmul", "shape": label,
@@ -163,6 +183,8 @@ def evaluate_targets(results: list[dict], memory: dict) -> list[dict]:
     speedup = row["release_over_log_kde"]
     rows.append({"target": f"release time / log_kde time >= {MIN_RELEASE_OVER_LOG_KDE:g}", "shape": label,
                  "measured": speedup, "met": bool(speedup >= MIN_RELEASE_OVER_LOG_KDE)})
+  if memory is None:
+    return rows
   worst = memory.get("worst_linear_fit_deviation")
   rows.append({"target": f"corrected peak memory linear in Cp + Cn (fit deviation <= "
                          f"{MAX_LINEAR_FIT_DEVIATION:.0%})",
@@ -184,17 +206,22 @@ def main(argv=None):
   parser.add_argument("--out", default=".bench/losses.json")
   parser.add_argument("--quick", action="store_true", help="ablation shapes with S=64 only, few repeats")
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(OBJECTIVE_NAMES))
   args = parser.parse_args(argv)
+  names = tuple(n for n in args.only.split(",") if n) or OBJECTIVE_NAMES
+  unknown = sorted(set(names) - set(OBJECTIVE_NAMES))
+  if unknown:
+    parser.error(f"unknown objectives {unknown}; known: {list(OBJECTIVE_NAMES)}")
   shapes = ABLATION_SHAPES[:1] if args.quick else ABLATION_SHAPES + LARGE_SHAPES
   repeats = args.repeats or (3 if args.quick else 15)
   machine = _machine()
   print(f"devices: {jax.devices()}  ({machine['cpu_count']} host cores, jax {machine['jax']}, load average "
         f"{machine['load_average_1_5_15min'][0]:.1f})", flush=True)
-  results = run(shapes, repeats)
+  results = run(shapes, repeats, names)
   # Other processes on a shared host slow all candidates alike only on average: the
   # load average before and after says how contended the run was.
   machine["load_average_after"] = list(os.getloadavg())
-  memory = corrected_memory_scaling()
+  memory = corrected_memory_scaling() if "corrected" in names else None
   targets = evaluate_targets(results, memory)
   print("targets:")
   for t in targets:

@@ -1,9 +1,9 @@
 """drifting_jax.losses: the loss library of drifting models, in pure JAX.
 
 Kernels (`kernels`), point-wise fields and potentials (`fields`), grouped training
-objectives with the official release's signature (`objectives`) and feature-space
-distance normalizations (`normalization`). This package imports nothing from the
-rest of drifting_jax.
+objectives with the official release's signature (`objectives`), the Sinkhorn-divergence
+objective built on ott-jax (`sinkhorn`) and feature-space distance normalizations
+(`normalization`). This package imports nothing from the rest of drifting_jax.
 """
 
 from drifting_jax.losses.fields import NORMALIZATIONS, curl, drift_field, log_kde_potential
@@ -13,6 +13,7 @@ from drifting_jax.losses.normalization import (TopKScaleState, batch_distance_sc
                                                topk_scale_init, topk_scale_update)
 from drifting_jax.losses.objectives import (corrected_drift_loss, joint_drift_loss, log_kde_loss, mmd_loss,
                                             release_drift_loss, sum_over_feature_groups)
+from drifting_jax.losses.sinkhorn import sinkhorn_loss
 
 OBJECTIVES = {
     "log_kde": log_kde_loss,
@@ -20,6 +21,7 @@ OBJECTIVES = {
     "release": release_drift_loss,
     "joint": joint_drift_loss,
     "mmd": mmd_loss,
+    "sinkhorn": sinkhorn_loss,
 }
 
 
@@ -34,6 +36,6 @@ __all__ = [
     "KERNEL_NAMES", "NORMALIZATIONS", "OBJECTIVES", "PROFILES", "Kernel", "TopKScaleState",
     "batch_distance_scale", "corrected_drift_loss", "curl", "drift_field", "gaussian", "get_kernel",
     "get_objective", "joint_drift_loss", "laplace", "log_kde_loss", "log_kde_potential", "mmd_loss",
-    "radial_kernel", "rational_quadratic", "release_drift_loss", "sum_over_feature_groups",
+    "radial_kernel", "rational_quadratic", "release_drift_loss", "sinkhorn_loss", "sum_over_feature_groups",
     "topk_mean_distance", "topk_scale_init", "topk_scale_update",
 ]

@@ -70,6 +70,13 @@ def objective_from_config(loss_config: ml_collections.ConfigDict) -> Callable:
   norm = loss_config.feature_normalization
   if norm not in ("batch_mean", "topk_ema", "none"):
     raise ValueError(f"loss.feature_normalization must be batch_mean, topk_ema or none, got {norm!r}")
+  if name == "sinkhorn":  # no kernel or bandwidths; epsilon is relative to the same distance scale
+    if loss_config.normalize_gradients:
+      raise ValueError("loss.normalize_gradients (per-bandwidth RMS) does not apply to objective=sinkhorn")
+    options = losses.sinkhorn.check_options(
+        epsilon=loss_config.sinkhorn_epsilon, cost=loss_config.sinkhorn_cost,
+        threshold=loss_config.sinkhorn_threshold, max_iterations=loss_config.sinkhorn_max_iterations)
+    return functools.partial(fn, normalize_distances=norm == "batch_mean", **options)
   losses.get_kernel(loss_config.kernel, bandwidths[0] if bandwidths else 1.0)  # fail early on a bad name
   if name == "release":
     if norm != "batch_mean" or loss_config.bandwidth_anneal_rate:
