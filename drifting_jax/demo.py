@@ -51,7 +51,7 @@ def main(argv):
 
   folder = sampling.sample_to_files(config, str(workdir))
 
-  if not (workdir / "classifier" / "metadata.json").exists():
+  if not (classifier.classifier_dir(config, str(workdir)) / "metadata.json").exists():
     classifier.train_classifier_job(config, str(workdir))
   with config.unlocked():
     config.eval.samples_per_class = config.sample.per_class

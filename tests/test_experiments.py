@@ -35,7 +35,10 @@ def test_presets_are_the_documented_grids():
   demo_runs = experiments.grid_runs(names, demo.grids)
   assert sorted(demo_runs) == sorted((n, w, 0) for n in ("log_kde_gauss", "log_kde_laplace")
                                      for w in (0.05, 0.1, 0.2, 0.3))
-  assert demo.steps is None  # the demo recipe's own length
+  # The recipe the sweep ran on: the demo's model and sampler, lr 1e-3, 800 steps.
+  assert demo.steps == 800 and dict(demo.settings) == {"optim.learning_rate": 1e-3}
+  c = experiments.run_config("log_kde_gauss", 0.2, 0, demo.steps, settings=dict(demo.settings))
+  assert (c.optim.learning_rate, c.train.total_steps, c.loss.bandwidth_anneal_rate) == (1e-3, 800, 0.0)
   paper_runs = experiments.grid_runs(names, paper.grids)
   assert len(paper_runs) == 3 * (5 * 4 + 1)  # three seeds of 5 objectives x 4 widths, + 0.25 for drifting_gauss
   for name, (_, _, width) in experiments.PAPER_TABLE2_MNIST.items():
@@ -61,6 +64,7 @@ def test_run_config_changes_only_objective_width_and_length(name):
   assert (objective, kernel) == mnist_dit_s2.OBJECTIVES[name]
   # FHM's distance scale and no field normalization, as in their Table 3.
   assert c.loss.feature_normalization == "topk_ema" and c.loss.normalize_gradients is False
+  assert c.loss.bandwidth_anneal_rate == 0.0  # constant widths, whatever the demo anneals
   assert c.train.total_steps == 450 and c.optim.warmup_steps == min(base.optim.warmup_steps, 90)
   assert dict(c.model.overrides) == {"depth": 2}
   # Identical hyperparameters across objectives: the data, optimizer and batch shape are the config's.
