@@ -31,12 +31,15 @@ width means what it means in FHM's Table 2.
 
 Presets (`--preset`) fix the grids that docs/results.md reports:
 
-* `demo_widths`: the two log-KDE kernels at widths 0.05, 0.1, 0.2, 0.3 with the
-  full demo recipe (how the demo's width and kernel were chosen);
+* `demo_widths`: the two log-KDE kernels at widths 0.05, 0.1, 0.2, 0.3 (how the
+  demo's kernel and width were chosen) and FHM's other three objectives at their
+  Table 2 width, seed 0;
 * `paper_widths`: the five objectives at widths 0.05, 0.1, 0.2, 0.3 (and 0.25,
-  Drifting-Gauss's paper width), three seeds each, on a shrunk demo recipe
-  (`PAPER_WIDTHS_MODEL`, `PAPER_WIDTHS_STEPS`) so the whole grid fits about an
-  hour of two CPU cores;
+  Drifting-Gauss's paper width), three seeds each: 63 runs, about 7 hours of two
+  cores, sharing its seed-0 runs with `demo_widths`.
+
+Both train the comparison recipe (`COMPARISON_STEPS`, `COMPARISON_SETTINGS`): the
+demo's model, sampler and batch at lr 1e-3 for 800 steps, at a constant width.
 * `all`: both, in that order.
 
 `--workers N` trains N runs at a time in separate processes, each on one CPU thread
@@ -351,20 +354,24 @@ class Preset:
 # The pairs FHM's claim is about: each sharp log-KDE loss against the drifting field of its kernel.
 PAIRS = ("log_kde_gauss", "drifting_gauss", "log_kde_laplace", "drifting_laplace")
 SWEEP_WIDTHS = (0.05, 0.1, 0.2, 0.3)
-# The paper_widths grid is 63 runs; with the demo's model and length it would take
-# about 12 hours of two cores, so it trains a shrunk DiT for fewer steps.
-PAPER_WIDTHS_STEPS = 200
-PAPER_WIDTHS_MODEL = "hidden_size=64,cond_dim=64,depth=2,num_heads=2"
+# The recipe of the comparison: the demo's model, sampler and batch at lr 1e-3 for
+# 800 steps, constant widths (the recipe of the moment the demo's width was chosen).
+COMPARISON_STEPS = 800
+COMPARISON_SETTINGS = (("optim.learning_rate", 1e-3),)
 
 PRESETS = {
-    # The sweep that chose the demo's kernel, run on the recipe of that moment: the
-    # demo's model, sampler and batch at lr 1e-3 for 800 steps, constant widths.
-    "demo_widths": Preset(root="runs/demo_widths", stem="demo_widths", steps=800, model_overrides="",
-                          grids=(((0,), SWEEP_WIDTHS, ("log_kde_gauss", "log_kde_laplace")),),
-                          settings=(("optim.learning_rate", 1e-3),)),
-    "paper_widths": Preset(root="runs/paper_widths", stem="paper_widths", steps=PAPER_WIDTHS_STEPS,
-                           model_overrides=PAPER_WIDTHS_MODEL,
-                           grids=(((0, 1, 2), SWEEP_WIDTHS), ((0, 1, 2), (0.25,), ("drifting_gauss",)))),
+    # The sweep that chose the demo's kernel, and FHM's other three objectives at their width (seed 0).
+    "demo_widths": Preset(root="runs/comparison", stem="demo_widths", steps=COMPARISON_STEPS, model_overrides="",
+                          grids=(((0,), SWEEP_WIDTHS, ("log_kde_gauss", "log_kde_laplace")),
+                                 ((0,), (0.25,), ("drifting_gauss",)),
+                                 ((0,), (0.05,), ("naive_laplace", "drifting_laplace"))),
+                          settings=COMPARISON_SETTINGS),
+    # The full grid: every objective at every width, three seeds (63 runs, about 7 hours
+    # of two cores); it shares its runs with demo_widths.
+    "paper_widths": Preset(root="runs/comparison", stem="paper_widths", steps=COMPARISON_STEPS,
+                           model_overrides="",
+                           grids=(((0, 1, 2), SWEEP_WIDTHS), ((0, 1, 2), (0.25,), ("drifting_gauss",))),
+                           settings=COMPARISON_SETTINGS),
 }
 
 

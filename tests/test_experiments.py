@@ -33,18 +33,22 @@ def test_presets_are_the_documented_grids():
   # FHM's five Table 2 objectives, named as in the paper and the paper configs.
   assert sorted(names) == sorted(experiments.PAPER_TABLE2_MNIST) == sorted(mnist_dit_s2.TABLE2_MNIST)
   demo_runs = experiments.grid_runs(names, demo.grids)
-  assert sorted(demo_runs) == sorted((n, w, 0) for n in ("log_kde_gauss", "log_kde_laplace")
-                                     for w in (0.05, 0.1, 0.2, 0.3))
-  # The recipe the sweep ran on: the demo's model and sampler, lr 1e-3, 800 steps.
-  assert demo.steps == 800 and dict(demo.settings) == {"optim.learning_rate": 1e-3}
-  c = experiments.run_config("log_kde_gauss", 0.2, 0, demo.steps, settings=dict(demo.settings))
-  assert (c.optim.learning_rate, c.train.total_steps, c.loss.bandwidth_anneal_rate) == (1e-3, 800, 0.0)
+  sweep = [(n, w, 0) for n in ("log_kde_gauss", "log_kde_laplace") for w in (0.05, 0.1, 0.2, 0.3)]
+  others = [("drifting_gauss", 0.25, 0), ("naive_laplace", 0.05, 0), ("drifting_laplace", 0.05, 0)]
+  assert sorted(demo_runs) == sorted(sweep + others)
   paper_runs = experiments.grid_runs(names, paper.grids)
   assert len(paper_runs) == 3 * (5 * 4 + 1)  # three seeds of 5 objectives x 4 widths, + 0.25 for drifting_gauss
   for name, (_, _, width) in experiments.PAPER_TABLE2_MNIST.items():
     assert {seed for n, w, seed in paper_runs if n == name and w == width} == {0, 1, 2}  # the paper's width
     assert mnist_dit_s2.TABLE2_MNIST[name] == width
-  assert paper.root != demo.root and paper.stem != demo.stem
+  assert set(demo_runs) <= set(paper_runs) and paper.root == demo.root  # seed 0 is shared
+  assert paper.stem != demo.stem
+  # The recipe both train: the demo's model and sampler, lr 1e-3, 800 steps, constant widths.
+  for preset in (demo, paper):
+    assert preset.steps == 800 and dict(preset.settings) == {"optim.learning_rate": 1e-3}
+    assert preset.model_overrides == ""
+  c = experiments.run_config("log_kde_gauss", 0.2, 0, demo.steps, settings=dict(demo.settings))
+  assert (c.optim.learning_rate, c.train.total_steps, c.loss.bandwidth_anneal_rate) == (1e-3, 800, 0.0)
 
 
 def test_parse_overrides_casts_numbers():

@@ -1,8 +1,9 @@
 """The training loop: data -> positive source -> jitted step -> logs and checkpoints.
 
-Host work (drawing data from the positive source (memory banks or fresh draws), logging, checkpointing) runs while the
-device executes the previous step: the loop never waits for a step's result except
-at log and checkpoint steps, where the pending losses are checked for NaN/inf.
+Host work (drawing the step's data from the positive source: memory banks or fresh
+draws; logging; checkpointing) runs while the device executes the previous step:
+the loop never waits for a step's result except at log and checkpoint steps, where
+the pending losses are checked for NaN/inf.
 
 The logged `host_fraction` is the share of wall time spent in host work proper
 (data, banks, log writing, checkpoint calls), excluding the time the host spends
