@@ -222,8 +222,9 @@ def _host_classes(data: TrainingData, step: int, classes_per_step: int) -> tuple
 class BankSource:
   """The release's memory banks: push fresh data every step, draw positives and negatives from the banks."""
 
-  def __init__(self, data: TrainingData, train_config, *, seed: int):
+  def __init__(self, data: TrainingData, train_config):
     self.data, self.t = data, train_config
+    seed = data.seed
     dtype = np.dtype(jax.numpy.dtype(train_config.bank_dtype))
     host = jax.process_index()
     self.positive_bank = MemoryBank(data.num_classes, train_config.positive_bank_size, data.sample_shape,
@@ -313,7 +314,7 @@ def make_source(config: ml_collections.ConfigDict, data: TrainingData) -> Positi
   """The positive source `config.train.positive_sampler` names ("bank" or "fresh")."""
   sampler = config.train.get("positive_sampler", "bank")
   if sampler == "bank":
-    return BankSource(data, config.train, seed=int(config.seed))
+    return BankSource(data, config.train)
   if sampler == "fresh":
     return FreshSource(data, config.train)
   raise ValueError(f"train.positive_sampler must be one of {POSITIVE_SAMPLERS}, got {sampler!r}")
