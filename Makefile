@@ -28,9 +28,9 @@ bench: $(STAMP)
 	$(PY) -m drifting_jax.bench.models
 	$(PY) -m drifting_jax.bench.trainer
 
-# Objective comparison on MNIST-5k: the demo's width sweep and FHM's five objectives
-# at their Table 2 widths, 3 seeds (resumable; about 1.5 hours on 2 CPU cores with two
-# single-threaded workers).
+# Objective comparisons on MNIST-5k: the demo's width sweep, FHM's five objectives at
+# widths 0.05-0.3 with 3 seeds, and Sinkhorn beside log-KDE Gauss# (resumable; about
+# 8 hours on 2 CPU cores with two single-threaded workers).
 experiments: $(STAMP)
 	$(PY) -m scripts.experiments --preset all --workers 2
 

@@ -51,6 +51,34 @@ def test_presets_are_the_documented_grids():
   assert (c.optim.learning_rate, c.train.total_steps, c.loss.bandwidth_anneal_rate) == (1e-3, 800, 0.0)
 
 
+def test_sinkhorn_preset_runs_the_demo_recipe_beside_log_kde_gauss():
+  preset = experiments.PRESETS["sinkhorn"]
+  runs = experiments.grid_runs(list(experiments.ALL_OBJECTIVES), preset.grids)
+  assert sorted(runs) == sorted([("log_kde_gauss", 0.2, s) for s in (0, 1)] +
+                                [("sinkhorn", e, s) for e in (0.02, 0.1, 0.5) for s in (0, 1)])
+  # The extra objective stays out of grids that do not name it.
+  paper = experiments.PRESETS["paper_widths"]
+  assert all(n != "sinkhorn" for n, _, _ in experiments.grid_runs(list(experiments.ALL_OBJECTIVES), paper.grids))
+  from configs import mnist_tiny
+  from drifting_jax.train import train_step
+  demo = mnist_tiny.get_config()
+  log_kde = experiments.run_config("log_kde_gauss", 0.2, 0, preset.steps, recipe=preset.recipe)
+  # The demo itself: same schedule (1.0 annealed to 0.2), learning rate and length.
+  for key in ("bandwidth_anneal_rate", "kernel", "objective"):
+    assert log_kde.loss[key] == demo.loss[key], key
+  assert log_kde.loss.bandwidths == pytest.approx(demo.loss.bandwidths, rel=1e-4)
+  assert float(log_kde.loss.bandwidths[0] * np.exp(-log_kde.loss.bandwidth_anneal_rate)) == pytest.approx(0.2)
+  assert (log_kde.optim.learning_rate, log_kde.train.total_steps) == (demo.optim.learning_rate, demo.train.total_steps)
+  sink = experiments.run_config("sinkhorn", 0.1, 1, preset.steps, recipe=preset.recipe)
+  assert (sink.loss.objective, sink.loss.sinkhorn_epsilon, sink.loss.bandwidth_anneal_rate, sink.seed) == (
+      "sinkhorn", 0.1, 0.0, 1)
+  assert sink.train.total_steps == log_kde.train.total_steps and sink.optim == log_kde.optim
+  train_step.objective_from_config(sink.loss)
+  assert experiments.run_name("sinkhorn", 0.1, 1) == "sinkhorn_eps0.1_s1"
+  with pytest.raises(ValueError, match="unknown recipe"):
+    experiments.run_config("sinkhorn", 0.1, 0, None, recipe="fast")
+
+
 def test_parse_overrides_casts_numbers():
   assert experiments.parse_overrides(" depth=2, mlp_ratio=2.5 ,name=x") == {"depth": 2, "mlp_ratio": 2.5, "name": "x"}
   assert experiments.parse_overrides("") == {}
