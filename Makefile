@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: venv test demo bench figures experiments device-check-smoke clean
+.PHONY: venv test demo bench figures experiments miniature device-check-smoke clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ bench: $(STAMP)
 # 8 hours on 2 CPU cores with two single-threaded workers).
 experiments: $(STAMP)
 	$(PY) -m scripts.experiments --preset all --workers 2
+
+# The release's recipe in miniature (MAE features, CFG, negatives) beside the demo's
+# pixel recipe at equal training time, with a CFG sweep (resumable; docs/results.md).
+miniature: $(STAMP)
+	$(PY) -m scripts.release_miniature
 
 # The accelerator check at toy sizes on the CPU (docs/benchmarks.md).
 device-check-smoke: $(STAMP)

@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.feature.activation_kwargs = ml_collections.ConfigDict(dict(
       patch_mean_size=(2, 4), patch_std_size=(2, 4), use_std=True, use_mean=True, every_k_block=2))
   c.feature.patch_stats_sizes = ()  # extra patch mean/std groups for pixel features
+  c.feature.include_input = True    # mae: the raw sample as one more group, "global" (the release's)
 
   # The objective: one field picks it (drifting_jax.losses.OBJECTIVES).
   c.loss = ml_collections.ConfigDict()

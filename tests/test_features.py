@@ -54,9 +54,16 @@ def test_mae_features_freeze_the_encoder(monkeypatch):
   monkeypatch.setattr(drifting_jax.models, "mae", fake, raising=False)
   fn = features.mae_features("the module", {"w": jnp.float32(2.0)}, every_k_block=2)
   x = jnp.ones((2, 2, 2, 1))
-  np.testing.assert_array_equal(np.asarray(fn(fn.params, x)["block"]), 2.0 * np.ones((2, 1, 4)))
+  out = fn(fn.params, x)
   assert calls[-1] == ("the module", {"every_k_block": 2})
+  np.testing.assert_array_equal(np.asarray(out["block"]), 2.0 * np.ones((2, 1, 4)))
+  # The release's "global" group: the raw sample, first, as one token.
+  assert list(out) == ["global", "block"]
+  np.testing.assert_array_equal(np.asarray(out["global"]), np.ones((2, 1, 4)))
+  without_input = features.mae_features("the module", {"w": jnp.float32(1.0)}, include_input=False)
+  assert list(without_input(without_input.params, x)) == ["block"]
   loss = lambda params, x: jnp.sum(fn(params, x)["block"] ** 2)
+  fn = features.mae_features("the module", {"w": jnp.float32(2.0)}, include_input=False, every_k_block=2)
   param_grad, input_grad = jax.grad(loss, argnums=(0, 1))(fn.params, x)
   assert float(param_grad["w"]) == 0.0
   np.testing.assert_allclose(np.asarray(input_grad), 8.0 * np.ones((2, 2, 2, 1)))  # d/dx (2x)^2 = 8x

@@ -8,7 +8,8 @@ does (its `b x f d -> (b f) x d` rearrangement makes each token position a group
 * `pixel_features`: the paper's MNIST setting: the raw sample as one vector
   (`"pixels"`, T=1, D=H*W*C), optionally with patch mean/std statistics.
 * `mae_features`: the release's latent-MAE activation extractor
-  (`drifting_jax.models.mae.activations`), with a frozen encoder.
+  (`drifting_jax.models.mae.activations`), with a frozen encoder, beside the raw
+  sample as one vector (`"global"`), as the release's `activation_fn` adds it.
 
 Both return a `FeatureFunction` whose `params` are passed back in on every call, so
 that the trainer can place them on the mesh once (replicated) and jit over them.
@@ -64,12 +65,19 @@ def pixel_features(*, patch_stats_sizes: tuple[int, ...] = ()) -> FeatureFunctio
   return FeatureFunction(apply, {})
 
 
-def mae_features(module, params, **activation_kwargs) -> FeatureFunction:
-  """The release's multi-scale MAE activations of a frozen encoder (stop-gradient params)."""
+def mae_features(module, params, *, include_input: bool = True, **activation_kwargs) -> FeatureFunction:
+  """The release's multi-scale MAE activations of a frozen encoder (stop-gradient params).
+
+  With `include_input` (the release always does it: `usual_feats["global"]` in its
+  `build_activation_function`) the raw sample is one more group, `"global"`
+  `[N, 1, H*W*C]`, so the loss also sees the sample itself and not only what the
+  encoder keeps of it.
+  """
   from drifting_jax.models import mae
 
   def apply(mae_params, x):
     mae_params = jax.lax.stop_gradient(mae_params)
-    return mae.activations(module, mae_params, x, **activation_kwargs)
+    out = {"global": rearrange(x.astype(jnp.float32), "n h w c -> n 1 (h w c)")} if include_input else {}
+    return {**out, **mae.activations(module, mae_params, x, **activation_kwargs)}
 
   return FeatureFunction(apply, params)

@@ -95,7 +95,8 @@ def build_features(config: ml_collections.ConfigDict):
     fn = features.pixel_features(patch_stats_sizes=tuple(config.feature.patch_stats_sizes))
   elif config.feature.kind == "mae":
     module, params, _ = artifacts.load(config.feature.mae_path, kind="mae")
-    fn = features.mae_features(module, params, **config.feature.activation_kwargs.to_dict())
+    fn = features.mae_features(module, params, include_input=bool(config.feature.get("include_input", True)),
+                               **config.feature.activation_kwargs.to_dict())
   else:
     raise ValueError(f"feature.kind must be 'pixels' or 'mae', got {config.feature.kind!r}")
   return fn.__call__, fn.params
