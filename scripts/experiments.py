@@ -306,6 +306,7 @@ def plot(table: dict, path: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   single_width = all(len(widths) == 1 for widths in table.values())
   fig, axes = plt.subplots(1, len(_PLOTTED), figsize=(4.2 * len(_PLOTTED), 4 if not single_width else 3.6))
   names = list(table)
@@ -328,7 +329,12 @@ def plot(table: dict, path: pathlib.Path) -> None:
           ax.errorbar([float(w) for w in ws], [widths[w][metric]["mean"] for w in ws],
                       yerr=[widths[w][metric]["std"] for w in ws], marker="o", capsize=3, label=name)
       ax.set_xscale("log")
-      ax.set_xlabel("kernel width (fraction of mean distance)")
+      # Label the widths that were run, not log-scale minor ticks (they overprint).
+      ticks = sorted({float(w) for widths in table.values() for w in widths})
+      ax.set_xticks(ticks, [f"{w:g}" for w in ticks], fontsize=8)
+      ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+      ax.set_xlabel("kernel width" + (" or Sinkhorn epsilon" if set(table) & set(EXTRA_OBJECTIVES) else "")
+                    + " (fraction of mean distance)")
     ax.set_title(title, fontsize=10)
   if single_width:
     (width,) = next(iter(table.values()))
