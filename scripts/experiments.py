@@ -333,8 +333,8 @@ def plot(table: dict, path: pathlib.Path) -> None:
       ticks = sorted({float(w) for widths in table.values() for w in widths})
       ax.set_xticks(ticks, [f"{w:g}" for w in ticks], fontsize=8)
       ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-      ax.set_xlabel("kernel width" + (" or Sinkhorn epsilon" if set(table) & set(EXTRA_OBJECTIVES) else "")
-                    + " (fraction of mean distance)")
+      ax.set_xlabel(("width or Sinkhorn ε" if set(table) & set(EXTRA_OBJECTIVES) else "kernel width")
+                    + " (× mean distance)", fontsize=9)
     ax.set_title(title, fontsize=10)
   if single_width:
     (width,) = next(iter(table.values()))
