@@ -13,8 +13,8 @@ checkpoint when it was stopped (rerun the same command):
    gradient normalisation                                 <root>/mae_generator
 4. the demo's pixel recipe (`configs/mnist_tiny.py`: Gauss# annealed to 0.2, no CFG)
    for the same training wall time as stage 3: its step count is stage 3's, scaled
-   by the two recipes' steady steps/s (stage 3's from its log, the pixel recipe's
-   from a 60-step probe run just before)                  <root>/pixels
+   by the two recipes' steady steps/s, from 60-step probe runs of both back to back
+   (kept in <root>/pixels_calibration.json)               <root>/pixels
 5. evaluation: stage 3 over the CFG sweep (alpha = 1, 1.5, 2, 3, 4), stage 4 at
    alpha = 1, with the held-out classifier (accuracy, worst class, Frechet distance,
    precision, recall, F1, within-class spread). Writes `<docs>/miniature.{json,md}`,
@@ -31,6 +31,7 @@ import json
 import pathlib
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
@@ -56,13 +57,17 @@ class Times:
 
 
 def steady_steps_per_second(workdir: pathlib.Path) -> float:
-  """Mean logged steps/s after the first window (which holds the compilation)."""
+  """Median logged steps/s after the first window (which holds the compilation).
+
+  The median, since a window that holds a checkpoint, a sample grid or a resume
+  logs a rate that says nothing about the step itself.
+  """
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   rates = [l["steps_per_sec"] for l in lines if "steps_per_sec" in l]
   rates = rates[1:] or rates
   if not rates:
     raise RuntimeError(f"{workdir / 'metrics.jsonl'} logs no steps_per_sec")
-  return float(np.mean(rates))
+  return float(np.median(rates))
 
 
 def mae_config(root: pathlib.Path, seed: int):
@@ -97,19 +102,30 @@ def train_generator(config, workdir: pathlib.Path, times: Times, stage: str) -> 
     raise SystemExit(f"{workdir} stopped at step {int(state.step)}; rerun to resume it")
 
 
-def pixel_steps_for_equal_time(root: pathlib.Path, mae_workdir: pathlib.Path, mae_steps: int, seed: int) -> dict:
-  """The pixel recipe's step count that takes as long as the MAE generator's run (kept in a file)."""
+def _probe_steps_per_second(config, steps: int = 60) -> float:
+  from drifting_jax.train import trainer
+  probe = config.copy_and_resolve_references()
+  probe.train.total_steps = steps
+  probe.optim.warmup_steps = min(probe.optim.warmup_steps, steps // 5)
+  probe.log.every_steps = 10
+  probe.log.sample_grid_every = 0
+  probe.checkpoint.every_steps = steps
+  with tempfile.TemporaryDirectory() as tmp:
+    trainer.train_and_evaluate(probe, tmp)
+    return steady_steps_per_second(pathlib.Path(tmp))
+
+
+def pixel_steps_for_equal_time(root: pathlib.Path, mae_config_: Any, mae_steps: int, seed: int) -> dict:
+  """The pixel recipe's step count that trains as long as the MAE generator's run (kept in a file).
+
+  Both recipes are probed for 60 steps back to back, so that they are timed under
+  the same load (the two-core machine's speed varies with what else runs).
+  """
   path = root / "pixels_calibration.json"
   if path.exists():
     return json.loads(path.read_text())
-  from drifting_jax.train import trainer
-  probe = pixel_config(root, seed, 60)
-  probe.log.every_steps = 10
-  probe.checkpoint.every_steps = 60
-  with tempfile.TemporaryDirectory() as tmp:
-    trainer.train_and_evaluate(probe, tmp)
-    pixel_rate = steady_steps_per_second(pathlib.Path(tmp))
-  mae_rate = steady_steps_per_second(mae_workdir)
+  mae_rate = _probe_steps_per_second(mae_config_)
+  pixel_rate = _probe_steps_per_second(pixel_config(root, seed, None))
   out = {"mae_steps_per_sec": mae_rate, "pixel_steps_per_sec": pixel_rate,
          "pixel_steps": int(round(mae_steps * pixel_rate / mae_rate))}
   path.write_text(json.dumps(out, indent=2))
@@ -228,7 +244,7 @@ def main(argv=None) -> dict:
   train_generator(config, mae_workdir, times, "mae_generator_train")
 
   steps = int(config.train.total_steps)
-  calibration = pixel_steps_for_equal_time(root, mae_workdir, steps, args.seed)
+  calibration = pixel_steps_for_equal_time(root, config, steps, args.seed)
   pixels = pixel_config(root, args.seed, calibration["pixel_steps"])
   train_generator(pixels, root / "pixels", times, "pixels_train")
 
