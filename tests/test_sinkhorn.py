@@ -236,7 +236,7 @@ def test_objective_from_config():
   gen, pos, neg = clouds(13)
   w_neg = np.ones(neg.shape[:2], np.float32)
   for scale in (None, 1.5):
-    np.testing.assert_allclose(objective(gen, pos, neg, None, None, w_neg, distance_scale=scale)[0],
+    np.testing.assert_allclose(objective(gen, pos, neg, weight_neg=w_neg, distance_scale=scale)[0],
                                losses.sinkhorn_loss(gen, pos, neg, None, None, w_neg, epsilon=0.1,
                                                     distance_scale=scale)[0], rtol=1e-6)
   config.sinkhorn_cost = "manhattan"

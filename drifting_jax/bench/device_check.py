@@ -997,8 +997,8 @@ def _loss_alone_seconds(step: _AblationStep, rec: _Record) -> dict:
                         train_step_lib.unconditional_weight(2.0, t.gen_per_class, t.neg_per_class), jnp.float32)
 
   def total(g):
-    return sum(jnp.mean(objective(g[k], pos[k], neg[k] if t.neg_per_class else None, None, None,
-                                  weight_neg if t.neg_per_class else None)[0]) for k in sorted(g))
+    return sum(jnp.mean(objective(g[k], pos[k], neg[k] if t.neg_per_class else None,
+                                  weight_neg=weight_neg if t.neg_per_class else None)[0]) for k in sorted(g))
 
   fn = jax.jit(jax.value_and_grad(total))
   start = time.perf_counter()
