@@ -19,7 +19,7 @@ TRAINING_CONFIGS = ["mnist_tiny", "mnist_dit_s2", "fashion_mnist_dit_s2", "image
 def test_training_configs_validate(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   trainer.validate_config(config)
-  model_config = trainer.generator_config(config)
+  model_config = generator_lib.model_config_from_run(config)
   assert model_config["input_size"] == config.data.image_size
 
 
@@ -60,7 +60,7 @@ def test_paper_configs_are_table3_to_the_letter(dataset, variant):
   c = module.get_config(variant)
   objective, kernel, width_mnist, width_fashion = PAPER_TABLE2[variant]
   # Architecture: DiT-S/2, 28x28x1, patch 2, width 384, MLP 1536, depth 12, 8 registers, 32 style tokens.
-  model = trainer.generator_config(c)
+  model = generator_lib.model_config_from_run(c)
   assert (model["input_size"], model["in_channels"], model["patch_size"]) == (28, 1, 2)
   assert (model["hidden_size"], model["hidden_size"] * model["mlp_ratio"], model["depth"]) == (384, 1536, 12)
   assert (model["n_cls_tokens"], model["noise_coords"]) == (8, 32)

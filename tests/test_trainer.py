@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import mnist_tiny
+from drifting_jax.models import generator as generator_lib
 from drifting_jax.train import checkpointing, partitioning, trainer
 from drifting_jax.train import train_step as train_step_lib
 
@@ -21,7 +22,7 @@ def tiny_config(**train_overrides):
 
 
 def _step_on_mesh(config, mesh):
-  model_config = trainer.generator_config(config)
+  model_config = generator_lib.model_config_from_run(config)
   module = trainer.generator_lib.build_module(model_config)
   feature_apply, feature_params = trainer.build_features(config)
   tx, schedule = trainer.optim.make_optimizer(config.optim, config.train.total_steps, config.train.max_grad_norm)

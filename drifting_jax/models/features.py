@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange, reduce
 
+from drifting_jax.models import mae
+
 Features = dict[str, jax.Array]
 
 
@@ -66,8 +68,6 @@ def pixel_features(*, patch_stats_sizes: tuple[int, ...] = ()) -> FeatureFunctio
 
 def mae_features(module, params, **activation_kwargs) -> FeatureFunction:
   """The release's multi-scale MAE activations of a frozen encoder (stop-gradient params)."""
-  from drifting_jax.models import mae
-
   def apply(mae_params, x):
     mae_params = jax.lax.stop_gradient(mae_params)
     return mae.activations(module, mae_params, x, **activation_kwargs)

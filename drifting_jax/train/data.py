@@ -45,7 +45,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from drifting_jax.train import images as image_utils
+from drifting_jax.data import images as image_utils, latents, pipelines
+from drifting_jax.data.mnist5k import load_mnist5k
 from drifting_jax.train.memory_bank import MemoryBank
 
 POSITIVE_SAMPLERS = ("bank", "fresh")
@@ -130,37 +131,20 @@ class TrainingData:
     return samples.astype(np.float32, copy=False)
 
 
-def pad_images(images: np.ndarray, pad_to: int, black: float = -1.0) -> np.ndarray:
-  """Centers [N, H, W, C] images on a black pad_to x pad_to canvas (0: unchanged).
-
-  Black is -1 in model range (the default) and 0 for uint8 images.
-  """
-  if not pad_to:
-    return images
-  h = images.shape[1]
-  if pad_to < h:
-    raise ValueError(f"data.pad_to={pad_to} is smaller than the images ({h})")
-  lo = (pad_to - h) // 2
-  return np.pad(images, ((0, 0), (lo, pad_to - h - lo), (lo, pad_to - h - lo), (0, 0)), constant_values=black)
-
-
 def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
   """This host's training data for `config.data` (see configs/default.py)."""
   name = config.data.name
   process_index, process_count = jax.process_index(), jax.process_count()
   flipped = None
   if name == "mnist5k":
-    from drifting_jax.data.mnist5k import load_mnist5k
     raw, labels = load_mnist5k("train")
     samples = image_utils.uint8_to_model(raw)
     replicated = True
   elif name in ("mnist", "fashion_mnist"):
-    from drifting_jax.data import pipelines
     raw, labels = pipelines.load_in_memory(name, split="train", data_dir=config.data.data_dir or None)
     samples = image_utils.uint8_to_model(raw)
     replicated = True
   elif name in ("latents", "synthetic_latents"):
-    from drifting_jax.data import latents
     data_dir = config.data.data_dir
     if name == "synthetic_latents":
       # Made on the spot (deterministic in the seed; every host makes the same) when
@@ -178,9 +162,9 @@ def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
   else:
     raise ValueError(f"unknown data.name {name!r}; expected mnist5k, mnist, fashion_mnist, latents or "
                      f"synthetic_latents")
-  samples = pad_images(samples, int(config.data.pad_to))
+  samples = image_utils.pad_images(samples, int(config.data.pad_to))
   if flipped is not None:
-    flipped = pad_images(flipped, int(config.data.pad_to))
+    flipped = image_utils.pad_images(flipped, int(config.data.pad_to))
   expected = (config.data.image_size, config.data.image_size, config.data.channels)
   if samples.shape[1:] != expected:
     raise ValueError(f"data {name!r} has samples of shape {samples.shape[1:]}, config expects {expected} "

@@ -13,9 +13,7 @@ metrics), so it measures what the host adds, not what the device takes.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import pathlib
 import time
 from typing import Any
@@ -24,12 +22,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 from jax.experimental import multihost_utils
 
-from drifting_jax import losses
-from drifting_jax.models import artifacts, generator as generator_lib
-from drifting_jax.train import checkpointing, data as train_data, images, optim, partitioning
+from drifting_jax import losses, writers
+from drifting_jax.models import artifacts, features, generator as generator_lib
+from drifting_jax.data import images
+from drifting_jax.train import checkpointing, data as train_data, optim, partitioning
 from drifting_jax.train import train_step as train_step_lib
 from drifting_jax.train.train_step import TrainState
 
@@ -72,25 +71,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   train_step_lib.objective_from_config(config.loss)  # unknown objective/kernel/normalization
 
 
-def generator_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  overrides = dict(config.model.overrides.to_dict()) if config.model.overrides else {}
-  model_config = generator_lib.model_config_for(config.model.name, **overrides)
-  expected = (config.data.image_size + 2 * 0, config.data.channels)
-  if (model_config["input_size"], model_config["out_channels"]) != expected:
-    raise ValueError(f"generator {config.model.name} makes {model_config['input_size']}x"
-                     f"{model_config['input_size']}x{model_config['out_channels']} samples, but the data are "
-                     f"{expected[0]}x{expected[0]}x{expected[1]}: fix model.overrides or data.image_size/channels")
-  if model_config["num_classes"] < config.data.num_classes:
-    raise ValueError(f"generator has {model_config['num_classes']} class rows for {config.data.num_classes} classes")
-  return model_config
-
-
 # --------------------------------------------------------------------------- pieces
 
 
 def build_features(config: ml_collections.ConfigDict):
   """(apply(params, x) -> {name: [N, T, D]}, params) for the configured feature space."""
-  from drifting_jax.models import features
   if config.feature.kind == "pixels":
     fn = features.pixel_features(patch_stats_sizes=tuple(config.feature.patch_stats_sizes))
   elif config.feature.kind == "mae":
@@ -124,54 +109,6 @@ def module_config(module) -> dict[str, Any]:
   return {k: getattr(module, k) for k in generator_lib.CONFIG_KEYS if k not in generator_lib.RUNTIME_ONLY_KEYS}
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-  """Appends {"step": s, name: value, ...} lines to metrics.jsonl (process 0 only)."""
-
-  def __init__(self, path: str | os.PathLike):
-    self.path = pathlib.Path(path)
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-
-  def write_scalars(self, step, scalars):
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
-
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_hparams(self, hparams):
-    pass
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
-
-
-def make_writer(workdir: str) -> metric_writers.MetricWriter:
-  if jax.process_index() != 0:
-    return metric_writers.create_default_writer(workdir, just_logging=True)
-  return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(pathlib.Path(workdir) / "metrics.jsonl"),
-  ])
-
-
 def write_params_ema_artifact(workdir, module, ema_params) -> None:
   """The release's `params_ema/` folder, so its tools can read our runs (process 0)."""
   host_params = multihost_utils.process_allgather(ema_params, tiled=True)
@@ -197,7 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp)
   t = config.train
 
-  model_config = generator_config(config)
+  model_config = generator_lib.model_config_from_run(config)
   module = generator_lib.build_module({**model_config, "remat": bool(config.model.remat)})
   feature_apply, feature_params = build_features(config)
   data = train_data.load_training_data(config)
@@ -230,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       out_shardings=(state_shardings, partitioning.replicated(mesh)),
       donate_argnums=(0,))
 
-  writer = make_writer(workdir)
+  writer = writers.make_writer(workdir)
   if start_step == 0 and jax.process_index() == 0:
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
   progress = periodic_actions.ReportProgress(num_train_steps=t.total_steps, writer=writer,
