@@ -134,7 +134,7 @@ def run_name(name: str, width: float, seed: int) -> str:
 def run_one(root: pathlib.Path, name: str, width: float, seed: int, steps: int,
             classifier_path: pathlib.Path, model_overrides: dict | None = None, settings: dict | None = None) -> dict:
   from drifting_jax.eval import evaluation
-  from drifting_jax.train import trainer
+  from drifting_jax.train import run as run_lib, trainer
   workdir = root / run_name(name, width, seed)
   result_path = workdir / "result.json"
   if result_path.exists():
@@ -146,7 +146,7 @@ def run_one(root: pathlib.Path, name: str, width: float, seed: int, steps: int,
   try:
     state = trainer.train_and_evaluate(config, str(workdir))
     status = "ok"
-  except trainer.NonFiniteLossError as e:
+  except run_lib.NonFiniteLossError as e:
     status = f"diverged: {e}"
   else:
     if int(state.step) < steps:  # stopped early (SIGTERM): resume it next time, record nothing

@@ -11,6 +11,7 @@ import pytest
 from configs import mnist_tiny
 from drifting_jax.models import generator as generator_lib
 from drifting_jax.train import checkpointing, partitioning, trainer
+from drifting_jax.train import run as run_lib
 from drifting_jax.train import train_step as train_step_lib
 
 
@@ -91,7 +92,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
   monkeypatch.setattr(trainer.train_data.TrainingData, "push_batch", poisoned)
   config.train.positive_bank_size = 4  # the poisoned pushes reach every slot quickly
-  with pytest.raises(trainer.NonFiniteLossError, match=r"at step \d+.*last good checkpoint \(step 3\)"):
+  with pytest.raises(run_lib.NonFiniteLossError, match=r"at step \d+.*last good checkpoint \(step 3\)"):
     trainer.train_and_evaluate(config, str(tmp_path))
   assert checkpointing.Checkpointer(tmp_path).all_steps() == [3]
 

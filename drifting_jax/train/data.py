@@ -204,22 +204,27 @@ def _host_classes(data: TrainingData, step: int, classes_per_step: int) -> tuple
 
 
 class BankSource:
-  """The release's memory banks: push fresh data every step, draw positives and negatives from the banks."""
+  """The release's memory banks: push fresh data every step, draw positives and negatives from the banks.
+
+  Two banks of the same samples: per class (the positives) and one row for all
+  classes (the unconditional negatives). Their checkpoint state is keyed "pos/..."
+  and "neg/..." in the host state files.
+  """
 
   def __init__(self, data: TrainingData, train_config):
     self.data, self.t = data, train_config
-    seed = data.seed
     dtype = np.dtype(jax.numpy.dtype(train_config.bank_dtype))
     host = jax.process_index()
     self.positive_bank = MemoryBank(data.num_classes, train_config.positive_bank_size, data.sample_shape,
-                                    dtype=dtype, seed=[seed, host, 1])
+                                    dtype=dtype, seed=[data.seed, host, 1])
     self.negative_bank = MemoryBank(1, max(1, train_config.negative_bank_size), data.sample_shape, dtype=dtype,
-                                    seed=[seed, host, 2])
+                                    seed=[data.seed, host, 2])
+    self._banks = {"pos": self.positive_bank, "neg": self.negative_bank}  # checkpoint key prefix -> bank
     self._filled = False
 
   def _push(self, samples: np.ndarray, labels: np.ndarray) -> None:
     self.positive_bank.push(samples, labels)
-    self.negative_bank.push(samples, np.zeros_like(labels))
+    self.negative_bank.push(samples, np.zeros_like(labels))  # one row: every class is a negative
 
   def _fill(self, step: int) -> None:
     """At (re)start, pushes data until every class holds pos_per_class samples (bounded).
@@ -256,12 +261,13 @@ class BankSource:
             "negatives": negatives.astype(np.float32, copy=False)}
 
   def state_dict(self) -> dict[str, np.ndarray]:
-    return {**{f"pos/{k}": v for k, v in self.positive_bank.state_dict().items()},
-            **{f"neg/{k}": v for k, v in self.negative_bank.state_dict().items()}}
+    return {f"{prefix}/{key}": value for prefix, bank in self._banks.items()
+            for key, value in bank.state_dict().items()}
 
   def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-    self.positive_bank.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("pos/")})
-    self.negative_bank.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("neg/")})
+    for prefix, bank in self._banks.items():
+      bank.load_state_dict({key[len(prefix) + 1:]: value for key, value in state.items()
+                            if key.startswith(prefix + "/")})
 
 
 class FreshSource:

@@ -146,3 +146,8 @@ def host_to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:
   if jax.process_count() > 1:
     local = np.asarray(multihost_utils.process_allgather(local, tiled=True))
   return jax.make_array_from_process_local_data(replicated(mesh), local)
+
+
+def batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Every array of a host batch as one global array (`host_to_global`)."""
+  return {name: host_to_global(local, mesh) for name, local in batch.items()}
