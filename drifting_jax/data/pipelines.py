@@ -46,7 +46,7 @@ def _tfds():
 
 
 def _tf():
-  import tensorflow as tf
+  import tensorflow as tf  # imported on first use, like tensorflow_datasets above: slow to import
   return tf
 
 
