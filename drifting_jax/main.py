@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from drifting_jax import modes
+from drifting_jax import modes  # light: a mode's module is imported when the mode runs
 
 FLAGS = flags.FLAGS
 

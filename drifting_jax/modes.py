@@ -2,53 +2,42 @@
 
 Every mode takes the run's config and workdir, so each job around a training run
 (evaluation beside it, a watcher, the classifier or MAE it needs, the latent cache
-it reads) is started with the same two arguments as the run itself:
+it reads) is started with the same two arguments as the run itself.
 
-    train             drifting_jax.train.trainer.train_and_evaluate
-    sample            drifting_jax.eval.sampling.sample_to_files
-    evaluate, watch   drifting_jax.eval.evaluation
-    build_latents,
-    import_latents    drifting_jax.data.latent_jobs
-    train_mae         drifting_jax.train.mae_pretrain.train_mae
-    train_classifier  drifting_jax.eval.classifier_job.train_classifier_job
+The table names each function by module and attribute, and `run` imports the
+module when its mode runs: `main` can list the modes and reject a bad flag or config
+override in a second, before JAX and the trainers are loaded, and a mode loads
+only what it uses (build_latents no trainer, train no Inception).
 """
 
 from __future__ import annotations
 
-import pathlib
+import importlib
 from typing import Any, Callable
 
-import jax
 import ml_collections
 
-from drifting_jax.data import latent_jobs
-from drifting_jax.eval import classifier_job, evaluation, sampling
-from drifting_jax.train import mae_pretrain, trainer
-
-Mode = Callable[[ml_collections.ConfigDict, str], Any]
-
-
-def _sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
-  path = sampling.sample_to_files(config, workdir)
-  if jax.process_index() == 0:
-    print(f"samples written to {path}")
-  return path
-
-
-MODES: dict[str, Mode] = {
-    "train": trainer.train_and_evaluate,
-    "sample": _sample,
-    "evaluate": evaluation.evaluate,
-    "watch": evaluation.watch,
-    "train_classifier": classifier_job.train_classifier_job,
-    "train_mae": mae_pretrain.train_mae,
-    "build_latents": latent_jobs.build_latents,
-    "import_latents": latent_jobs.import_latents,
+# mode -> (module, function(config, workdir)).
+MODES: dict[str, tuple[str, str]] = {
+    "train": ("drifting_jax.train.trainer", "train_and_evaluate"),
+    "sample": ("drifting_jax.eval.sampling", "sample_mode"),
+    "evaluate": ("drifting_jax.eval.evaluation", "evaluate"),
+    "watch": ("drifting_jax.eval.evaluation", "watch"),
+    "train_classifier": ("drifting_jax.eval.classifier_job", "train_classifier_job"),
+    "train_mae": ("drifting_jax.train.mae_pretrain", "train_mae"),
+    "build_latents": ("drifting_jax.data.latent_jobs", "build_latents"),
+    "import_latents": ("drifting_jax.data.latent_jobs", "import_latents"),
 }
+
+
+def mode_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], Any]:
+  """The function that runs `mode` (its module imported now)."""
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
+  module, function = MODES[mode]
+  return getattr(importlib.import_module(module), function)
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Runs `mode` on the run (config, workdir); returns what the mode's function returns."""
-  if mode not in MODES:
-    raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
-  return MODES[mode](config, workdir)
+  return mode_function(mode)(config, workdir)

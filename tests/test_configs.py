@@ -1,6 +1,7 @@
 """Every config file builds a valid run, and bad command-line overrides fail before any work."""
 
 import importlib
+import inspect
 import os
 import pathlib
 import subprocess
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 
+from drifting_jax import modes
 from drifting_jax.models import generator as generator_lib
 from drifting_jax.train import trainer
 
@@ -111,3 +113,9 @@ def test_bad_overrides_fail_before_any_work(tmp_path, override, message):
   assert result.returncode != 0
   assert message in result.stderr
   assert not (workdir / "checkpoints").exists()
+
+
+def test_every_mode_names_a_function_of_config_and_workdir():
+  for mode in modes.MODES:
+    function = modes.mode_function(mode)
+    assert list(inspect.signature(function).parameters)[:2] == ["config", "workdir"], mode

@@ -81,3 +81,11 @@ def sample_to_files(config: ml_collections.ConfigDict, workdir: str) -> pathlib.
     else:
       np.savez(out / "samples.npz", latents=samples, labels=labels)
   return out
+
+
+def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+  """The `sample` mode: `sample_to_files`, and where the files went (process 0)."""
+  path = sample_to_files(config, workdir)
+  if jax.process_index() == 0:
+    print(f"samples written to {path}")
+  return path
