@@ -102,6 +102,7 @@ def _main(*args):
                         capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a subprocess of main per case
 @pytest.mark.parametrize("override, message", [
     ("--config.train.bogus_key=3", "bogus_key"),
     ("--config.train.total_steps=many", "total_steps"),

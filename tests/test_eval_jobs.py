@@ -18,6 +18,8 @@ from drifting_jax.eval import classifier_job, evaluation, sampling
 from drifting_jax.models import artifacts, classifier, features, inception
 from drifting_jax.train import checkpointing, optim, trainer
 
+pytestmark = pytest.mark.slow  # a trained run, a classifier and evaluations
+
 NUM_CLASSES = 10
 
 

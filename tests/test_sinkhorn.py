@@ -11,6 +11,8 @@ import jax.numpy as jnp
 
 from drifting_jax import losses
 
+pytestmark = pytest.mark.slow  # Sinkhorn solves to convergence
+
 
 def clouds(seed=0, b=2, cg=6, cp=5, cn=3, s=4):
   r = np.random.default_rng(seed)

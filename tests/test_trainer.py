@@ -14,6 +14,8 @@ from drifting_jax.train import checkpointing, partitioning, trainer
 from drifting_jax.train import run as run_lib
 from drifting_jax.train import train_step as train_step_lib
 
+pytestmark = pytest.mark.slow  # training runs, resume and NaN stop
+
 
 def tiny_config(**train_overrides):
   c = mnist_tiny.get_config("smoke")

@@ -15,6 +15,7 @@ untrained baseline (the same generator at initialisation), after a short run
 
 import jax
 import numpy as np
+import pytest
 
 from configs import mnist_tiny
 from drifting_jax.data.mnist5k import load_mnist5k
@@ -22,6 +23,8 @@ from drifting_jax.models import artifacts
 from drifting_jax.models import generator as generator_lib
 from drifting_jax.data import images
 from drifting_jax.train import trainer
+
+pytestmark = pytest.mark.slow  # a real training run
 
 PER_CLASS = 20
 
