@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: venv test demo bench figures experiments miniature device-check-smoke clean
+.PHONY: venv test test-fast demo bench figures experiments miniature device-check-smoke clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): requirements.txt
 # The suite runs on CPU with 8 virtual devices (see tests/conftest.py).
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+# The edit-run loop: everything but the tests marked `slow` (under a minute on 2 cores).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 demo: $(STAMP)
 	$(PY) -m drifting_jax.demo

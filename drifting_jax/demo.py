@@ -21,8 +21,12 @@ import json
 import pathlib
 import time
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from drifting_jax.eval import classifier_job, evaluation, sampling
+from drifting_jax.train import trainer
 
 FLAGS = flags.FLAGS
 
@@ -35,10 +39,6 @@ config_flags.DEFINE_config_file("config", "configs/mnist_tiny.py", "Demo configu
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax
-  from drifting_jax.eval import classifier, jobs, sampling
-  from drifting_jax.train import trainer
-
   config = FLAGS.config
   workdir = pathlib.Path(FLAGS.workdir)
   demo_start = time.perf_counter()
@@ -50,12 +50,12 @@ def main(argv):
 
   folder = sampling.sample_to_files(config, str(workdir))
 
-  if not (classifier.classifier_dir(config, str(workdir)) / "metadata.json").exists():
-    classifier.train_classifier_job(config, str(workdir))
+  if not (classifier_job.classifier_dir(config, str(workdir)) / "metadata.json").exists():
+    classifier_job.train_classifier_job(config, str(workdir))
   with config.unlocked():
     config.eval.samples_per_class = config.sample.per_class
     config.eval.cfg_scales = (config.sample.cfg_scale,)
-  results = jobs.evaluate(config, str(workdir))
+  results = evaluation.evaluate(config, str(workdir))
   metrics = next(iter(results["cfg"].values()))
 
   total_minutes = (time.perf_counter() - demo_start) / 60

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from drifting_jax import modes  # light: a mode's module is imported when the mode runs
+
 FLAGS = flags.FLAGS
-MODES = ("train", "sample", "evaluate", "watch", "train_classifier", "train_mae", "build_latents",
-         "import_latents")
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+flags.DEFINE_enum("mode", "train", list(modes.MODES), "What to run (drifting_jax.modes).")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 for multi-process runs (else taken from the environment).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
@@ -32,7 +33,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _initialize_distributed() -> None:
-  import jax
   if FLAGS.tpu_pod:
     jax.distributed.initialize()
     return
@@ -48,22 +48,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _initialize_distributed()
-  import jax
   config = FLAGS.config
   logging.info("process %d/%d, %d local devices, %d devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   logging.info("config:\n%s", config)
-  if FLAGS.mode == "train":
-    from drifting_jax.train import trainer
-    trainer.train_and_evaluate(config, FLAGS.workdir)
-  elif FLAGS.mode == "sample":
-    from drifting_jax.eval import sampling
-    path = sampling.sample_to_files(config, FLAGS.workdir)
-    if jax.process_index() == 0:
-      print(f"samples written to {path}")
-  else:
-    from drifting_jax.eval import jobs
-    jobs.run(FLAGS.mode, config, FLAGS.workdir)
+  modes.run(FLAGS.mode, config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

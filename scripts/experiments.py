@@ -159,8 +159,8 @@ def run_name(name: str, width: float, seed: int) -> str:
 def run_one(root: pathlib.Path, name: str, width: float, seed: int, steps: int,
             classifier_path: pathlib.Path, model_overrides: dict | None = None, settings: dict | None = None,
             recipe: str = "comparison") -> dict:
-  from drifting_jax.eval import jobs
-  from drifting_jax.train import trainer
+  from drifting_jax.eval import evaluation
+  from drifting_jax.train import run as run_lib, trainer
   workdir = root / run_name(name, width, seed)
   result_path = workdir / "result.json"
   if result_path.exists():
@@ -172,7 +172,7 @@ def run_one(root: pathlib.Path, name: str, width: float, seed: int, steps: int,
   try:
     state = trainer.train_and_evaluate(config, str(workdir))
     status = "ok"
-  except trainer.NonFiniteLossError as e:
+  except run_lib.NonFiniteLossError as e:
     status = f"diverged: {e}"
   else:
     if int(state.step) < steps:  # stopped early (SIGTERM): resume it next time, record nothing
@@ -180,7 +180,7 @@ def run_one(root: pathlib.Path, name: str, width: float, seed: int, steps: int,
   seconds = time.perf_counter() - start
   metrics = {}
   if status == "ok":
-    metrics = jobs.evaluate(config, str(workdir))["cfg"]["1"]
+    metrics = evaluation.evaluate(config, str(workdir))["cfg"]["1"]
   result = {"objective": name, "width": width, "seed": seed, "steps": steps, "status": status, "recipe": recipe,
             "model_overrides": model_overrides or {}, "train_seconds": seconds,
             "total_seconds": time.perf_counter() - start, **{k: metrics.get(k) for k in METRICS}}
@@ -191,12 +191,12 @@ def run_one(root: pathlib.Path, name: str, width: float, seed: int, steps: int,
 
 def ensure_classifier(root: pathlib.Path) -> pathlib.Path:
   from configs import mnist_tiny
-  from drifting_jax.eval import classifier
+  from drifting_jax.eval import classifier_job
   path = root / "classifier"
   if not (path / "metadata.json").exists():
     config = mnist_tiny.get_config()
     config.eval.classifier_path = str(path)
-    classifier.train_classifier_job(config, str(root))
+    classifier_job.train_classifier_job(config, str(root))
   return path
 
 

@@ -15,7 +15,10 @@ checkpoint when it was stopped (rerun the same command):
    for the same training wall time as stage 3: its step count is stage 3's, scaled
    by the two recipes' steady steps/s, from 60-step probe runs of both back to back
    (kept in <root>/pixels_calibration.json)               <root>/pixels
-5. evaluation: stage 3 over the CFG sweep (alpha = 1, 1.5, 2, 3, 4), stage 4 at
+5. the recipe of stage 3 on raw pixels only (`configs/mnist_mae.py:pixels`: same
+   objective, CFG, negatives and steps; no MAE), which isolates what the features
+   buy                                                    <root>/pixels_same_recipe
+6. evaluation: stages 3 and 5 over the CFG sweep (alpha = 1, 1.5, 2, 3, 4), stage 4 at
    alpha = 1, with the held-out classifier (accuracy, worst class, Frechet distance,
    precision, recall, F1, within-class spread). Writes `<docs>/miniature.{json,md}`,
    `<docs>/figures/miniature_cfg.png` (metrics against alpha, pixels as a line) and
@@ -79,6 +82,14 @@ def mae_config(root: pathlib.Path, seed: int):
   return config
 
 
+def same_recipe_pixel_config(root: pathlib.Path, seed: int):
+  config = mnist_mae.get_config("pixels")
+  config.seed = seed
+  config.eval.classifier_path = str(root / "classifier")
+  config.checkpoint.async_save = False
+  return config
+
+
 def pixel_config(root: pathlib.Path, seed: int, steps: int | None):
   config = experiments.run_config("log_kde_gauss", 0.2, seed, steps, recipe="demo")
   config.log.sample_grid_every = 0
@@ -133,12 +144,12 @@ def pixel_steps_for_equal_time(root: pathlib.Path, mae_config_: Any, mae_steps: 
 
 
 def evaluate(config, workdir: pathlib.Path, times: Times, stage: str) -> dict:
-  from drifting_jax.eval import jobs
+  from drifting_jax.eval import evaluation
   result_path = workdir / "sweep.json"
   if result_path.exists():
     return json.loads(result_path.read_text())
   start = time.perf_counter()
-  result = jobs.evaluate(config, str(workdir))
+  result = evaluation.evaluate(config, str(workdir))
   times.add(stage, time.perf_counter() - start)
   result_path.write_text(json.dumps(result, indent=2, default=float))
   return result
@@ -161,7 +172,6 @@ def write_report(root: pathlib.Path, docs: pathlib.Path, sweep: dict, pixels: di
   report = {"alphas": [float(a) for a in alphas], "mae": rows, "pixels": pixel_row, "times": times,
             "calibration": calibration, "trends": trends}
   docs.mkdir(parents=True, exist_ok=True)
-  (docs / "miniature.json").write_text(json.dumps(report, indent=2, default=float))
   fmt = lambda v: "-" if v is None else f"{v:.3f}"
   lines = [f"Produced by `{command}`.", "",
            "| run | alpha | " + " | ".join(LABELS[m] for m in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
@@ -170,6 +180,13 @@ def write_report(root: pathlib.Path, docs: pathlib.Path, sweep: dict, pixels: di
                  + " | ".join(fmt(rows[a].get(m)) for m in METRICS) + " |")
   lines.append(f"| pixels, demo recipe ({calibration['pixel_steps']} steps) | 1 | "
                + " | ".join(fmt(pixel_row.get(m)) for m in METRICS) + " |")
+  same = root / "pixels_same_recipe" / "sweep.json"
+  if same.exists():  # configs/mnist_mae.py:pixels: this recipe with raw-pixel features only
+    same_sweep = json.loads(same.read_text())
+    report["pixels_same_recipe"] = same_sweep["cfg"]
+    for a in sorted(same_sweep["cfg"], key=float):
+      lines.append(f"| raw pixels, this recipe ({mae_steps} steps) | {a} | "
+                   + " | ".join(fmt(same_sweep["cfg"][a].get(m)) for m in METRICS) + " |")
   lines += ["", "Trend with alpha (Spearman rank correlation, +1 = rises with every step of alpha): "
             + ", ".join(f"{m} {v:+.2f}" for m, v in trends.items()) + ".", "",
             "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
@@ -178,6 +195,7 @@ def write_report(root: pathlib.Path, docs: pathlib.Path, sweep: dict, pixels: di
             f"{calibration['pixel_steps_per_sec']:.3f} (pixels), so the pixel run trains "
             f"{calibration['pixel_steps']} steps against {mae_steps}."]
   (docs / "miniature.md").write_text("\n".join(lines) + "\n")
+  (docs / "miniature.json").write_text(json.dumps(report, indent=2, default=float))
   plot(report, docs / "figures" / "miniature_cfg.png")
   montage(root, alphas, sweep, pixels, docs / "figures" / "miniature_samples.png")
   return report
@@ -212,11 +230,14 @@ def montage(root: pathlib.Path, alphas: list[str], sweep: dict, pixels: dict, pa
   panels.append((root / "pixels" / "eval" / f"step_{pixels['step']}_cfg1.png", "pixels (demo recipe)",
                  pixels["cfg"]["1"]))
   panels = [p for p in panels if p[0].exists()]
-  fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.9), squeeze=False)
+  cols = min(3, len(panels))
+  rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 5.0 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
   for ax, (grid, title, metrics) in zip(axes.flat, panels):
     ax.imshow(matplotlib.image.imread(grid), cmap="gray", interpolation="nearest")
-    ax.set_title(f"{title}\naccuracy {metrics['accuracy']:.2f}, FD {metrics['frechet_distance']:.0f}", fontsize=8)
-    ax.axis("off")
+    ax.set_title(f"{title}\naccuracy {metrics['accuracy']:.2f}, FD {metrics['frechet_distance']:.0f}", fontsize=9)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=100)
@@ -248,8 +269,12 @@ def main(argv=None) -> dict:
   pixels = pixel_config(root, args.seed, calibration["pixel_steps"])
   train_generator(pixels, root / "pixels", times, "pixels_train")
 
+  same = same_recipe_pixel_config(root, args.seed)
+  train_generator(same, root / "pixels_same_recipe", times, "pixels_same_recipe_train")
+
   sweep = evaluate(config, mae_workdir, times, "mae_generator_eval")
   pixel_result = evaluate(pixels, root / "pixels", times, "pixels_eval")
+  evaluate(same, root / "pixels_same_recipe", times, "pixels_same_recipe_eval")
   command = "python -m scripts.release_miniature " + " ".join(argv if argv is not None else
                                                                   __import__("sys").argv[1:])
   return write_report(root, pathlib.Path(args.docs), sweep, pixel_result, times.values, calibration, steps,

@@ -12,9 +12,11 @@ tfds = pytest.importorskip("tensorflow_datasets")
 import tiny_artifacts  # noqa: E402
 from configs import mnist_tiny  # noqa: E402
 from drifting_jax.data import latents, pipelines  # noqa: E402
-from drifting_jax.eval import jobs  # noqa: E402
+from drifting_jax.data import latent_jobs  # noqa: E402
 from drifting_jax.models import vae as vae_lib  # noqa: E402
 from drifting_jax.train import data as train_data  # noqa: E402
+
+pytestmark = pytest.mark.slow  # SD-VAE encoding of data sets
 
 NUM_EXAMPLES = 10
 BATCH = 4
@@ -47,7 +49,7 @@ def test_build_latents_then_train_from_the_cache(tmp_path, tiny_vae_dir, monkeyp
   workdir = tmp_path / "work"
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
     images, labels = pipelines.load_in_memory("mnist", "train", data_dir=str(tmp_path / "tfds"))
-    out_dir = jobs.build_latents(config, str(workdir))
+    out_dir = latent_jobs.build_latents(config, str(workdir))
   assert out_dir == workdir / "latents"
 
   index = json.loads((out_dir / latents.INDEX_FILE).read_text())
@@ -98,7 +100,7 @@ def test_build_latents_then_train_from_the_cache(tmp_path, tiny_vae_dir, monkeyp
   config.data.name = "mnist"
   config.data.data_dir = str(tmp_path / "tfds")
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-    jobs.build_latents(config, str(workdir))
+    latent_jobs.build_latents(config, str(workdir))
   assert {p.name: p.stat().st_mtime_ns for p in out_dir.glob("shard_*.npz")} == before
 
 
@@ -109,11 +111,11 @@ def test_two_hosts_build_one_cache(tmp_path, tiny_vae_dir, monkeypatch):
   digits = np.random.default_rng(0).integers(0, 256, (n, 28, 28, 1), np.uint8)
   _prepare("mnist", tmp_path / "tfds", {"train": [{"image": digits[i], "label": i % 10} for i in range(n)]})
   config = _config(tmp_path / "tfds", tiny_vae_dir)
-  monkeypatch.setattr(jobs.multihost_utils, "sync_global_devices", lambda name: None)
-  monkeypatch.setattr(jobs.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(latent_jobs.multihost_utils, "sync_global_devices", lambda name: None)
+  monkeypatch.setattr(latent_jobs.jax, "process_count", lambda: 2)
   for host in (1, 0):  # process 0 finalizes, after the other host's shards are in
-    monkeypatch.setattr(jobs.jax, "process_index", lambda host=host: host)
-    out_dir = jobs.build_latents(config, str(tmp_path / "work"))
+    monkeypatch.setattr(latent_jobs.jax, "process_index", lambda host=host: host)
+    out_dir = latent_jobs.build_latents(config, str(tmp_path / "work"))
   index = json.loads((out_dir / latents.INDEX_FILE).read_text())
   # 5 images per host in batches of 4: host 0 writes shards 0 and 2, host 1 shards 1 and 3.
   assert [(s["index"], s["count"]) for s in index["shards"]] == [(0, 4), (1, 4), (2, 1), (3, 1)]
@@ -128,9 +130,9 @@ def test_two_hosts_build_one_cache(tmp_path, tiny_vae_dir, monkeypatch):
   assert sorted(dist.argmin(axis=1).tolist()) == list(range(n))
   assert dist.min(axis=1).max() < 1e-6
   # Resuming on another number of hosts would renumber the shards: refused.
-  monkeypatch.setattr(jobs.jax, "process_count", lambda: 3)
+  monkeypatch.setattr(latent_jobs.jax, "process_count", lambda: 3)
   with pytest.raises(ValueError, match="other settings"):
-    jobs.build_latents(config, str(tmp_path / "work"))
+    latent_jobs.build_latents(config, str(tmp_path / "work"))
 
 
 def test_build_latents_samples_the_posterior_reproducibly(tmp_path, tiny_vae_dir):
@@ -144,7 +146,7 @@ def test_build_latents_samples_the_posterior_reproducibly(tmp_path, tiny_vae_dir
     config.latents.seed = seed
     config.latents.out_dir = str(tmp_path / name)
     with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-      out_dir = jobs.build_latents(config, str(tmp_path / "work"))
+      out_dir = latent_jobs.build_latents(config, str(tmp_path / "work"))
     return latents.LatentCacheReader(out_dir)
 
   reader = build(0, "a")

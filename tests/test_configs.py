@@ -1,6 +1,7 @@
 """Every config file builds a valid run, and bad command-line overrides fail before any work."""
 
 import importlib
+import inspect
 import os
 import pathlib
 import subprocess
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 
+from drifting_jax import modes
 from drifting_jax.models import generator as generator_lib
 from drifting_jax.train import trainer
 
@@ -19,7 +21,7 @@ TRAINING_CONFIGS = ["mnist_tiny", "mnist_dit_s2", "fashion_mnist_dit_s2", "image
 def test_training_configs_validate(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   trainer.validate_config(config)
-  model_config = trainer.generator_config(config)
+  model_config = generator_lib.model_config_from_run(config)
   assert model_config["input_size"] == config.data.image_size
 
 
@@ -60,7 +62,7 @@ def test_paper_configs_are_table3_to_the_letter(dataset, variant):
   c = module.get_config(variant)
   objective, kernel, width_mnist, width_fashion = PAPER_TABLE2[variant]
   # Architecture: DiT-S/2, 28x28x1, patch 2, width 384, MLP 1536, depth 12, 8 registers, 32 style tokens.
-  model = trainer.generator_config(c)
+  model = generator_lib.model_config_from_run(c)
   assert (model["input_size"], model["in_channels"], model["patch_size"]) == (28, 1, 2)
   assert (model["hidden_size"], model["hidden_size"] * model["mlp_ratio"], model["depth"]) == (384, 1536, 12)
   assert (model["n_cls_tokens"], model["noise_coords"]) == (8, 32)
@@ -100,6 +102,7 @@ def _main(*args):
                         capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a subprocess of main per case
 @pytest.mark.parametrize("override, message", [
     ("--config.train.bogus_key=3", "bogus_key"),
     ("--config.train.total_steps=many", "total_steps"),
@@ -111,3 +114,9 @@ def test_bad_overrides_fail_before_any_work(tmp_path, override, message):
   assert result.returncode != 0
   assert message in result.stderr
   assert not (workdir / "checkpoints").exists()
+
+
+def test_every_mode_names_a_function_of_config_and_workdir():
+  for mode in modes.MODES:
+    function = modes.mode_function(mode)
+    assert list(inspect.signature(function).parameters)[:2] == ["config", "workdir"], mode

@@ -288,7 +288,7 @@ def test_finalize_refuses_gaps_and_bad_labels(tmp_path):
 
 def test_resume_skips_completed_shards(tmp_path):
   def build(fail_at=None):
-    """A build loop like jobs.build_latents: 4 shards, skipping the finished ones."""
+    """A build loop like latent_jobs.build_latents: 4 shards, skipping the finished ones."""
     writer = latents.LatentCacheWriter(tmp_path, sample_shape=(3,), shard_size=2, metadata={"vae": "a"})
     done, written = writer.completed_shards(), []
     for i in range(4):

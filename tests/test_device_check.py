@@ -16,6 +16,8 @@ import pytest
 
 from drifting_jax.bench import device_check
 
+pytestmark = pytest.mark.slow  # the accelerator check's CPU smoke and its subprocesses
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "device_check.sh"
 

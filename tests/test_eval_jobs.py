@@ -6,15 +6,19 @@ import json
 import pathlib
 import shutil
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import mnist_tiny
-from drifting_jax.eval import classifier, jobs, sampling
-from drifting_jax.models import artifacts, inception
-from drifting_jax.train import checkpointing, trainer
+from drifting_jax import modes
+from drifting_jax.eval import classifier_job, evaluation, sampling
+from drifting_jax.models import artifacts, classifier, features, inception
+from drifting_jax.train import checkpointing, optim, trainer
+
+pytestmark = pytest.mark.slow  # a trained run, a classifier and evaluations
 
 NUM_CLASSES = 10
 
@@ -38,7 +42,7 @@ def run(tmp_path_factory) -> pathlib.Path:
   workdir = tmp_path_factory.mktemp("run")
   config = _config()
   trainer.train_and_evaluate(config, str(workdir))
-  classifier.train_classifier_job(config, str(workdir))
+  classifier_job.train_classifier_job(config, str(workdir))
   return workdir
 
 
@@ -50,6 +54,29 @@ def workdir(run, tmp_path) -> pathlib.Path:
 
 def _results_without_timings(results):
   return {cfg: {k: v for k, v in metrics.items() if k != "seconds"} for cfg, metrics in results["cfg"].items()}
+
+
+def test_a_checkpoint_is_read_from_the_config_alone(workdir, monkeypatch):
+  """Sampling restores only the EMA parameters: no optimizer, train state or feature network is built.
+
+  The smoke config trains with top-k EMA feature scales, whose names only the feature
+  network knows; a partial restore of `ema_params` never needs them.
+  """
+  def refuse(*args, **kwargs):
+    raise AssertionError("reading a checkpoint must not build training pieces")
+
+  for module, name in ((optim, "make_optimizer"), (trainer, "init_state"), (trainer, "build_features"),
+                       (features, "pixel_features"), (features, "mae_features")):
+    monkeypatch.setattr(module, name, refuse)
+  config = _config()
+  assert config.loss.feature_normalization == "topk_ema"
+  module, params, step = sampling.load_generator(config, str(workdir))
+  _, final_params, _ = artifacts.load(workdir / "params_ema", kind="gen")  # written at the last checkpoint
+  assert step == config.train.total_steps
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, final_params)
+  _, earlier, step = sampling.load_generator(config, str(workdir), step=3)
+  assert step == 3 and not all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), earlier, params)))
+  assert sampling.generate(module, params, np.arange(2, dtype=np.int32), 1.0, seed=0, batch_size=2).shape[0] == 2
 
 
 def test_sample_to_files_writes_uint8_digits_and_a_grid(workdir):
@@ -75,7 +102,7 @@ def test_sample_to_files_writes_uint8_digits_and_a_grid(workdir):
 
 def test_evaluate_latest_a_params_ema_source_and_a_chosen_step(workdir):
   config = _config()
-  results = jobs.evaluate(config, str(workdir))
+  results = evaluation.evaluate(config, str(workdir))
   assert results["step"] == 6
   report = json.loads((workdir / "eval" / "step_6.json").read_text())
   assert report["step"] == 6 and report["samples_per_class"] == 10 and list(report["cfg"]) == ["1"]
@@ -97,21 +124,21 @@ def test_evaluate_latest_a_params_ema_source_and_a_chosen_step(workdir):
 
   # eval.source: the run's params_ema folder holds the final EMA params, i.e. checkpoint 6's.
   config.eval.source = str(workdir / "params_ema")
-  assert jobs.evaluate(config, str(workdir))["step"] is None
+  assert evaluation.evaluate(config, str(workdir))["step"] is None
   from_source = json.loads((workdir / "eval" / "source.json").read_text())
   assert from_source["step"] is None
   assert _results_without_timings(from_source) == _results_without_timings(report)
 
   config.eval.source = ""
   config.eval.step = 3  # --config.eval.step=3
-  assert jobs.evaluate(config, str(workdir))["step"] == 3
+  assert evaluation.evaluate(config, str(workdir))["step"] == 3
   earlier = json.loads((workdir / "eval" / "step_3.json").read_text())
   assert earlier["step"] == 3 and earlier["cfg"]["1"]["frechet_distance"] != metrics["frechet_distance"]
 
 
 def test_watch_evaluates_each_checkpoint_once_across_restarts(workdir, monkeypatch):
   config = _config()
-  assert jobs.watch(config, str(workdir)) == [3, 6]  # stops at train.total_steps
+  assert evaluation.watch(config, str(workdir)) == [3, 6]  # stops at train.total_steps
   record = workdir / "eval" / "evaluated.json"
   assert json.loads(record.read_text()) == [3, 6]
   assert json.loads((workdir / "eval" / "step_3.json").read_text())["step"] == 3
@@ -124,11 +151,11 @@ def test_watch_evaluates_each_checkpoint_once_across_restarts(workdir, monkeypat
     evaluated.append(step)
     return {"step": step, "cfg": {"1": {"accuracy": 0.5}}}
 
-  monkeypatch.setattr(jobs, "evaluate_generator", record_only)
-  assert jobs.watch(config, str(workdir)) == [] and evaluated == []  # a restart has nothing new
+  monkeypatch.setattr(evaluation, "evaluate_generator", record_only)
+  assert evaluation.watch(config, str(workdir)) == [] and evaluated == []  # a restart has nothing new
 
   record.write_text(json.dumps([3]))  # as if the watcher stopped before step 6 was done
-  assert jobs.watch(config, str(workdir)) == [6] and evaluated == [6]
+  assert evaluation.watch(config, str(workdir)) == [6] and evaluated == [6]
   assert json.loads(record.read_text()) == [3, 6]
 
   # A checkpoint that the training job prunes between listing and reading is skipped.
@@ -142,12 +169,12 @@ def test_watch_evaluates_each_checkpoint_once_across_restarts(workdir, monkeypat
 
   monkeypatch.setattr(sampling, "load_generator", load_after_pruning)
   evaluated.clear()
-  assert jobs.watch(config, str(workdir)) == [6] and evaluated == [6]
+  assert evaluation.watch(config, str(workdir)) == [6] and evaluated == [6]
 
   # A run whose final step never comes: the watcher gives up after watch_timeout_s.
   config.train.total_steps = 9
   config.eval.watch_timeout_s = 0.1
-  assert jobs.watch(config, str(workdir)) == [] and evaluated == [6]
+  assert evaluation.watch(config, str(workdir)) == [] and evaluated == [6]
 
 
 # orbax leaves an asyncio callback behind after the failed restore; harmless.
@@ -156,24 +183,24 @@ def test_missing_or_corrupt_checkpoints_are_clear_errors(workdir, tmp_path):
   config = _config()
   empty = tmp_path / "no_run"
   with pytest.raises(checkpointing.CheckpointError, match=r"no checkpoint in .*no_run/checkpoints: train first"):
-    jobs.evaluate(config, str(empty))
+    evaluation.evaluate(config, str(empty))
   assert not empty.exists()  # a mistyped workdir is not created
 
   config.eval.step = 4
   with pytest.raises(checkpointing.CheckpointError, match=r"no checkpoint for step 4 .*available: \[3, 6\]"):
-    jobs.evaluate(config, str(workdir))
+    evaluation.evaluate(config, str(workdir))
 
   config.eval.step = -1
   for data_file in (workdir / "checkpoints" / "6").rglob("*"):
     if data_file.is_file() and data_file.parent.name == "d":  # the array chunks
       data_file.write_bytes(data_file.read_bytes()[:20])
   with pytest.raises(checkpointing.CheckpointError, match=r"checkpoints/6 could not be restored"):
-    jobs.evaluate(config, str(workdir))
+    evaluation.evaluate(config, str(workdir))
 
   shutil.rmtree(workdir / "classifier")
   config.eval.step = 3
   with pytest.raises(FileNotFoundError, match="--mode=train_classifier"):
-    jobs.evaluate(config, str(workdir))
+    evaluation.evaluate(config, str(workdir))
 
 
 def test_rgb_feature_space_scores_with_the_unbiased_inception_logits(monkeypatch):
@@ -192,7 +219,7 @@ def test_rgb_feature_space_scores_with_the_unbiased_inception_logits(monkeypatch
   monkeypatch.setattr(inception.InceptionFeatureExtractor, "load", classmethod(lambda cls, path: FakeExtractor()))
   config = mnist_tiny.get_config("smoke")
   config.data.channels = 3
-  features = jobs._FeatureSpace(config, "unused")
+  features = evaluation._FeatureSpace(config, "unused")
   assert not features.offline and features.vae is None
   got = features.features(np.zeros((4, 28, 28, 3), np.float32))  # model range: 0 is grey
   np.testing.assert_array_equal(got["logits"], outputs.logits_unbiased)
@@ -203,4 +230,4 @@ def test_rgb_feature_space_scores_with_the_unbiased_inception_logits(monkeypatch
 
 def test_unknown_mode_is_refused():
   with pytest.raises(ValueError, match="unknown mode 'evaluat'"):
-    jobs.run("evaluat", _config(), "unused")
+    modes.run("evaluat", _config(), "unused")

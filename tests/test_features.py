@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import types
 
 import jax
@@ -10,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import drifting_jax.models
 from drifting_jax.models import features
 
 
@@ -48,10 +46,7 @@ def test_mae_features_freeze_the_encoder(monkeypatch):
     return {"block": (params["w"] * x).reshape(x.shape[0], 1, -1)}
 
   fake = types.SimpleNamespace(activations=activations)
-  # Both places `from drifting_jax.models import mae` may resolve from: the module
-  # table, and the package attribute once the real module was imported elsewhere.
-  monkeypatch.setitem(sys.modules, "drifting_jax.models.mae", fake)
-  monkeypatch.setattr(drifting_jax.models, "mae", fake, raising=False)
+  monkeypatch.setattr(features, "mae", fake)  # the module features imports at its top
   fn = features.mae_features("the module", {"w": jnp.float32(2.0)}, every_k_block=2)
   x = jnp.ones((2, 2, 2, 1))
   out = fn(fn.params, x)

@@ -12,6 +12,8 @@ from configs import imagenet_mae_latent_256
 from drifting_jax.models import artifacts, mae
 from drifting_jax.train import checkpointing, data as train_data, mae_pretrain
 
+pytestmark = pytest.mark.slow  # MAE pretraining runs
+
 
 def _flat_shapes(tree):
   return {k: list(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}

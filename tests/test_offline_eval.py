@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from drifting_jax.eval import classifier as C
-from drifting_jax.eval import metrics, offline
+from drifting_jax.data import images as image_utils
+from drifting_jax.eval import classifier_job, metrics, offline
 from drifting_jax.models import artifacts
-from drifting_jax.train import images as image_utils
+from drifting_jax.models import classifier as C
 
 NUM_CLASSES = 10
 
@@ -297,7 +297,7 @@ def test_train_classifier_job_writes_artifact_and_reference(tmp_path, monkeypatc
       "eval": {"classifier_path": str(tmp_path / "elsewhere" / "clf")},
       "classifier": {"steps": 20, "batch_size": 32},
   })
-  summary = C.train_classifier_job(config, str(tmp_path / "run"))
+  summary = classifier_job.train_classifier_job(config, str(tmp_path / "run"))
   assert sorted(set(calls)) == ["heldout", "train"]
   folder = tmp_path / "elsewhere" / "clf"
   assert summary["path"] == str(folder) and not (tmp_path / "run" / "classifier").exists()
@@ -305,22 +305,22 @@ def test_train_classifier_job_writes_artifact_and_reference(tmp_path, monkeypatc
   assert module.input_size == 32  # data.pad_to is honoured
   assert metadata["steps"] == 20 and metadata["num_train"] == 200 and metadata["num_validation"] == 500
   # Validation accuracy is measured on the generator's split, which the classifier never saw.
-  validation = image_utils.uint8_to_model(C._pad_uint8(images[splits["train"]], 32))
+  validation = image_utils.uint8_to_model(classifier_job._pad_uint8(images[splits["train"]], 32))
   assert metadata["validation_accuracy"] == pytest.approx(
       np.mean(np.argmax(_direct_logits(module, params, validation), 1) == labels[splits["train"]]))
   # Reference statistics are those of the held-out digits in the saved classifier's features.
-  heldout = image_utils.uint8_to_model(C._pad_uint8(images[splits["heldout"]], 32))
+  heldout = image_utils.uint8_to_model(classifier_job._pad_uint8(images[splits["heldout"]], 32))
   features = np.asarray(module.apply({"params": params}, jnp.asarray(heldout))[0], np.float64)
-  mu, sigma = metrics.load_reference_statistics(folder / C.REFERENCE_STATS_FILE)
+  mu, sigma = metrics.load_reference_statistics(folder / classifier_job.REFERENCE_STATS_FILE)
   np.testing.assert_allclose(mu, features.mean(0), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-3, atol=1e-4)
-  with np.load(folder / C.REFERENCE_FEATURES_FILE) as stored:
+  with np.load(folder / classifier_job.REFERENCE_FEATURES_FILE) as stored:
     np.testing.assert_array_equal(stored["labels"], labels[splits["heldout"]])
     assert stored["features"].shape == (200, module.feature_dim)
   with config.unlocked():
     config.classifier.epochs = 3
   with pytest.raises(ValueError, match="unknown config.classifier keys"):
-    C.train_classifier_job(config, str(tmp_path / "run"))
+    classifier_job.train_classifier_job(config, str(tmp_path / "run"))
 
 
 def test_mean_pairwise_distance_closed_form():

@@ -101,15 +101,15 @@ def test_import_release_cache_into_a_flipped_npz_cache(tmp_path, root):
 
 def test_import_latents_mode_then_train_data(tmp_path):
   from configs import default
-  from drifting_jax.eval import jobs
+  from drifting_jax import modes
   from drifting_jax.train import data as train_data
 
   config = default.get_config()
   with pytest.raises(ValueError, match="release_cache"):
-    jobs.run("import_latents", config, str(tmp_path))
+    modes.run("import_latents", config, str(tmp_path))
   config.latents.release_cache = str(ROOTS[0])
   config.latents.split = "val"
-  out_dir = jobs.run("import_latents", config, str(tmp_path))
+  out_dir = modes.run("import_latents", config, str(tmp_path))
   assert out_dir == tmp_path / "latents"
   assert json.loads((out_dir / "index.json").read_text())["num_examples"] == 1
   config.data.data_dir = str(out_dir)

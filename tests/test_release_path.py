@@ -27,8 +27,8 @@ def smoke():
   mae_params = mae.init_params(mae_module, jax.random.key(0), (28, 28, 1))
   feature_fn = features.mae_features(mae_module, mae_params, include_input=config.feature.include_input,
                                      **config.feature.activation_kwargs.to_dict())
-  gen_module = generator_lib.build_module(trainer.generator_config(config))
-  args, kwargs = generator_lib.example_inputs(trainer.generator_config(config), batch_size=2)
+  gen_module = generator_lib.build_module(generator_lib.model_config_from_run(config))
+  args, kwargs = generator_lib.example_inputs(generator_lib.model_config_from_run(config), batch_size=2)
   gen_params = gen_module.init({"params": jax.random.key(1), "noise": jax.random.key(2)}, *args, **kwargs)["params"]
   return config, mae_module, mae_params, feature_fn, gen_module, gen_params
 
@@ -39,6 +39,7 @@ def _perturbed(params, scale: float, seed: int):
   return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow
 def test_every_feature_group_passes_gradient_to_the_generator(smoke):
   config, _, _, feature_fn, gen_module, gen_params = smoke
   t = config.train
@@ -109,6 +110,7 @@ def test_negative_weights_make_the_guidance_mixture(alpha):
     assert not np.allclose(np.asarray(with_neg), np.asarray(without))
 
 
+@pytest.mark.slow
 def test_trainer_runs_the_release_path_on_digits(smoke, tmp_path):
   config, mae_module, mae_params, *_ = smoke
   artifact = tmp_path / "mae"

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from configs import mnist_tiny
+from drifting_jax.models import generator as generator_lib
 from drifting_jax.train import checkpointing, partitioning, trainer
+from drifting_jax.train import run as run_lib
 from drifting_jax.train import train_step as train_step_lib
+
+pytestmark = pytest.mark.slow  # training runs, resume and NaN stop
 
 
 def tiny_config(**train_overrides):
@@ -21,7 +25,7 @@ def tiny_config(**train_overrides):
 
 
 def _step_on_mesh(config, mesh):
-  model_config = trainer.generator_config(config)
+  model_config = generator_lib.model_config_from_run(config)
   module = trainer.generator_lib.build_module(model_config)
   feature_apply, feature_params = trainer.build_features(config)
   tx, schedule = trainer.optim.make_optimizer(config.optim, config.train.total_steps, config.train.max_grad_norm)
@@ -90,7 +94,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
   monkeypatch.setattr(trainer.train_data.TrainingData, "push_batch", poisoned)
   config.train.positive_bank_size = 4  # the poisoned pushes reach every slot quickly
-  with pytest.raises(trainer.NonFiniteLossError, match=r"at step \d+.*last good checkpoint \(step 3\)"):
+  with pytest.raises(run_lib.NonFiniteLossError, match=r"at step \d+.*last good checkpoint \(step 3\)"):
     trainer.train_and_evaluate(config, str(tmp_path))
   assert checkpointing.Checkpointer(tmp_path).all_steps() == [3]
 

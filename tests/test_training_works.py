@@ -15,12 +15,16 @@ untrained baseline (the same generator at initialisation), after a short run
 
 import jax
 import numpy as np
+import pytest
 
 from configs import mnist_tiny
 from drifting_jax.data.mnist5k import load_mnist5k
 from drifting_jax.models import artifacts
 from drifting_jax.models import generator as generator_lib
-from drifting_jax.train import images, trainer
+from drifting_jax.data import images
+from drifting_jax.train import trainer
+
+pytestmark = pytest.mark.slow  # a real training run
 
 PER_CLASS = 20
 
@@ -61,7 +65,7 @@ def test_short_training_run_moves_samples_towards_the_data(tmp_path):
   raw, train_labels = load_mnist5k("train")
   train = images.uint8_to_model(raw)
 
-  module = generator_lib.build_module(trainer.generator_config(config))
+  module = generator_lib.build_module(generator_lib.model_config_from_run(config))
   args, kwargs = generator_lib.example_inputs(trainer.module_config(module))
   untrained = module.init({"params": jax.random.PRNGKey(config.seed)}, *args, **kwargs)["params"]
   before_distance, before_match = _measure(module, untrained, train, train_labels)

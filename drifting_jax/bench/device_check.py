@@ -672,14 +672,16 @@ def _clu_without_tensorflow() -> None:
   sys.modules.setdefault("clu.metric_writers.summary_writer", stub)
 
 
-def _plain_writers(trainer) -> None:
+def _plain_writers() -> None:
   from clu import metric_writers
+
+  from drifting_jax import writers
 
   def make_writer(workdir):
     return metric_writers.MultiWriter([metric_writers.LoggingWriter(),
-                                       trainer.JsonlWriter(pathlib.Path(workdir) / "metrics.jsonl")])
+                                       writers.JsonlWriter(pathlib.Path(workdir) / "metrics.jsonl")])
 
-  trainer.make_writer = make_writer
+  writers.make_writer = make_writer
 
 
 def check_mnist(rec: _Record, args) -> None:
@@ -689,9 +691,9 @@ def check_mnist(rec: _Record, args) -> None:
   _clu_without_tensorflow()
   import jax
 
-  from drifting_jax.eval import classifier, jobs, sampling
+  from drifting_jax.eval import classifier_job, evaluation, sampling
   from drifting_jax.train import trainer
-  _plain_writers(trainer)
+  _plain_writers()
   rec.result["machine"] = _machine()
 
   config, config_name, variant_note = _mnist_config(args.mnist_variant)
@@ -748,12 +750,12 @@ def check_mnist(rec: _Record, args) -> None:
     shutil.copyfile(grid, pathlib.Path(args.out) / "mnist_samples.png")
   rec.phase("sampled", sample_grid="mnist_samples.png" if grid.exists() else None)
 
-  summary = classifier.train_classifier_job(config, str(workdir))
+  summary = classifier_job.train_classifier_job(config, str(workdir))
   rec.phase("classifier", classifier_validation_accuracy=summary.get("validation_accuracy"),
             classifier_steps=summary.get("steps"))
 
   with open(workdir / "evaluate_stdout.json", "w") as f, contextlib.redirect_stdout(f):
-    results = jobs.evaluate(config, str(workdir))  # prints every per-class list
+    results = evaluation.evaluate(config, str(workdir))  # prints every per-class list
   metrics = next(iter(results["cfg"].values()))
   keep = ("num_samples", "accuracy", "frechet_distance", "precision", "recall", "coverage", "f1",
           "frechet_distance_class_mean")
@@ -903,7 +905,7 @@ class _AblationStep:
     mae_params = _random_params(abstract, jax.random.key(1))
     feature_fn = features.mae_features(mae_module, mae_params, **config.feature.activation_kwargs.to_dict())
     self.feature_apply = feature_fn.__call__
-    model_config = trainer.generator_config(config)
+    model_config = generator_lib.model_config_from_run(config)
     module = generator_lib.build_module({**model_config, "remat": bool(remat)})
     self.model_dtype = str(module.dtype.__name__ if hasattr(module.dtype, "__name__") else module.dtype)
     self.mae_dtype = "bfloat16" if mae_module.use_bf16 else "float32"
@@ -997,8 +999,8 @@ def _loss_alone_seconds(step: _AblationStep, rec: _Record) -> dict:
                         train_step_lib.unconditional_weight(2.0, t.gen_per_class, t.neg_per_class), jnp.float32)
 
   def total(g):
-    return sum(jnp.mean(objective(g[k], pos[k], neg[k] if t.neg_per_class else None, None, None,
-                                  weight_neg if t.neg_per_class else None)[0]) for k in sorted(g))
+    return sum(jnp.mean(objective(g[k], pos[k], neg[k] if t.neg_per_class else None,
+                                  weight_neg=weight_neg if t.neg_per_class else None)[0]) for k in sorted(g))
 
   fn = jax.jit(jax.value_and_grad(total))
   start = time.perf_counter()

@@ -31,6 +31,7 @@ import logging
 from typing import Any, Iterator, Optional
 
 import numpy as np
+from PIL import Image
 
 # Images per tf.data batch while reading a whole split into memory.
 _READ_CHUNK = 4096
@@ -45,7 +46,7 @@ def _tfds():
 
 
 def _tf():
-  import tensorflow as tf
+  import tensorflow as tf  # imported on first use, like tensorflow_datasets above: slow to import
   return tf
 
 
@@ -139,7 +140,6 @@ def center_crop_arr(image: Any, image_size: int) -> np.ndarray:
   then crops the center. Same code as `center_crop_arr` in the release's
   dataset/latent.py.
   """
-  from PIL import Image
 
   pil_image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
   while min(*pil_image.size) >= 2 * image_size:
@@ -159,7 +159,6 @@ def decode_and_center_crop(encoded: bytes, image_size: int) -> np.ndarray:
   `.convert("RGB")`; decoding here with PIL too (rather than tf.image) keeps the
   pixels identical, as JPEG decoders differ in their IDCT.
   """
-  from PIL import Image
 
   with Image.open(io.BytesIO(encoded)) as img:
     rgb = img.convert("RGB")

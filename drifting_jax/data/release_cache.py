@@ -27,7 +27,10 @@ import pickle
 import zipfile
 from typing import Any, Iterator, Optional, Union
 
+import ml_dtypes  # a jax dependency
 import numpy as np
+
+from drifting_jax.data import latents
 
 PathLike = Union[str, os.PathLike]
 
@@ -54,7 +57,6 @@ def _storage_class(name: str):
 
 
 def _bfloat16():
-  import ml_dtypes  # a jax dependency
   return ml_dtypes.bfloat16
 
 
@@ -188,8 +190,6 @@ def import_release_cache(cache_root: PathLike, out_dir: PathLike, *, split: str 
   the sorted names). Labels are the class folders' sorted positions, as the release
   assigns them; `num_classes` defaults to the number of class folders.
   """
-  from drifting_jax.data import latents
-
   folder = ReleaseLatentFolder(cache_root, split)
   sample_shape = folder.read(0)[0].shape
   num_classes = len(folder.classes) if num_classes is None else int(num_classes)

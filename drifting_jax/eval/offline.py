@@ -60,7 +60,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from drifting_jax.eval import classifier as classifier_lib
+from drifting_jax.models import classifier as classifier_lib
 from drifting_jax.eval import metrics as metrics_lib
 
 PathLike = Union[str, os.PathLike]

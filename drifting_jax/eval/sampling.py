@@ -1,18 +1,21 @@
-"""Generator loading for evaluation, and the `sample` mode (samples.npz + PNG grid)."""
+"""Generator loading for evaluation, and the `sample` mode (samples.npz + PNG grid).
+
+A generator comes from an artifact (`eval.source`) or from a training checkpoint,
+of which only the EMA parameters are restored (a partial restore whose target is
+built from the generator model alone: no optimizer, train state or feature network).
+"""
 
 from __future__ import annotations
 
 import pathlib
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from drifting_jax.data import images
 from drifting_jax.models import artifacts, generator as generator_lib
-from drifting_jax.train import checkpointing, images, optim, partitioning
-from drifting_jax.train import trainer
+from drifting_jax.train import checkpointing, partitioning
 
 
 def load_generator(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
@@ -35,24 +38,17 @@ def load_generator(config: ml_collections.ConfigDict, workdir: str, step: int | 
     raise checkpointing.CheckpointError(
         f"no checkpoint in {directory}: train first, or set --config.eval.source to a params_ema "
         f"folder or hf://NAME")
-  model_config = trainer.generator_config(config)
+  # Only the EMA parameters are read: their structure comes from the generator alone,
+  # so neither the optimizer, the training state nor the feature network is built.
+  model_config = generator_lib.model_config_from_run(config)
   module = generator_lib.build_module(model_config)
   mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp)
-  tx, _ = optim.make_optimizer(config.optim, config.train.total_steps, config.train.max_grad_norm)
-  feature_names = _feature_names(config)
-  abstract = jax.eval_shape(lambda: trainer.init_state(config, module, tx, mesh, feature_names)[0])
+  abstract = {"ema_params": artifacts.abstract_params("gen", model_config)}
+  # The same path names as in the train state, so each parameter gets its training sharding.
   shardings = partitioning.tree_shardings(abstract, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  restored_step, state, _ = ckpt.restore(abstract, step, with_host_state=False)
-  return module, state.ema_params, restored_step
-
-
-def _feature_names(config) -> list[str]:
-  if config.loss.feature_normalization != "topk_ema":
-    return []
-  apply, params = trainer.build_features(config)
-  size, channels = config.data.image_size, config.data.channels
-  return sorted(jax.eval_shape(apply, params, jnp.zeros((1, size, size, channels), jnp.float32)))
+  restored_step, restored = ckpt.restore_subtree(abstract, step)
+  return module, restored["ema_params"], restored_step
 
 
 def generate(module, params, labels: np.ndarray, cfg_scale: float, seed: int, batch_size: int = 500) -> np.ndarray:
@@ -85,3 +81,11 @@ def sample_to_files(config: ml_collections.ConfigDict, workdir: str) -> pathlib.
     else:
       np.savez(out / "samples.npz", latents=samples, labels=labels)
   return out
+
+
+def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+  """The `sample` mode: `sample_to_files`, and where the files went (process 0)."""
+  path = sample_to_files(config, workdir)
+  if jax.process_index() == 0:
+    print(f"samples written to {path}")
+  return path

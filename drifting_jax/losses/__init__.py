@@ -1,7 +1,8 @@
 """drifting_jax.losses: the loss library of drifting models, in pure JAX.
 
 Kernels (`kernels`), point-wise fields and potentials (`fields`), grouped training
-objectives with the official release's signature (`objectives`), the Sinkhorn-divergence
+objectives with the official release's signature (`objectives`, gathered from `kde_objectives`,
+`drift_objectives` and their shared input handling in `groups`), the Sinkhorn-divergence
 objective built on ott-jax (`sinkhorn`) and feature-space distance normalizations
 (`normalization`). This package imports nothing from the rest of drifting_jax.
 """

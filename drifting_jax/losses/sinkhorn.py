@@ -16,7 +16,7 @@ field by construction; S_eps >= 0 with equality iff q = p, it tends to the exact
 optimal-transport cost as eps -> 0 and to the MMD with kernel -C as eps -> inf
 (for C = |x - y|: half the energy distance).
 
-Layout, weights and distance scale follow `objectives.py` (`_prepare`,
+Layout, weights and distance scale follow `groups.py` (`_prepare`,
 `_distance_scale`): gen [B, Cg, S] (or [B, Cg, T, S], or a dict of feature groups),
 fixed_pos [B, Cp, S], optional fixed_neg [B, Cn, S] and weights; loss [B]. Like the
 log-KDE loss it is a true objective (plain gradient descent on it is the flow), not
@@ -78,8 +78,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from drifting_jax.losses import _common
-from drifting_jax.losses.objectives import (Info, _distance_scale, _Groups, _nan_if_invalid, _per_row,
-                                            _prepare, sum_over_feature_groups)
+from drifting_jax.losses.groups import (Info, _distance_scale, _Groups, _nan_if_invalid, _per_row, _prepare,
+                                        sum_over_feature_groups)
 
 Array = jax.Array
 

@@ -18,7 +18,8 @@ is used as is, without contacting the Hub (released artifacts do not change).
 Every kind of model is handled alike through `KINDS`: each maps to a module exposing
 `build_module(model_config)` and `example_inputs(model_config, batch_size)`. Besides
 the release's kinds (`gen`, `mae`), `classifier` is the project's own evaluation
-classifier for grayscale data (`drifting_jax.eval.classifier`).
+classifier for grayscale data (`drifting_jax.models.classifier`). Every kind's module
+lives beside this one in `drifting_jax.models`: artifacts never reach above the models.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ DEFAULT_CACHE_DIR = pathlib.Path("~/.cache/drifting_jax")
 KINDS: dict[str, str] = {
     "gen": "drifting_jax.models.generator",
     "mae": "drifting_jax.models.mae",
-    "classifier": "drifting_jax.eval.classifier",
+    "classifier": "drifting_jax.models.classifier",
 }
 # Kinds the release publishes on the Hub: an `hf://` name without a kind is looked
 # up under these only (the classifier is trained by the project, never downloaded).
@@ -111,7 +112,7 @@ def hf_path_in_repo(kind: str, name: str) -> str:
 
 
 def _hub_offline() -> bool:
-  from huggingface_hub import constants
+  from huggingface_hub import constants  # the Hub client only where hf:// names are used
 
   env = os.environ.get("HF_HUB_OFFLINE", "")
   return constants.is_offline_mode() or env.strip().upper() in {"1", "ON", "YES", "TRUE"}
@@ -153,7 +154,7 @@ def resolve_hf(name: str, *, kind: Optional[str] = None, cache_dir: Optional[Pat
       raise ArtifactError(
           f"artifact {HF_SCHEME}{name} is not in the cache {cache} and the Hugging Face Hub is offline "
           f"(HF_HUB_OFFLINE is set); " + _fetch_instructions(name, kinds, cache))
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # the Hub client only where hf:// names are used
 
     try:
       snapshot_download(

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange, reduce
 
+from drifting_jax.models import mae
+
 Features = dict[str, jax.Array]
 
 
@@ -73,7 +75,6 @@ def mae_features(module, params, *, include_input: bool = True, **activation_kwa
   `[N, 1, H*W*C]`, so the loss also sees the sample itself and not only what the
   encoder keeps of it.
   """
-  from drifting_jax.models import mae
 
   def apply(mae_params, x):
     mae_params = jax.lax.stop_gradient(mae_params)

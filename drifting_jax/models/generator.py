@@ -505,6 +505,24 @@ def model_config_for(name: str, **overrides: Any) -> dict[str, Any]:
   return {**NAMED_CONFIGS[name], **overrides}
 
 
+def model_config_from_run(config: Any) -> dict[str, Any]:
+  """The generator's `model_config` for a run config (`model.name` + `model.overrides`), checked against `data`.
+
+  Everything needed to rebuild the module of a run's checkpoints: training and
+  sampling both start here, so a checkpoint is readable from the config alone.
+  """
+  overrides = dict(config.model.overrides.to_dict()) if config.model.overrides else {}
+  model_config = model_config_for(config.model.name, **overrides)
+  expected = (config.data.image_size, config.data.channels)
+  if (model_config["input_size"], model_config["out_channels"]) != expected:
+    raise ValueError(f"generator {config.model.name} makes {model_config['input_size']}x"
+                     f"{model_config['input_size']}x{model_config['out_channels']} samples, but the data are "
+                     f"{expected[0]}x{expected[0]}x{expected[1]}: fix model.overrides or data.image_size/channels")
+  if model_config["num_classes"] < config.data.num_classes:
+    raise ValueError(f"generator has {model_config['num_classes']} class rows for {config.data.num_classes} classes")
+  return model_config
+
+
 def build_module(model_config: Mapping[str, Any]) -> DiTGenerator:
   """`DiTGenerator` from a `model_config` dict (e.g. an artifact's metadata)."""
   unknown = sorted(set(model_config) - set(CONFIG_KEYS))

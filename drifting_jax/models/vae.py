@@ -36,6 +36,8 @@ import numpy as np
 from flax import serialization, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from drifting_jax.models.artifacts import param_mismatches
+
 if TYPE_CHECKING:  # diffusers is imported on first use: importing it is slow.
   from diffusers.models.vae_flax import FlaxAutoencoderKL
 
@@ -155,7 +157,7 @@ def resolve_source(source: PathLike = DEFAULT_SOURCE, *, cache_dir: Optional[Pat
     repo_id = text[len(HF_SCHEME):].strip("/")
     if repo_id.count("/") != 1:
       raise ValueError(f"invalid VAE source {text!r}: expected {HF_SCHEME}<owner>/<repo>, e.g. {DEFAULT_SOURCE}")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # optional network dependency, only for hf:// sources
 
     try:
       folder = snapshot_download(repo_id, cache_dir=None if cache_dir is None else os.fspath(cache_dir),
@@ -194,8 +196,6 @@ def abstract_params(module: "FlaxAutoencoderKL") -> Any:
 
 
 def _check_params(params: Any, module: "FlaxAutoencoderKL", where: pathlib.Path) -> None:
-  from drifting_jax.models.artifacts import param_mismatches
-
   problems = param_mismatches(params, abstract_params(module))
   if problems:
     raise ValueError(f"VAE weights in {where} do not match the architecture of its config "
@@ -220,7 +220,7 @@ def convert_pytorch_state_dict(state_dict: Mapping[str, Any], module: "FlaxAutoe
   `proj_attn`) names, as linear weights or 1x1 convolutions. Shapes are not
   checked here (`load_vae` does that against the module).
   """
-  from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor
+  from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor  # slow import
 
   expected = traverse_util.flatten_dict(abstract_params(module))
   converted = {}
@@ -264,6 +264,7 @@ def load_vae(source: PathLike = DEFAULT_SOURCE, *, cache_dir: Optional[PathLike]
   module = _module_from_config(folder, dtype)
 
   if weights.suffix == ".safetensors":
+    # safetensors only for that format of downloaded weights
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 

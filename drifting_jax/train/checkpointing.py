@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
@@ -67,22 +68,40 @@ class Checkpointer:
   def restore(self, abstract_state: Any, step: int | None = None,
               *, with_host_state: bool = True) -> tuple[int, Any, dict[str, np.ndarray] | None]:
     """Restores `step` (latest when None) into the shardings of `abstract_state`."""
+    step = self._existing_step(step)
+    restored = self._restore(step, ocp.args.StandardRestore(abstract_state))
+    host_state = self._read_host_state(step) if with_host_state else None
+    return step, restored, host_state
+
+  def restore_subtree(self, abstract_subtree: dict[str, Any], step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """Restores only the named top-level fields of the saved state, e.g. {"ema_params": abstract params}.
+
+    A partial restore: the other fields (optimizer moments, feature scales, rng) are
+    never read, so their structure need not be known. Readers of a checkpoint (the
+    sampler, the watcher) therefore need only the model, not the trainer.
+    """
+    step = self._existing_step(step)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
+    return step, self._restore(step, ocp.args.PyTreeRestore(item=abstract_subtree, restore_args=restore_args,
+                                                              partial_restore=True))
+
+  def _existing_step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else int(step)
     if step is None:
       raise CheckpointError(f"no checkpoint under {self.directory}")
     if step not in self.manager.all_steps():
       raise CheckpointError(f"no checkpoint for step {step} under {self.directory}; "
                             f"available: {self.all_steps()}")
+    return step
+
+  def _restore(self, step: int, state_args: Any) -> Any:
     try:
-      restored = self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      return self.manager.restore(step, args=ocp.args.Composite(state=state_args))["state"]
     except Exception as e:  # orbax raises many kinds of errors for damaged files
       raise CheckpointError(
           f"checkpoint {self.directory / str(step)} could not be restored ({type(e).__name__}: {e}). "
           f"It may be corrupt or from an incompatible config: move that step's folder away to resume "
           f"from an earlier step, or start a new workdir.") from e
-    host_state = self._read_host_state(step) if with_host_state else None
-    return step, restored["state"], host_state
 
   # -- per-host state ------------------------------------------------------------
 
@@ -150,7 +169,6 @@ class PreemptionGuard:
       return self._flag.is_set()
     if step % self.sync_every:
       return False
-    from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.array([self._flag.is_set()], np.int32))
     return bool(np.any(flags))
 

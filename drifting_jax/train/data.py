@@ -45,7 +45,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from drifting_jax.train import images as image_utils
+from drifting_jax.data import images as image_utils, latents, pipelines
+from drifting_jax.data.mnist5k import load_mnist5k
 from drifting_jax.train.memory_bank import MemoryBank
 
 POSITIVE_SAMPLERS = ("bank", "fresh")
@@ -130,37 +131,20 @@ class TrainingData:
     return samples.astype(np.float32, copy=False)
 
 
-def pad_images(images: np.ndarray, pad_to: int, black: float = -1.0) -> np.ndarray:
-  """Centers [N, H, W, C] images on a black pad_to x pad_to canvas (0: unchanged).
-
-  Black is -1 in model range (the default) and 0 for uint8 images.
-  """
-  if not pad_to:
-    return images
-  h = images.shape[1]
-  if pad_to < h:
-    raise ValueError(f"data.pad_to={pad_to} is smaller than the images ({h})")
-  lo = (pad_to - h) // 2
-  return np.pad(images, ((0, 0), (lo, pad_to - h - lo), (lo, pad_to - h - lo), (0, 0)), constant_values=black)
-
-
 def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
   """This host's training data for `config.data` (see configs/default.py)."""
   name = config.data.name
   process_index, process_count = jax.process_index(), jax.process_count()
   flipped = None
   if name == "mnist5k":
-    from drifting_jax.data.mnist5k import load_mnist5k
     raw, labels = load_mnist5k("train")
     samples = image_utils.uint8_to_model(raw)
     replicated = True
   elif name in ("mnist", "fashion_mnist"):
-    from drifting_jax.data import pipelines
     raw, labels = pipelines.load_in_memory(name, split="train", data_dir=config.data.data_dir or None)
     samples = image_utils.uint8_to_model(raw)
     replicated = True
   elif name in ("latents", "synthetic_latents"):
-    from drifting_jax.data import latents
     data_dir = config.data.data_dir
     if name == "synthetic_latents":
       # Made on the spot (deterministic in the seed; every host makes the same) when
@@ -178,9 +162,9 @@ def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
   else:
     raise ValueError(f"unknown data.name {name!r}; expected mnist5k, mnist, fashion_mnist, latents or "
                      f"synthetic_latents")
-  samples = pad_images(samples, int(config.data.pad_to))
+  samples = image_utils.pad_images(samples, int(config.data.pad_to))
   if flipped is not None:
-    flipped = pad_images(flipped, int(config.data.pad_to))
+    flipped = image_utils.pad_images(flipped, int(config.data.pad_to))
   expected = (config.data.image_size, config.data.image_size, config.data.channels)
   if samples.shape[1:] != expected:
     raise ValueError(f"data {name!r} has samples of shape {samples.shape[1:]}, config expects {expected} "
@@ -220,22 +204,27 @@ def _host_classes(data: TrainingData, step: int, classes_per_step: int) -> tuple
 
 
 class BankSource:
-  """The release's memory banks: push fresh data every step, draw positives and negatives from the banks."""
+  """The release's memory banks: push fresh data every step, draw positives and negatives from the banks.
+
+  Two banks of the same samples: per class (the positives) and one row for all
+  classes (the unconditional negatives). Their checkpoint state is keyed "pos/..."
+  and "neg/..." in the host state files.
+  """
 
   def __init__(self, data: TrainingData, train_config):
     self.data, self.t = data, train_config
-    seed = data.seed
     dtype = np.dtype(jax.numpy.dtype(train_config.bank_dtype))
     host = jax.process_index()
     self.positive_bank = MemoryBank(data.num_classes, train_config.positive_bank_size, data.sample_shape,
-                                    dtype=dtype, seed=[seed, host, 1])
+                                    dtype=dtype, seed=[data.seed, host, 1])
     self.negative_bank = MemoryBank(1, max(1, train_config.negative_bank_size), data.sample_shape, dtype=dtype,
-                                    seed=[seed, host, 2])
+                                    seed=[data.seed, host, 2])
+    self._banks = {"pos": self.positive_bank, "neg": self.negative_bank}  # checkpoint key prefix -> bank
     self._filled = False
 
   def _push(self, samples: np.ndarray, labels: np.ndarray) -> None:
     self.positive_bank.push(samples, labels)
-    self.negative_bank.push(samples, np.zeros_like(labels))
+    self.negative_bank.push(samples, np.zeros_like(labels))  # one row: every class is a negative
 
   def _fill(self, step: int) -> None:
     """At (re)start, pushes data until every class holds pos_per_class samples (bounded).
@@ -272,12 +261,13 @@ class BankSource:
             "negatives": negatives.astype(np.float32, copy=False)}
 
   def state_dict(self) -> dict[str, np.ndarray]:
-    return {**{f"pos/{k}": v for k, v in self.positive_bank.state_dict().items()},
-            **{f"neg/{k}": v for k, v in self.negative_bank.state_dict().items()}}
+    return {f"{prefix}/{key}": value for prefix, bank in self._banks.items()
+            for key, value in bank.state_dict().items()}
 
   def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-    self.positive_bank.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("pos/")})
-    self.negative_bank.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("neg/")})
+    for prefix, bank in self._banks.items():
+      bank.load_state_dict({key[len(prefix) + 1:]: value for key, value in state.items()
+                            if key.startswith(prefix + "/")})
 
 
 class FreshSource:

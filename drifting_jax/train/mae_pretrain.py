@@ -19,8 +19,6 @@ Batches are consecutive slices of per-epoch shuffles of this host's data, keyed 
 
 from __future__ import annotations
 
-import json
-import logging
 import pathlib
 from typing import Any
 
@@ -29,17 +27,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers
 from jax.experimental import multihost_utils
 
+from drifting_jax import writers
 from drifting_jax.models import artifacts, mae
-from drifting_jax.train import checkpointing, data as train_data, partitioning
+from drifting_jax.train import checkpointing, data as train_data, optim, partitioning, run as run_lib
 
-SCHEDULES = ("const", "cosine")
-
-
-class NonFiniteLossError(RuntimeError):
-  pass
+SCHEDULES = optim.SCHEDULES
 
 
 # --------------------------------------------------------------------------- config
@@ -93,10 +87,7 @@ def learning_rate_schedule(m: ml_collections.ConfigDict) -> optax.Schedule:
 
 def make_optimizer(m: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = learning_rate_schedule(m)
-  tx = optax.chain(
-      optax.clip_by_global_norm(m.max_grad_norm) if m.max_grad_norm > 0 else optax.identity(),
-      optax.adamw(schedule, b1=m.b1, b2=m.b2, weight_decay=m.weight_decay),
-  )
+  tx = optim.clipped_adamw(schedule, max_grad_norm=m.max_grad_norm, b1=m.b1, b2=m.b2, weight_decay=m.weight_decay)
   return tx, schedule
 
 
@@ -151,19 +142,7 @@ class BatchStream:
     return {"images": images, "labels": np.asarray(self.data.labels[index], np.int32)}
 
 
-# --------------------------------------------------------------------------- logging
-
-
-def make_writer(logdir: pathlib.Path) -> metric_writers.MetricWriter:
-  if jax.process_index() != 0:
-    return metric_writers.create_default_writer(str(logdir), just_logging=True)
-  return metric_writers.create_default_writer(str(logdir), asynchronous=False)
-
-
-def _append_jsonl(path: pathlib.Path, step: int, scalars: dict[str, float]) -> None:
-  if jax.process_index() == 0:
-    with open(path, "a") as f:
-      f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+# --------------------------------------------------------------------------- artifact
 
 
 def write_artifact(path: pathlib.Path, module: mae.MAEResNet, ema_params: Any, step: int,
@@ -203,59 +182,34 @@ def train_mae(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   state_shardings = partitioning.tree_shardings(jax.eval_shape(make_state), mesh)
   state = jax.jit(make_state, out_shardings=state_shardings)()
 
-  ckpt = checkpointing.Checkpointer(run_dir, keep_last=m.keep_last, keep_every=m.keep_every,
-                                    async_save=m.async_save)
-  start_step = 0
-  if ckpt.latest_step() is not None:
-    start_step, state, _ = ckpt.restore(state, with_host_state=False)
-    logging.info("MAE pretraining resumed from step %d", start_step)
-  elif m.init_from:
-    _, init_params, _ = artifacts.load(m.init_from, kind="mae")
-    params = jax.device_put(init_params, state_shardings.params)
-    state = state.replace(params=params, ema_params=params)
-    logging.info("MAE initialized from %s", m.init_from)
-
   step_fn = jax.jit(
       mae.make_train_step(module, tx, ema_decay=m.ema_decay, mask_ratio_min=m.mask_ratio_min,
                           mask_ratio_max=m.mask_ratio_max, schedule=schedule),
       out_shardings=(state_shardings, partitioning.replicated(mesh)),
       donate_argnums=(0,))
-
-  writer = make_writer(run_dir)
   finetune_start = m.total_steps - m.finetune_last_steps if m.finetune_last_steps else None
-  guard = checkpointing.PreemptionGuard()
-  last_saved = start_step
 
-  def save(step: int) -> None:
-    nonlocal last_saved
-    ckpt.save(step, state)
-    write_artifact(out_dir, module, state.ema_params, step, config)
-    last_saved = step
+  ckpt = checkpointing.Checkpointer(run_dir, keep_last=m.keep_last, keep_every=m.keep_every,
+                                    async_save=m.async_save)
+  with run_lib.Run(ckpt, writers.make_writer(str(run_dir)), name="MAE pretraining", loss_name="MAE loss",
+                   hint="Lower mae.learning_rate or check the data.") as run:
+    start_step, state = run.restore_or_init(state, state_shardings.params, init_from=m.init_from, kind="mae")
 
-  try:
+    def save(step: int) -> None:
+      run.save(step, state)
+      write_artifact(out_dir, module, state.ema_params, step, config)
+
     for step in range(start_step, m.total_steps):
-      batch = {k: partitioning.host_to_global(v, mesh) for k, v in batches(step).items()}
+      batch = partitioning.batch_to_global(batches(step), mesh)
       state, metrics = step_fn(state, batch, jnp.float32(lambda_cls_at(step, m)))
       done = step + 1
       if done % m.log_every == 0 or done == m.total_steps:
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not np.isfinite(scalars["loss"]):
-          raise NonFiniteLossError(
-              f"MAE loss is {scalars['loss']} at step {done}; stopping. The last good checkpoint (step "
-              f"{last_saved}) in {ckpt.directory} is intact. Lower mae.learning_rate or check the data.")
-        writer.write_scalars(done, scalars)
-        _append_jsonl(run_dir / "metrics.jsonl", done, scalars)
+        run.record(done, metrics)
+        run.writer.write_scalars(done, run.fetch_checked(metrics))
       if done % m.save_every == 0 or done == m.total_steps or done == finetune_start:
         save(done)
-      if guard.should_stop(done):
-        logging.warning("preemption signal: saving MAE step %d and stopping", done)
-        if last_saved != done:
-          save(done)
+      if run.preempted(done, save):
         break
     if start_step >= m.total_steps and not (out_dir / artifacts.PARAMS_FILE).exists():
       write_artifact(out_dir, module, state.ema_params, start_step, config)
-  finally:
-    ckpt.wait()
-    writer.flush()
-    guard.restore_handlers()
   return out_dir

@@ -34,11 +34,18 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
   return optax.join_schedules(pieces, boundaries)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, max_grad_norm: float):
-  """Global-norm clipping, then AdamW; returns (optimizer, schedule)."""
-  schedule = learning_rate_schedule(optim, total_steps)
-  tx = optax.chain(
+def clipped_adamw(schedule: optax.Schedule, *, max_grad_norm: float, b1: float, b2: float,
+                  weight_decay: float) -> optax.GradientTransformation:
+  """Global-norm clipping (none when max_grad_norm <= 0), then AdamW: the optimizer of every trainer here."""
+  return optax.chain(
       optax.clip_by_global_norm(max_grad_norm) if max_grad_norm > 0 else optax.identity(),
-      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay),
+      optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay),
   )
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, max_grad_norm: float):
+  """The generator's optimizer and its schedule: (clipped AdamW, schedule)."""
+  schedule = learning_rate_schedule(optim, total_steps)
+  tx = clipped_adamw(schedule, max_grad_norm=max_grad_norm, b1=optim.b1, b2=optim.b2,
+                     weight_decay=optim.weight_decay)
   return tx, schedule

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
@@ -57,7 +58,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
   if data * fsdp != n:
     raise ValueError(f"mesh data={data} x fsdp={fsdp} != {n} devices")
   try:
-    from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh((data, fsdp), devices=devices)
   except Exception:  # e.g. CPU devices without topology; a plain reshape is fine there.
     grid = np.asarray(devices).reshape(data, fsdp)
@@ -144,6 +144,10 @@ def host_to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:
   if local.ndim and global_rows % mesh.size == 0:
     return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     local = np.asarray(multihost_utils.process_allgather(local, tiled=True))
   return jax.make_array_from_process_local_data(replicated(mesh), local)
+
+
+def batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Every array of a host batch as one global array (`host_to_global`)."""
+  return {name: host_to_global(local, mesh) for name, local in batch.items()}

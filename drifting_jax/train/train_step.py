@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import einops
@@ -62,10 +61,33 @@ def unconditional_weight(cfg: jax.Array, gen_per_class: int, neg_per_class: int)
   return (cfg - 1.0) * (gen_per_class - 1) / max(1, neg_per_class)
 
 
-def objective_from_config(loss_config: ml_collections.ConfigDict) -> Callable:
-  """The grouped objective with its static options bound (distance_scale stays an argument)."""
+# An objective as the step calls it: (gen, pos, neg, *, weight_neg, distance_scale) -> (loss [B], info).
+Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def objective_from_config(loss_config: ml_collections.ConfigDict) -> Objective:
+  """The configured grouped objective behind one keyword-only call.
+
+  Every objective of `drifting_jax.losses` shares the release's positional signature
+  (gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg) but not its options;
+  the returned `objective(gen, pos, neg, *, weight_neg=None, distance_scale=None)`
+  binds the static options once, so the step never spells positional Nones.
+  `distance_scale` (top-k EMA or annealing) is ignored by the release objective,
+  whose scale is its own batch mean (the config check below enforces that).
+  """
   name = loss_config.objective
   fn = losses.get_objective(name)
+  options, takes_distance_scale = _objective_options(name, loss_config), name != "release"
+
+  def objective(gen, pos, neg=None, *, weight_neg=None, distance_scale=None):
+    scale = {"distance_scale": distance_scale} if takes_distance_scale else {}
+    return fn(gen, pos, neg, weight_neg=weight_neg, **scale, **options)
+
+  return objective
+
+
+def _objective_options(name: str, loss_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The static keyword options of objective `name`, checked against the rest of the loss config."""
   bandwidths = tuple(float(b) for b in loss_config.bandwidths)
   norm = loss_config.feature_normalization
   if norm not in ("batch_mean", "topk_ema", "none"):
@@ -76,18 +98,18 @@ def objective_from_config(loss_config: ml_collections.ConfigDict) -> Callable:
     options = losses.sinkhorn.check_options(
         epsilon=loss_config.sinkhorn_epsilon, cost=loss_config.sinkhorn_cost,
         threshold=loss_config.sinkhorn_threshold, max_iterations=loss_config.sinkhorn_max_iterations)
-    return functools.partial(fn, normalize_distances=norm == "batch_mean", **options)
+    return {"normalize_distances": norm == "batch_mean", **options}
   losses.get_kernel(loss_config.kernel, bandwidths[0] if bandwidths else 1.0)  # fail early on a bad name
   if name == "release":
     if norm != "batch_mean" or loss_config.bandwidth_anneal_rate:
       raise ValueError("the release objective computes its own batch-mean scale: use "
                        "loss.feature_normalization=batch_mean and no bandwidth annealing")
-    return lambda *a, distance_scale=None: fn(*a, R_list=bandwidths, kernel=loss_config.kernel)
-  kwargs = dict(kernel=loss_config.kernel, bandwidths=bandwidths, normalize_distances=norm == "batch_mean",
-                normalize_gradients=bool(loss_config.normalize_gradients))
+    return {"R_list": bandwidths, "kernel": loss_config.kernel}
+  options = dict(kernel=loss_config.kernel, bandwidths=bandwidths, normalize_distances=norm == "batch_mean",
+                 normalize_gradients=bool(loss_config.normalize_gradients))
   if name == "mmd":
-    kwargs["sharp"] = bool(loss_config.mmd_sharp)
-  return functools.partial(fn, **kwargs)
+    options["sharp"] = bool(loss_config.mmd_sharp)
+  return options
 
 
 def _split_rows(features: dict[str, jax.Array], rows: int) -> dict[str, jax.Array]:
@@ -150,7 +172,7 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
       for name in sorted(gen_features):
         group_loss, group_info = objective(
             gen_features[name], pos_features[name], None if neg_features is None else neg_features[name],
-            None, None, weight_neg, distance_scale=distance_scale[name])
+            weight_neg=weight_neg, distance_scale=distance_scale[name])
         total = total + jnp.mean(group_loss)
         info.update({f"{k}/{name}": v for k, v in group_info.items()})
       return total, info

@@ -1,4 +1,8 @@
-"""The training loop: data -> positive source -> jitted step -> logs and checkpoints.
+"""The generator's training loop: positive source -> jitted step -> logs and checkpoints.
+
+The loop itself is the algorithm's outline; the positive source owns the memory
+banks (`train.data`), the run scaffold owns resume, writers, the NaN stop and the
+preemption save (`train.run`, shared with the MAE pretraining).
 
 Host work (drawing the step's data from the positive source: memory banks or fresh
 draws; logging; checkpointing) runs while the device executes the previous step:
@@ -13,29 +17,22 @@ metrics), so it measures what the host adds, not what the device takes.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import pathlib
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 from jax.experimental import multihost_utils
 
-from drifting_jax import losses
-from drifting_jax.models import artifacts, generator as generator_lib
-from drifting_jax.train import checkpointing, data as train_data, images, optim, partitioning
+from drifting_jax import losses, writers
+from drifting_jax.data import images
+from drifting_jax.models import artifacts, features, generator as generator_lib
+from drifting_jax.train import checkpointing, data as train_data, optim, partitioning, run as run_lib
 from drifting_jax.train import train_step as train_step_lib
 from drifting_jax.train.train_step import TrainState
-
-
-class NonFiniteLossError(RuntimeError):
-  pass
 
 
 # --------------------------------------------------------------------------- config
@@ -72,25 +69,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   train_step_lib.objective_from_config(config.loss)  # unknown objective/kernel/normalization
 
 
-def generator_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  overrides = dict(config.model.overrides.to_dict()) if config.model.overrides else {}
-  model_config = generator_lib.model_config_for(config.model.name, **overrides)
-  expected = (config.data.image_size + 2 * 0, config.data.channels)
-  if (model_config["input_size"], model_config["out_channels"]) != expected:
-    raise ValueError(f"generator {config.model.name} makes {model_config['input_size']}x"
-                     f"{model_config['input_size']}x{model_config['out_channels']} samples, but the data are "
-                     f"{expected[0]}x{expected[0]}x{expected[1]}: fix model.overrides or data.image_size/channels")
-  if model_config["num_classes"] < config.data.num_classes:
-    raise ValueError(f"generator has {model_config['num_classes']} class rows for {config.data.num_classes} classes")
-  return model_config
-
-
 # --------------------------------------------------------------------------- pieces
 
 
 def build_features(config: ml_collections.ConfigDict):
   """(apply(params, x) -> {name: [N, T, D]}, params) for the configured feature space."""
-  from drifting_jax.models import features
   if config.feature.kind == "pixels":
     fn = features.pixel_features(patch_stats_sizes=tuple(config.feature.patch_stats_sizes))
   elif config.feature.kind == "mae":
@@ -125,54 +108,6 @@ def module_config(module) -> dict[str, Any]:
   return {k: getattr(module, k) for k in generator_lib.CONFIG_KEYS if k not in generator_lib.RUNTIME_ONLY_KEYS}
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-  """Appends {"step": s, name: value, ...} lines to metrics.jsonl (process 0 only)."""
-
-  def __init__(self, path: str | os.PathLike):
-    self.path = pathlib.Path(path)
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-
-  def write_scalars(self, step, scalars):
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
-
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_hparams(self, hparams):
-    pass
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
-
-
-def make_writer(workdir: str) -> metric_writers.MetricWriter:
-  if jax.process_index() != 0:
-    return metric_writers.create_default_writer(workdir, just_logging=True)
-  return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(pathlib.Path(workdir) / "metrics.jsonl"),
-  ])
-
-
 def write_params_ema_artifact(workdir, module, ema_params) -> None:
   """The release's `params_ema/` folder, so its tools can read our runs (process 0)."""
   host_params = multihost_utils.process_allgather(ema_params, tiled=True)
@@ -191,14 +126,17 @@ def write_sample_grid(path, module, ema_params, num_classes: int, per_class: int
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains until train.total_steps (resuming from the workdir), returns the final state."""
+  """Trains until train.total_steps (resuming from the workdir), returns the final state.
+
+  (The name is flax's; evaluation runs beside training, in the evaluate and watch modes.)
+  """
   validate_config(config)
   workdir = str(pathlib.Path(workdir).absolute())
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp)
   t = config.train
 
-  model_config = generator_config(config)
+  model_config = generator_lib.model_config_from_run(config)
   module = generator_lib.build_module({**model_config, "remat": bool(config.model.remat)})
   feature_apply, feature_params = build_features(config)
   data = train_data.load_training_data(config)
@@ -207,23 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   tx, schedule = optim.make_optimizer(config.optim, t.total_steps, t.max_grad_norm)
   state, state_shardings = init_state(config, module, tx, mesh, feature_names)
   feature_params = jax.device_put(feature_params, partitioning.replicated(mesh))
-
   source = train_data.make_source(config, data)
-
-  ckpt = checkpointing.Checkpointer(workdir, keep_last=config.checkpoint.keep_last,
-                                    keep_every=config.checkpoint.keep_every,
-                                    async_save=config.checkpoint.async_save)
-  start_step = 0
-  if ckpt.latest_step() is not None:
-    start_step, state, host_state = ckpt.restore(state)
-    source.load_state_dict(host_state)
-    logging.info("resumed from step %d", start_step)
-  elif config.init_from:
-    _, init_params, _ = artifacts.load(config.init_from, kind="gen")
-    params = jax.device_put(init_params, state_shardings.params)
-    state = state.replace(params=params, ema_params=params)
-    logging.info("initialized generator from %s", config.init_from)
-
   step_fn = jax.jit(
       train_step_lib.make_train_step(generator=module, tx=tx, schedule=schedule, feature_apply=feature_apply,
                                      config=config, mesh=mesh),
@@ -231,75 +153,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       out_shardings=(state_shardings, partitioning.replicated(mesh)),
       donate_argnums=(0,))
 
-  writer = make_writer(workdir)
-  if start_step == 0 and jax.process_index() == 0:
-    writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
-  progress = periodic_actions.ReportProgress(num_train_steps=t.total_steps, writer=writer,
-                                             every_steps=config.log.every_steps)
-  guard = checkpointing.PreemptionGuard()
-  host_seconds, window_start = 0.0, time.perf_counter()
-  pending: list[tuple[int, dict]] = []
-  last_saved = start_step
+  ckpt = checkpointing.Checkpointer(workdir, keep_last=config.checkpoint.keep_last,
+                                    keep_every=config.checkpoint.keep_every,
+                                    async_save=config.checkpoint.async_save)
+  with run_lib.Run(ckpt, writers.make_writer(workdir), name="generator", loss_name="loss",
+                   hint="Lower optim.learning_rate or check the data and features.") as run:
+    start_step, state = run.restore_or_init(state, state_shardings.params, init_from=config.init_from, kind="gen",
+                                            load_host_state=source.load_state_dict)
+    if start_step == 0 and jax.process_index() == 0:
+      run.writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+    progress = periodic_actions.ReportProgress(num_train_steps=t.total_steps, writer=run.writer,
+                                               every_steps=config.log.every_steps)
 
-  def checked_metrics() -> None:
-    """Fetches pending metrics; stops on the first non-finite loss."""
-    nonlocal pending
-    for step, metrics in pending:
-      loss = float(jax.device_get(metrics["loss"]))
-      if not np.isfinite(loss):
-        raise NonFiniteLossError(
-            f"loss is {loss} at step {step}; stopping. The last good checkpoint (step {last_saved}) in "
-            f"{ckpt.directory} is intact. Lower optim.learning_rate or check the data and features.")
-    pending = []
+    def save(step: int) -> None:
+      run.save(step, state, source.state_dict())
+      write_params_ema_artifact(workdir, module, state.ema_params)
 
-  def save(step: int) -> None:
-    nonlocal last_saved
-    checked_metrics()
-    ckpt.save(step, state, source.state_dict())
-    write_params_ema_artifact(workdir, module, state.ema_params)
-    last_saved = step
-
-  try:
+    # Host work (drawing data, saving) overlaps the device's previous step: the loop
+    # waits for a step only at log and checkpoint steps.
+    host_time = run_lib.HostTime()
     for step in range(start_step, t.total_steps):
-      host_start = time.perf_counter()
-      # Host: this step's classes, their positives and the unconditional negatives.
-      batch = source.draw(step)
-      host_seconds += time.perf_counter() - host_start
-      # The transfer is not counted as host work: on a CPU backend it may wait for
-      # the previous step, which runs on the same cores.
-      batch = {k: partitioning.host_to_global(v, mesh) for k, v in batch.items()}
-
-      state, metrics = step_fn(state, feature_params, batch)
-      pending.append((step, metrics))
+      with host_time.measure():  # this step's classes, their positives, the unconditional negatives
+        batch = source.draw(step)
+      # Not host work: on a CPU backend the transfer may wait for the previous step.
+      state, metrics = step_fn(state, feature_params, partitioning.batch_to_global(batch, mesh))
+      run.record(step, metrics)
       done = step + 1
-
       progress(done)
       if done % config.log.every_steps == 0 or done == t.total_steps:
-        latest = jax.device_get(metrics)  # waits for the step: not host work either
-        host_start = time.perf_counter()
-        checked_metrics()
-        wall = time.perf_counter() - window_start
-        scalars = {k: float(np.mean(v)) for k, v in latest.items()}
-        scalars["host_fraction"] = host_seconds / max(wall, 1e-9)
-        writer.write_scalars(done, scalars)
-        host_seconds, window_start = 0.0, time.perf_counter()
+        scalars = run.fetch_checked(metrics)  # waits for the step: not host work either
+        run.writer.write_scalars(done, {**scalars, "host_fraction": host_time.end_window()})
       if config.log.sample_grid_every and done % config.log.sample_grid_every == 0:  # device work
         write_sample_grid(pathlib.Path(workdir) / "samples" / f"step_{done}.png", module, state.ema_params,
                           min(config.data.num_classes, 10), 10, config.seed)
-      host_start = time.perf_counter()
-      if done % config.checkpoint.every_steps == 0 or done == t.total_steps:
-        save(done)
-      if guard.should_stop(done):
-        logging.warning("preemption signal: saving step %d and stopping", done)
-        if last_saved != done:
+      with host_time.measure():
+        if done % config.checkpoint.every_steps == 0 or done == t.total_steps:
           save(done)
-        break
-      host_seconds += time.perf_counter() - host_start
-    checked_metrics()
-  finally:
-    ckpt.wait()
-    writer.flush()
-    guard.restore_handlers()
+        if run.preempted(done, save):
+          break
+    run.check_finite()
   return state
 
 

@@ -1,8 +1,7 @@
-"""Jobs around training: evaluate, watch, train_classifier, train_mae, build_latents.
+"""Evaluation of a generator: the `evaluate` and `watch` modes.
 
-`drifting_jax.main --mode=<job>` dispatches here. Every job reads the same config
-as the training run it serves, so an eval job beside a training job needs only the
-training run's config file and workdir.
+Every mode reads the same config as the training run it serves, so an eval job
+beside a training job needs only the training run's config file and workdir.
 
 Evaluation of a generator, per CFG scale in `config.eval.cfg_scales`:
 
@@ -24,33 +23,15 @@ import time
 from typing import Any, Optional
 
 import jax
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from drifting_jax.eval import sampling
-from drifting_jax.train import checkpointing, images
-
-
-def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
-  if mode == "evaluate":
-    return evaluate(config, workdir)
-  if mode == "watch":
-    return watch(config, workdir)
-  if mode == "train_classifier":
-    from drifting_jax.eval import classifier
-    return classifier.train_classifier_job(config, workdir)
-  if mode == "train_mae":
-    from drifting_jax.train import mae_pretrain
-    return mae_pretrain.train_mae(config, workdir)
-  if mode == "build_latents":
-    return build_latents(config, workdir)
-  if mode == "import_latents":
-    return import_latents(config, workdir)
-  raise ValueError(f"unknown mode {mode!r}")
-
-
-# --------------------------------------------------------------------------- evaluation
+from drifting_jax import writers
+from drifting_jax.data import images, pipelines
+from drifting_jax.data.mnist5k import load_mnist5k
+from drifting_jax.eval import classifier_job, metrics as metrics_lib, offline, sampling
+from drifting_jax.models import artifacts, classifier, inception, vae as vae_lib
+from drifting_jax.train import checkpointing
 
 
 def _is_offline_setting(config) -> bool:
@@ -83,12 +64,9 @@ class _FeatureSpace:
     self.offline = _is_offline_setting(config)
     self.vae = None
     if config.data.name in ("latents", "synthetic_latents") or config.data.channels == 4:
-      from drifting_jax.models import vae as vae_lib
       self.vae = vae_lib.SDVAE.load(config.eval.vae_source)
     if self.offline:
-      from drifting_jax.eval import classifier
-      from drifting_jax.models import artifacts
-      path = classifier.classifier_dir(config, workdir)  # where train_classifier puts it
+      path = classifier_job.classifier_dir(config, workdir)  # where train_classifier puts it
       # artifacts.load reports a missing folder as an ArtifactError; here the fix
       # is a job to run, which the message names.
       if not path.is_dir():
@@ -96,9 +74,7 @@ class _FeatureSpace:
             f"no evaluation classifier at {path}: run `python -m drifting_jax.main --mode=train_classifier "
             f"--config=<this config> --workdir={workdir}` first, or set --config.eval.classifier_path")
       self.module, self.params, _ = artifacts.load(path, kind="classifier")
-      self._classifier = classifier
     else:
-      from drifting_jax.models import inception
       self.extractor = inception.InceptionFeatureExtractor.load(config.eval.inception_path or None)
 
   def to_pixels(self, samples: np.ndarray) -> np.ndarray:
@@ -109,9 +85,8 @@ class _FeatureSpace:
 
   def features(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
     if self.offline:
-      feats, logits = self._classifier.features_and_logits(self.module, self.params, pixels)
+      feats, logits = classifier.features_and_logits(self.module, self.params, pixels)
       return {"features": np.asarray(feats), "logits": np.asarray(logits)}
-    from drifting_jax.models import inception
     out = self.extractor.features_in_chunks(inception.to_uint8(pixels), int(self.config.eval.batch_size))
     # The Inception Score's logits are the graph's bias-free ones (as in the
     # release, the original IS code and torch-fidelity), not `out.logits`.
@@ -121,14 +96,11 @@ class _FeatureSpace:
 def _real_data(config, split: str = "heldout") -> tuple[np.ndarray, np.ndarray]:
   """Real images (model range) and labels for the offline metrics: held-out (reference) or training."""
   if config.data.name == "mnist5k":
-    from drifting_jax.data.mnist5k import load_mnist5k
     raw, labels = load_mnist5k(split)
   else:
-    from drifting_jax.data import pipelines
     raw, labels = pipelines.load_in_memory(config.data.name, split="test" if split == "heldout" else "train",
                                            data_dir=config.data.data_dir or None)
-  from drifting_jax.train.data import pad_images
-  pixels = pad_images(images.uint8_to_model(raw), int(config.data.pad_to))
+  pixels = images.pad_images(images.uint8_to_model(raw), int(config.data.pad_to))
   return pixels, np.asarray(labels, np.int32)
 
 
@@ -154,7 +126,6 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
     metrics: dict[str, Any] = {}
     if jax.process_index() == 0:
       if features.offline:
-        from drifting_jax.eval import offline
         metrics = offline.evaluate_samples(
             images.uint8_to_model(grid_pixels), all_labels, classifier_module=features.module,
             classifier_params=features.params, real_images=real[0], real_labels=real[1],
@@ -173,19 +144,18 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
 
 
 def _inception_metrics(config, feats: dict[str, np.ndarray]) -> dict[str, Any]:
-  from drifting_jax.eval import metrics
   out: dict[str, Any] = {}
-  inception_score, inception_score_std = metrics.inception_score(feats["logits"])
+  inception_score, inception_score_std = metrics_lib.inception_score(feats["logits"])
   out["inception_score"], out["inception_score_std"] = inception_score, inception_score_std
   if config.eval.reference_stats:
-    mu_ref, sigma_ref = metrics.load_reference_statistics(config.eval.reference_stats)
-    mu, sigma = metrics.compute_statistics(feats["features"])
-    out["fid"] = metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    mu_ref, sigma_ref = metrics_lib.load_reference_statistics(config.eval.reference_stats)
+    mu, sigma = metrics_lib.compute_statistics(feats["features"])
+    out["fid"] = metrics_lib.frechet_distance(mu, sigma, mu_ref, sigma_ref)
   else:
     logging.warning("eval.reference_stats is empty: FID not computed")
   if config.eval.reference_features:
     real = np.load(config.eval.reference_features)["features"]
-    out["precision"], out["recall"] = metrics.precision_recall(real, feats["features"])
+    out["precision"], out["recall"] = metrics_lib.precision_recall(real, feats["features"])
   return out
 
 
@@ -213,13 +183,12 @@ def _jsonable(x):
 
 
 def _log_scalars(workdir: str, step: int, results: dict[str, Any]) -> None:
-  from drifting_jax.train import trainer
   scalars = {}
   for cfg, metrics in results["cfg"].items():
     for name, value in metrics.items():
       if isinstance(value, (int, float)) and np.isfinite(value):
         scalars[f"eval/cfg{cfg}/{name}"] = float(value)
-  writer = trainer.make_writer(workdir)
+  writer = writers.make_writer(workdir)
   writer.write_scalars(step, scalars)
   writer.flush()
 
@@ -280,93 +249,3 @@ def watch(config, workdir: str) -> list[int]:
       logging.info("no new checkpoint for %.0f s: watcher stops", config.eval.watch_timeout_s)
       return evaluated
     time.sleep(float(config.eval.watch_poll_s))
-
-
-# --------------------------------------------------------------------------- latent cache
-
-
-def _latent_cache_dir(config, workdir: str) -> pathlib.Path:
-  """Where build_latents and import_latents write: latents.out_dir, default <workdir>/latents."""
-  return pathlib.Path(config.latents.out_dir or pathlib.Path(workdir) / "latents")
-
-
-def build_latents(config, workdir: str) -> pathlib.Path:
-  """Encodes a tfds image data set through the SD-VAE into a sharded latent cache.
-
-  As the release does, each image is stored as one posterior sample times 0.18215
-  (`latents.posterior="sample"`; "mean" stores the posterior mean) and, with
-  `latents.flip`, so is its mirror image, which training then draws half of the
-  time. The draws are a pure function of (latents.seed, shard), so a resumed build
-  writes what an uninterrupted one would.
-
-  Each host encodes its share of the images; shard `i` of host `p` is global shard
-  `i * process_count + p`, written atomically, so a re-run skips finished shards.
-  Output: config.latents.out_dir (default workdir/latents), read by data.name=latents.
-  """
-  from drifting_jax.data import latents as latents_lib, pipelines
-  from drifting_jax.models import vae as vae_lib
-
-  lc = config.latents
-  if lc.posterior not in ("sample", "mean"):
-    raise ValueError(f"latents.posterior must be 'sample' or 'mean', got {lc.posterior!r}")
-  out_dir = _latent_cache_dir(config, workdir)
-  vae = vae_lib.SDVAE.load(lc.vae_source)
-  factor = vae.downsampling_factor
-  size = int(lc.image_size)
-  pi, pc = jax.process_index(), jax.process_count()
-  # process_count is part of the writer's spec: shard numbers depend on it, so a
-  # resume on another number of hosts must be refused, not mixed in.
-  writer = latents_lib.LatentCacheWriter(
-      out_dir, sample_shape=(size // factor, size // factor, vae.latent_channels), dtype=lc.dtype,
-      shard_size=int(lc.batch_size),
-      metadata={"source": lc.dataset, "split": lc.split, "image_size": size, "vae": lc.vae_source,
-                "scaling_factor": vae.scaling_factor, "pad_to": int(lc.pad_to), "process_count": pc,
-                "posterior": lc.posterior, "seed": int(lc.seed)},
-      flipped=bool(lc.flip))
-  done = writer.completed_shards()
-  batches = pipelines.image_batches(lc.dataset, lc.split, data_dir=config.data.data_dir or None,
-                                    batch_size=int(lc.batch_size), image_size=size, process_index=pi,
-                                    process_count=pc, pad_to=int(lc.pad_to), to_rgb=True)
-  written = 0
-  for i, batch in enumerate(batches):
-    shard = i * pc + pi
-    if shard in done:
-      continue
-    valid = np.asarray(batch["valid"], bool)
-    pixels = images.uint8_to_model(batch["image"])
-    # One key per shard and view: the same draws however the build is split or resumed.
-    keys = jax.random.split(jax.random.fold_in(jax.random.key(int(lc.seed)), shard))
-    encode = lambda x, key: np.asarray(vae.encode_in_chunks(
-        x, int(lc.batch_size), rng=key if lc.posterior == "sample" else None))[valid]
-    flipped = encode(pixels[:, :, ::-1], keys[1]) if lc.flip else None
-    writer.write_shard(shard, encode(pixels, keys[0]), np.asarray(batch["label"], np.int32)[valid], flipped)
-    written += 1
-    if written % 10 == 0:
-      logging.info("host %d: %d shards written", pi, written)
-  multihost_utils.sync_global_devices("build_latents_done")
-  if pi == 0:
-    writer.finalize(num_classes=int(config.data.num_classes))
-    print(f"latent cache written to {out_dir}")
-  return out_dir
-
-
-def import_latents(config, workdir: str) -> pathlib.Path:
-  """Converts the release's per-image .pt latent cache (latents.release_cache) into our npz cache.
-
-  Runs on process 0 only (it is file conversion); the others wait. Output:
-  config.latents.out_dir (default workdir/latents), flipped, read by data.name=latents.
-  """
-  from drifting_jax.data import release_cache
-
-  lc = config.latents
-  if not lc.release_cache:
-    raise ValueError("--mode=import_latents needs --config.latents.release_cache=<the release's cache root, "
-                     "holding train/<class>/*.pt>")
-  out_dir = _latent_cache_dir(config, workdir)
-  if jax.process_index() == 0:
-    index = release_cache.import_release_cache(lc.release_cache, out_dir, split=lc.split,
-                                               shard_size=int(lc.batch_size), dtype=lc.dtype,
-                                               num_classes=int(config.data.num_classes))
-    print(f"imported {index['num_examples']} latents of {lc.release_cache}/{lc.split} into {out_dir}")
-  multihost_utils.sync_global_devices("import_latents_done")
-  return out_dir

@@ -1,4 +1,4 @@
-"""Conversions between model samples and images, and sample grids as PNG."""
+"""Image helpers of the data side: the generator's pixel range, padding, sample grids as PNG."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import pathlib
 
 import numpy as np
+from PIL import Image
 
 
 def uint8_to_model(images: np.ndarray) -> np.ndarray:
@@ -30,7 +31,6 @@ def grid(images: np.ndarray, rows: int) -> np.ndarray:
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray, scale: int = 2) -> None:
-  from PIL import Image
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   img = image[..., 0] if image.shape[-1] == 1 else image
@@ -40,3 +40,17 @@ def save_png(path: str | os.PathLike, image: np.ndarray, scale: int = 2) -> None
   tmp = path.with_suffix(".tmp.png")
   pil.save(tmp)
   os.replace(tmp, path)
+
+
+def pad_images(images: np.ndarray, pad_to: int, black: float = -1.0) -> np.ndarray:
+  """Centers [N, H, W, C] images on a black pad_to x pad_to canvas (0: unchanged).
+
+  Black is -1 in model range (the default) and 0 for uint8 images.
+  """
+  if not pad_to:
+    return images
+  h = images.shape[1]
+  if pad_to < h:
+    raise ValueError(f"data.pad_to={pad_to} is smaller than the images ({h})")
+  lo = (pad_to - h) // 2
+  return np.pad(images, ((0, 0), (lo, pad_to - h - lo), (lo, pad_to - h - lo), (0, 0)), constant_values=black)

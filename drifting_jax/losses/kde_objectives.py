@@ -1,0 +1,302 @@
+"""log-KDE (FHM Eq. 19) and MMD (FHM Prop. 7): true objectives, plain autodiff.
+
+Both are differences of kernel density estimates at the generated samples, with
+the release's grouped signature (see `drifting_jax.losses.objectives`). Their
+values and gradients are computed in one pass and handed to autodiff through a
+custom VJP (`_with_precomputed_gradient`), which saves a second pass over the
+pairwise kernel matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from drifting_jax.losses import _common
+from drifting_jax.losses.groups import (Info, _distance_scale, _generated_probabilities, _Groups, _kernels,
+                                        _nan_if_invalid, _per_row, _prepare, sum_over_feature_groups)
+from drifting_jax.losses.kernels import Kernel
+
+Array = jax.Array
+
+
+class _Side(NamedTuple):
+  """One KDE's references (q: the generated samples and fixed negatives; p: the positives)."""
+
+  points: Array          # [G, N, S]
+  distances: Array       # [G, Cg, N]: |x_i - y_j| / scale (stop-gradient)
+  log_weights: Array     # [G, Cg, N] or [G, 1, N]: -inf for zero weights and for a sample itself
+  log_max_weight: Array  # [G, 1]: max_j log w_j (for q over all columns: a bound for j != i)
+  log_norm: Array        # [G, Cg] or [G, 1]: log sum_j w_j (for q, over j != i)
+
+
+class _KDEOperands(NamedTuple):
+  q: _Side
+  p: _Side
+  gen_prob: Array        # [G, Cg]
+  scale: Array           # [G]
+
+
+def _kde_operands(groups: _Groups, normalize_distances: bool, distance_scale) -> _KDEOperands:
+  cg = groups.gen.shape[1]
+  gen_sg = jax.lax.stop_gradient(groups.gen)
+  points_q = jnp.concatenate([gen_sg, groups.neg], axis=1)
+  w_q = jnp.concatenate([groups.w_gen, groups.w_neg], axis=1)
+  is_self = jnp.arange(cg)[:, None] == jnp.arange(w_q.shape[1])[None, :]
+  # A sample's distance to itself is exactly the floor: |x|^2 + |x|^2 - 2 x.x leaves
+  # rounding noise there, which would enter the distance scale.
+  dist_q = jnp.where(is_self, math.sqrt(_common.SQUARED_DISTANCE_EPS),
+                     _common.pairwise_distances(gen_sg, points_q))
+  dist_p = _common.pairwise_distances(gen_sg, groups.pos)
+  scale = _distance_scale(groups, None, normalize_distances, distance_scale,
+                          distances=[(dist_q, w_q), (dist_p, groups.w_pos)])
+  inv_scale = 1.0 / scale[:, None, None]
+  log_w_q = _common.safe_log(w_q)
+  # q's references exclude the sample itself: weight 0 on the diagonal.
+  total_q = jnp.sum(w_q, -1, keepdims=True) - groups.w_gen
+  q = _Side(points_q, dist_q * inv_scale, jnp.where(is_self, -jnp.inf, log_w_q[:, None, :]),
+            jnp.max(log_w_q, -1, keepdims=True), _common.safe_log(total_q))
+  log_w_p = _common.safe_log(groups.w_pos)
+  p = _Side(groups.pos, dist_p * inv_scale, log_w_p[:, None, :], jnp.max(log_w_p, -1, keepdims=True),
+            jnp.log(jnp.sum(groups.w_pos, -1, keepdims=True)))
+  return _KDEOperands(q, p, _generated_probabilities(groups), scale)
+
+
+class _KernelPair(NamedTuple):
+  """How one bandwidth's kernels are evaluated from a single exp per entry.
+
+  `value` is the kernel K of the KDEs (k# or k) and `grad` its gradient kernel
+  K' = -(1/r) dK/dr (k or k_flat, FHM Table 1). With e = exp(log_base(r)) (shifted),
+  K = e * value_over_base(r) and K' = e * grad_over_base(r). Closed-form kernels give
+  the ratios without transcendentals; others fall back to base = K and autodiff.
+  """
+
+  log_base: Callable[[Array], Array]
+  value_over_base: Callable[[Array], Array] | None  # None: 1
+  grad_over_base: Callable[[Array], Array] | None   # None: 1
+
+
+def _kernel_pair(kern: Kernel, sharp: bool) -> _KernelPair:
+  if sharp and kern.sharp_over_k is not None:  # K = k# = k * (k#/k), K' = k
+    return _KernelPair(kern.log_k, kern.sharp_over_k, None)
+  if not sharp and kern.k_over_flat is not None:  # K = k, K' = k_flat = k / (k/k_flat)
+    return _KernelPair(kern.log_k, None, lambda r: 1.0 / kern.k_over_flat(r))
+  log_value = kern.log_sharp if sharp else kern.log_k
+
+  def grad_over_value(r):  # -(1/r) d log K / dr, by forward-mode autodiff
+    return -jax.jvp(log_value, (r,), (jnp.ones_like(r),))[1] / r
+
+  return _KernelPair(log_value, None, grad_over_value)
+
+
+def _kde_side(pair: _KernelPair, side: _Side, r_min: Array) -> tuple[Array, Array, Array]:
+  """One KDE at every generated sample: (log KDE [G, Cg], entries e [G, Cg, N], sum_j K / exp(shift)).
+
+  The logsumexp's shift is log base(r_min) + log max_j w_j, r_min the distance to the
+  nearest reference of nonzero weight. The kernels decrease with r (radial profiles;
+  a sharp kernel is a tail integral), so every e_ij <= 1 and the nearest one is
+  >= w_nearest / w_max; the KDE's terms are e times K / base, a moderate factor
+  (k#/k = s (r + s) for the Laplace kernel). So no overflow, and no underflow short of
+  weight ratios of ~1e30. One min over r serves all bandwidths: unlike a max-shifted
+  logsumexp, no max pass per bandwidth.
+  """
+  shift = pair.log_base(r_min) + side.log_max_weight
+  e = jnp.exp(pair.log_base(side.distances) + side.log_weights - shift[..., None])
+  value = e
+  if pair.value_over_base is not None:
+    # Entries that are masked or underflowed (e = 0) add exactly 0, even where the ratio
+    # overflows (0 * inf = NaN). The select also keeps XLA:CPU from fusing the product
+    # into the reduction, which its YNNPACK backend then runs several times slower.
+    value = jnp.where(e > 0, e * pair.value_over_base(side.distances), 0.0)
+  total = jnp.sum(value, axis=-1)
+  return shift + jnp.log(total) - side.log_norm, e, total
+
+
+def _kde_values_and_gradients(gen: Array, ops: _KDEOperands, *, kernels: Sequence[Kernel], sharp: bool,
+                              take_log: bool, normalize_gradients: bool):
+  """Per-bandwidth values [H, G] and the gradient of sum_h value_h[g] w.r.t. gen [G, Cg, S].
+
+  The gradient is formed analytically in the same pass as the values. With
+  r_ij = |x_i - y_j| / c, K the KDE's kernel (k# for the log-KDE) and
+  K'(r) = -(1/r) dK/dr its gradient kernel (k for K = k#, FHM Table 1),
+
+      log q#(x_i) = log sum_{j in q} w_j K(r_ij) - log sum_{j in q} w_j,
+      d log q#(x_i) / d x_i = -sum_{j in q} w_j K'(r_ij) (x_i - y_j) / (c^2 sum_{j in q} w_j K(r_ij)),
+
+  and likewise for p (for the MMD witness, q_hat = exp(log q#) scales it). So the
+  backward pass is one matrix product per side of the coefficients summed over
+  bandwidths, instead of autodiff's replay of every logsumexp; K and K' come from
+  one exp per entry and bandwidth (`_KernelPair`). Groups are independent, hence
+  the gradient of value[g] only touches gen[g] and a cotangent only rescales rows
+  (see `_with_precomputed_gradient`). The distances in `ops` are stop-gradient:
+  this function's own gradient is the analytic one, not autodiff's.
+  """
+  q, p = ops.q, ops.p
+  r_min_q = jnp.min(jnp.where(q.log_weights > -jnp.inf, q.distances, jnp.inf), axis=-1)
+  r_min_p = jnp.min(jnp.where(p.log_weights > -jnp.inf, p.distances, jnp.inf), axis=-1)
+  gen_prob = ops.gen_prob
+  values, coefficients = [], []
+  for kern in kernels:
+    pair = _kernel_pair(kern, sharp)
+    log_q, e_q, total_q = _kde_side(pair, q, r_min_q)
+    log_p, e_p, total_p = _kde_side(pair, p, r_min_p)
+    # coefficient_ij = gen_prob_i (d value_i / d log KDE) (d log KDE / d r_ij) / r_ij, and
+    # (d log KDE / d r_ij) / r_ij = -w_j K'(r_ij) / sum_j w_j K(r_ij) = -e_ij grad_over_base / total.
+    if take_log:
+      per_sample = log_q - log_p
+      row_q, row_p = -gen_prob / total_q, gen_prob / total_p
+    else:  # d exp(log KDE) / d log KDE = KDE
+      q_hat, p_hat = jnp.exp(log_q), jnp.exp(log_p)
+      per_sample = q_hat - p_hat
+      row_q, row_p = -gen_prob * q_hat / total_q, gen_prob * p_hat / total_p
+    values.append(jnp.sum(gen_prob * per_sample, axis=-1))
+    grad_q = e_q if pair.grad_over_base is None else e_q * pair.grad_over_base(q.distances)
+    grad_p = e_p if pair.grad_over_base is None else e_p * pair.grad_over_base(p.distances)
+    coefficients.append((grad_q * row_q[..., None], grad_p * row_p[..., None]))
+
+  def to_gen(c_q, c_p):  # sum_j c_ij (x_i - y_j) / c^2 over both sides
+    rows = jnp.sum(c_q, -1, keepdims=True) + jnp.sum(c_p, -1, keepdims=True)
+    products = jnp.einsum("gim,gms->gis", c_q, q.points) + jnp.einsum("gim,gms->gis", c_p, p.points)
+    return (rows * gen - products) / jnp.square(ops.scale)[:, None, None]
+
+  if normalize_gradients:
+    grads = [to_gen(c_q, c_p) for c_q, c_p in coefficients]
+    unit = sum(g / jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(g))), 1e-30) for g in grads)
+    gradient = unit / (gen.shape[1] * gen.shape[2])
+  else:
+    gradient = to_gen(sum(c for c, _ in coefficients), sum(c for _, c in coefficients))
+  return jnp.stack(values), gradient
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _with_precomputed_gradient(values_and_gradient_fn: Callable, gen: Array, operands: Any):
+  """(sum_h values[h], values) as a function of gen, differentiated with the precomputed gradient.
+
+  `values_and_gradient_fn(gen, operands) -> (values [H, G], gradient [G, Cg, S])`, the
+  gradient of sum_h values[h, g] for every g at once. Returns the total [G] and the
+  per-bandwidth values [H, G] from one evaluation. Only the total is differentiated:
+  the cotangent of the per-bandwidth values is ignored, so callers must stop their
+  gradient (they are for logging). The operands get a zero cotangent. First-order only.
+  """
+  values = values_and_gradient_fn(gen, operands)[0]
+  return jnp.sum(values, axis=0), values
+
+
+def _precomputed_fwd(values_and_gradient_fn, gen, operands):
+  values, gradient = values_and_gradient_fn(gen, operands)
+  return (jnp.sum(values, axis=0), values), (gradient, operands)
+
+
+def _precomputed_bwd(values_and_gradient_fn, residuals, cotangents):
+  gradient, operands = residuals
+  cotangent = cotangents[0]  # the per-bandwidth values' cotangent is ignored, see above
+  return (cotangent[:, None, None] * gradient).astype(gradient.dtype), jax.tree.map(jnp.zeros_like, operands)
+
+
+_with_precomputed_gradient.defvjp(_precomputed_fwd, _precomputed_bwd)
+
+
+def _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, *, kernel, bandwidths,
+                   normalize_distances, distance_scale, normalize_gradients, sharp, take_log):
+  groups = _prepare(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg)
+  if groups.gen.shape[1] + groups.neg.shape[1] < 2:
+    raise ValueError("the model KDE q needs a reference besides the sample itself: use Cg >= 2 "
+                     "generated samples per group or pass fixed_neg")
+  kernels = _kernels(kernel, bandwidths)
+  ops = _kde_operands(groups, normalize_distances, distance_scale)
+  fn = functools.partial(_kde_values_and_gradients, kernels=kernels, sharp=sharp, take_log=take_log,
+                         normalize_gradients=normalize_gradients)
+  total, per_bandwidth = _with_precomputed_gradient(fn, groups.gen, ops)
+  per_bandwidth = jax.lax.stop_gradient(per_bandwidth)
+  loss = _per_row(groups, _nan_if_invalid(groups, total))
+  info = {"scale": jnp.mean(ops.scale)}
+  for kern, term in zip(kernels, per_bandwidth):
+    info[f"loss_{kern.bandwidth:g}"] = jnp.mean(term)
+  return loss, info
+
+
+def log_kde_loss(
+    gen: Array,
+    fixed_pos: Array,
+    fixed_neg: Array | None = None,
+    weight_gen: Array | None = None,
+    weight_pos: Array | None = None,
+    weight_neg: Array | None = None,
+    *,
+    kernel: str | Kernel = "laplace",
+    bandwidths: float | Sequence[float] = (0.02, 0.05, 0.2),
+    normalize_distances: bool = True,
+    distance_scale: Array | float | None = None,
+    normalize_gradients: bool = False,
+) -> tuple[Array, Info]:
+  """The log-KDE loss with the sharp kernel (FHM Eq. 19), per group.
+
+  loss[b] = sum_s sum_i w_i (log q#_s(x_i) - log p#_s(x_i)),   w_i = weight_gen / sum,
+
+  where p#_s(x) = sum_j w+_j k#_s(x, y_j) / sum_j w+_j over the positives, and
+  q#_s(x_i) is the same KDE over the other generated samples (stop-gradient, self
+  excluded) and the fixed negatives with their weights: the weighted CFG mixture.
+  Its gradient is -w_i V#(x_i), the sharp-normalized drifting field (Eq. 18), which
+  is a true gradient, so the training dynamics have a loss (Eq. 5).
+
+  Args:
+    kernel: "gaussian", "laplace", "rational_quadratic" or a `Kernel` (then
+      `bandwidths` is ignored).
+    bandwidths: one or several s; the losses of several bandwidths add.
+    normalize_distances: divide distances by the batch-mean weighted distance (the
+      release's scale, stop-gradient), so bandwidths are relative.
+    distance_scale: an explicit scale (scalar or [B], e.g. the top-k EMA scale);
+      overrides `normalize_distances`.
+    normalize_gradients: rescale each bandwidth's gradient to unit RMS (custom VJP),
+      the analogue of the release's per-temperature force normalization. The loss
+      value is unchanged.
+
+  Returns:
+    loss [B] and info {"scale", "loss_<s>" for each bandwidth}.
+  """
+  if isinstance(gen, Mapping):
+    return sum_over_feature_groups(log_kde_loss, gen, fixed_pos, fixed_neg, weight_gen, weight_pos,
+                                   weight_neg, kernel=kernel, bandwidths=bandwidths,
+                                   normalize_distances=normalize_distances, distance_scale=distance_scale,
+                                   normalize_gradients=normalize_gradients)
+  return _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, kernel=kernel,
+                        bandwidths=bandwidths, normalize_distances=normalize_distances,
+                        distance_scale=distance_scale, normalize_gradients=normalize_gradients,
+                        sharp=True, take_log=True)
+
+
+def mmd_loss(
+    gen: Array,
+    fixed_pos: Array,
+    fixed_neg: Array | None = None,
+    weight_gen: Array | None = None,
+    weight_pos: Array | None = None,
+    weight_neg: Array | None = None,
+    *,
+    kernel: str | Kernel = "gaussian",
+    bandwidths: float | Sequence[float] = (0.02, 0.05, 0.2),
+    sharp: bool = False,
+    normalize_distances: bool = True,
+    distance_scale: Array | float | None = None,
+    normalize_gradients: bool = False,
+) -> tuple[Array, Info]:
+  """The MMD objective in witness form: loss[b] = sum_i w_i (q_hat(x_i) - p_hat(x_i)).
+
+  q_hat and p_hat are the (unnormalized-kernel) KDEs built like `log_kde_loss`'s.
+  The gradient with respect to x_i is half that of the U-statistic MMD^2 between
+  the generated samples and the data. With `sharp=True` the kernel is k#, and the
+  gradient is -w_i times the unnormalized drifting field of k (FHM Prop. 7).
+  """
+  if isinstance(gen, Mapping):
+    return sum_over_feature_groups(mmd_loss, gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg,
+                                   kernel=kernel, bandwidths=bandwidths, sharp=sharp,
+                                   normalize_distances=normalize_distances, distance_scale=distance_scale,
+                                   normalize_gradients=normalize_gradients)
+  return _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, kernel=kernel,
+                        bandwidths=bandwidths, normalize_distances=normalize_distances,
+                        distance_scale=distance_scale, normalize_gradients=normalize_gradients,
+                        sharp=sharp, take_log=False)
