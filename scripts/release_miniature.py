@@ -210,6 +210,9 @@ def plot(report: dict, path: pathlib.Path) -> None:
   alphas = report["alphas"]
   for ax, m in zip(axes, shown):
     ax.plot(alphas, [report["mae"][f"{a:g}"][m] for a in alphas], "o-", label="MAE features + CFG")
+    if "pixels_same_recipe" in report:
+      ax.plot(alphas, [report["pixels_same_recipe"][f"{a:g}"][m] for a in alphas], "s-", color="C2",
+              label="raw pixels, same recipe + CFG")
     ax.axhline(report["pixels"][m], color="C1", ls="--", label="pixels (demo recipe, alpha 1)")
     ax.set_xlabel("CFG scale alpha")
     ax.set_title(LABELS[m], fontsize=10)
