@@ -41,7 +41,10 @@ CFG_SWEEP = (1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 def get_config(variant: str = ""):
-  c = mnist_tiny.get_config()
+  if variant not in ("", "pixels", "smoke"):
+    raise ValueError(f"unknown mnist_mae variant {variant!r}; known: 'pixels', 'smoke'")
+  smoke = variant == "smoke"  # seconds: the demo's smoke sizes and a few MAE steps
+  c = mnist_tiny.get_config("smoke" if smoke else "")
 
   # --- 1. The MAE (release: configs/mae/pixel_640.yaml, scaled to the CPU).
   c.mae = imagenet_mae_latent_256.mae_defaults()
@@ -49,23 +52,18 @@ def get_config(variant: str = ""):
   # 28x28 digits as 4x4 patches -> a 7x7 grid (pixel_640: 8x8 patches of 256 -> 32x32);
   # the masks are single cells (4x4 pixels), since 7 is not a multiple of the release's 2.
   c.mae.model_overrides = dict(input_patch_size=4, patch_size=1)
-  c.mae.batch_size = 128
-  c.mae.total_steps = 800
   c.mae.learning_rate = 2e-3
-  c.mae.warmup_steps = 100
   c.mae.ema_decay = 0.995
   c.mae.mask_ratio_min = 0.5               # the release's ratio
   c.mae.mask_ratio_max = 0.5
-  c.mae.finetune_last_steps = 80           # the release ends with a class-head fine-tune (lambda -> 0.1)
-  c.mae.warmup_finetune = 30
-  c.mae.finetune_cls = 0.1
+  c.mae.finetune_cls = 0.1                 # the release ends with a class-head fine-tune (lambda -> 0.1)
   c.mae.hflip = False
-  c.mae.save_every = 200
-  c.mae.log_every = 50
   c.mae.async_save = False
+  (c.mae.batch_size, c.mae.total_steps, c.mae.warmup_steps, c.mae.finetune_last_steps, c.mae.warmup_finetune,
+   c.mae.save_every, c.mae.log_every) = (16, 4, 1, 2, 1, 2, 1) if smoke else (128, 800, 100, 80, 30, 200, 50)
 
   # --- 2. The generator in the MAE's feature space.
-  c.feature.kind = "mae"
+  c.feature.kind = "pixels" if variant == "pixels" else "mae"
   c.feature.mae_path = ""                  # set to <workdir>/mae (the runner does)
   c.feature.include_input = True           # the release's "global" group
   c.feature.activation_kwargs = dict(patch_mean_size=(2, 4), patch_std_size=(2, 4), use_std=True,
@@ -76,47 +74,23 @@ def get_config(variant: str = ""):
   c.loss.feature_normalization = "batch_mean"
   c.loss.normalize_gradients = True
   c.loss.bandwidth_anneal_rate = 0.0
-  c.train.total_steps = 900
-  c.train.classes_per_step = 5
-  c.train.gen_per_class = 32
-  c.train.pos_per_class = 64
-  c.train.neg_per_class = 16
   c.train.positive_sampler = "bank"
-  c.train.positive_bank_size = 128
-  c.train.negative_bank_size = 1000
-  c.train.push_per_step = 64
   c.train.cfg_min = 1.0
   c.train.cfg_max = 4.0
   c.train.neg_cfg_pw = 3.0
   c.train.no_cfg_frac = 0.0
   c.eval.cfg_scales = CFG_SWEEP
-  c.eval.samples_per_class = 100
-
-  if variant == "pixels":
-    c.feature.kind = "pixels"
-  elif variant == "smoke":  # seconds: a one-block DiT and a few steps of each half
-    c.model.overrides = dict(depth=1, hidden_size=32, cond_dim=32, num_heads=2)
-    c.mae.batch_size = 16
-    c.mae.total_steps = 4
-    c.mae.warmup_steps = 1
-    c.mae.finetune_last_steps = 2
-    c.mae.warmup_finetune = 1
-    c.mae.save_every = 2
-    c.mae.log_every = 1
-    c.train.total_steps = 4
-    c.train.classes_per_step = 2
-    c.train.gen_per_class = 8
-    c.train.pos_per_class = 8
+  if smoke:
     c.train.neg_per_class = 4
-    c.train.positive_bank_size = 16
     c.train.negative_bank_size = 32
-    c.train.push_per_step = 32
-    c.checkpoint.every_steps = 2
-    c.checkpoint.async_save = False
-    c.log.every_steps = 1
-    c.log.sample_grid_every = 0
-    c.eval.samples_per_class = 10
-    c.sample.per_class = 10
-  elif variant:
-    raise ValueError(f"unknown mnist_mae variant {variant!r}; known: 'pixels', 'smoke'")
+  else:
+    c.train.total_steps = 900
+    c.train.classes_per_step = 5
+    c.train.gen_per_class = 32
+    c.train.pos_per_class = 64
+    c.train.neg_per_class = 16
+    c.train.positive_bank_size = 128
+    c.train.negative_bank_size = 1000
+    c.train.push_per_step = 64
+    c.eval.samples_per_class = 100
   return c

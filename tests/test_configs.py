@@ -120,3 +120,22 @@ def test_every_mode_names_a_function_of_config_and_workdir():
   for mode in modes.MODES:
     function = modes.mode_function(mode)
     assert list(inspect.signature(function).parameters)[:2] == ["config", "workdir"], mode
+
+
+def test_mnist_mae_is_the_release_recipe_in_miniature():
+  """configs/mnist_mae.py: the release's loss, CFG and negative settings (configs/gen/latent_ablation.yaml)."""
+  from configs import mnist_mae
+  c = mnist_mae.get_config()
+  assert (c.loss.objective, c.loss.kernel, tuple(c.loss.bandwidths)) == ("log_kde", "laplace", (0.02, 0.05, 0.2))
+  assert c.loss.feature_normalization == "batch_mean" and c.loss.normalize_gradients is True
+  assert (c.train.cfg_min, c.train.cfg_max, c.train.neg_cfg_pw, c.train.no_cfg_frac) == (1.0, 4.0, 3.0, 0.0)
+  assert c.train.positive_sampler == "bank" and c.train.neg_per_class == 16 and c.train.negative_bank_size == 1000
+  assert c.feature.kind == "mae" and c.feature.include_input is True
+  assert dict(c.feature.activation_kwargs) == dict(patch_mean_size=(2, 4), patch_std_size=(2, 4), use_std=True,
+                                                   use_mean=True, every_k_block=2)
+  assert tuple(c.eval.cfg_scales) == (1.0, 1.5, 2.0, 3.0, 4.0)
+  assert (c.mae.mask_ratio_min, c.mae.mask_ratio_max, c.mae.finetune_cls, c.mae.hflip) == (0.5, 0.5, 0.1, False)
+  pixels = mnist_mae.get_config("pixels")
+  assert pixels.feature.kind == "pixels" and pixels.loss == c.loss and pixels.train == c.train
+  with pytest.raises(ValueError, match="unknown mnist_mae variant"):
+    mnist_mae.get_config("large")
