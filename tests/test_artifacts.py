@@ -109,6 +109,7 @@ def test_abstract_params_of_release_generator(fixtures_dir):
 # ----------------------------------------------------------------------------- saving
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_is_bit_exact(tmp_path):
   config = G.model_config_for("tiny", depth=1, remat=True)
   module = G.build_module(config)

@@ -185,6 +185,7 @@ def test_config_errors():
 # ----------------------------------------------------------------------------- precision, sharding, remat
 
 
+@pytest.mark.slow
 def test_bf16_forward_close_to_fp32(official_tiny):
   config, params, io = official_tiny
   fp32 = G.build_module({**config, "use_bf16": False})
@@ -200,6 +201,7 @@ def test_bf16_forward_close_to_fp32(official_tiny):
   assert diff.max() > 0  # it really ran in bf16
 
 
+@pytest.mark.slow
 def test_sharded_forward_equals_single_device(official_tiny):
   config, params, io = official_tiny
   module = G.build_module(config)
@@ -230,6 +232,7 @@ def test_sharded_forward_equals_single_device(official_tiny):
 
 
 @pytest.mark.parametrize("flag", ["remat", "use_remat"])
+@pytest.mark.slow
 def test_remat_same_params_outputs_and_gradients(official_tiny, flag):
   config, params, io = official_tiny
   plain, remat = G.build_module(config), G.build_module({**config, flag: True})

@@ -15,6 +15,8 @@ from flax import traverse_util
 import tiny_artifacts
 from drifting_jax.models import inception
 
+pytestmark = pytest.mark.slow  # make test-fast skips this module: every test builds and compiles InceptionV3
+
 BATCH = 2  # every network call below uses this batch, so each input size compiles once
 
 

@@ -22,6 +22,8 @@ from drifting_jax.eval import classifier_job, metrics, offline
 from drifting_jax.models import artifacts
 from drifting_jax.models import classifier as C
 
+pytestmark = pytest.mark.slow  # make test-fast skips this module: its module fixtures train a digit classifier (~50 s)
+
 NUM_CLASSES = 10
 
 

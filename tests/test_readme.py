@@ -4,6 +4,9 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # make test-fast skips this module: it runs the README's examples
 
 
 def test_readme_loss_example_runs():

@@ -7,6 +7,8 @@ import pytest
 
 from scripts import theory_figures as tf
 
+pytestmark = pytest.mark.slow  # make test-fast skips this module: it computes the paper's figures
+
 
 @pytest.fixture(scope="module")
 def curl():

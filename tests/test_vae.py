@@ -15,6 +15,8 @@ from safetensors.numpy import save_file
 import tiny_artifacts
 from drifting_jax.models import vae as vae_lib
 
+pytestmark = pytest.mark.slow  # make test-fast skips this module: every test builds and compiles the SD-VAE
+
 SCALE = 0.18215
 
 
