@@ -8,7 +8,7 @@ only moves each generated sample towards its goal, so its gradient is -V.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from drifting_jax.losses import _common
 from drifting_jax.losses.groups import (_MASKED_LOGIT, Info, _distance_scale, _generated_probabilities, _kernels,
                                         _nan_if_invalid, _per_row, _prepare, _References, _references,
-                                        sum_over_feature_groups)
+                                        per_feature_group)
 from drifting_jax.losses.kernels import Kernel
 from drifting_jax.losses.normalization import batch_distance_scale
 
@@ -81,6 +81,7 @@ def _stop_gradient_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, 
   return _per_row(groups, _nan_if_invalid(groups, loss)), info
 
 
+@per_feature_group
 def corrected_drift_loss(
     gen: Array,
     fixed_pos: Array,
@@ -104,17 +105,13 @@ def corrected_drift_loss(
   never formed, because the field factorizes into one softmax per side.
   `normalize_gradients` divides each bandwidth's field by its batch RMS.
   """
-  if isinstance(gen, Mapping):
-    return sum_over_feature_groups(corrected_drift_loss, gen, fixed_pos, fixed_neg, weight_gen, weight_pos,
-                                   weight_neg, kernel=kernel, bandwidths=bandwidths,
-                                   normalize_distances=normalize_distances, distance_scale=distance_scale,
-                                   normalize_gradients=normalize_gradients)
   return _stop_gradient_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, kernel=kernel,
                                   bandwidths=bandwidths, normalize_distances=normalize_distances,
                                   distance_scale=distance_scale, normalize_gradients=normalize_gradients,
                                   coefficients_fn=_corrected_coefficients)
 
 
+@per_feature_group
 def joint_drift_loss(
     gen: Array,
     fixed_pos: Array,
@@ -136,17 +133,13 @@ def joint_drift_loss(
   positive coefficients are scaled by the negative mass and vice versa. With
   `normalize_gradients` (default, as in the release) each bandwidth's field has unit RMS.
   """
-  if isinstance(gen, Mapping):
-    return sum_over_feature_groups(joint_drift_loss, gen, fixed_pos, fixed_neg, weight_gen, weight_pos,
-                                   weight_neg, kernel=kernel, bandwidths=bandwidths,
-                                   normalize_distances=normalize_distances, distance_scale=distance_scale,
-                                   normalize_gradients=normalize_gradients)
   return _stop_gradient_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, kernel=kernel,
                                   bandwidths=bandwidths, normalize_distances=normalize_distances,
                                   distance_scale=distance_scale, normalize_gradients=normalize_gradients,
                                   coefficients_fn=_joint_coefficients)
 
 
+@per_feature_group
 def release_drift_loss(
     gen: Array,
     fixed_pos: Array,
@@ -171,9 +164,6 @@ def release_drift_loss(
   Returns:
     loss [B] and info {"scale", "loss_<R>" (mean squared force before normalization)}.
   """
-  if isinstance(gen, Mapping):
-    return sum_over_feature_groups(release_drift_loss, gen, fixed_pos, fixed_neg, weight_gen, weight_pos,
-                                   weight_neg, R_list=R_list, kernel=kernel)
   groups = _prepare(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg)
   refs = _references(groups)
   kernels = _kernels(kernel, R_list)

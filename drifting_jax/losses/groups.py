@@ -10,6 +10,8 @@ on one scale (`distance_scale`). Those shared steps live here, with
 
 from __future__ import annotations
 
+import functools
+
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -186,3 +188,21 @@ def sum_over_feature_groups(
     total = loss if total is None else total + loss
     info.update({f"{k}/{name}": v for k, v in group_info.items()})
   return total, info
+
+
+def per_feature_group(objective: Callable[..., tuple[Array, Info]]) -> Callable[..., tuple[Array, Info]]:
+  """Lets a one-group objective also take dicts of feature groups: then it is `sum_over_feature_groups` of itself.
+
+  The public objectives are written for one group `[B, C, S]` (or `[B, C, T, S]`);
+  this decorator gives each of them the dict form with the same arguments.
+  """
+
+  @functools.wraps(objective)
+  def dispatch(gen, fixed_pos, fixed_neg=None, weight_gen=None, weight_pos=None, weight_neg=None, **options):
+    if isinstance(gen, Mapping):
+      return sum_over_feature_groups(objective, gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg,
+                                     **options)
+    return objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, **options)
+
+  return dispatch
+

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from drifting_jax.losses import _common
 from drifting_jax.losses.groups import (Info, _distance_scale, _generated_probabilities, _Groups, _kernels,
-                                        _nan_if_invalid, _per_row, _prepare, sum_over_feature_groups)
+                                        _nan_if_invalid, _per_row, _prepare, per_feature_group)
 from drifting_jax.losses.kernels import Kernel
 
 Array = jax.Array
@@ -219,6 +219,7 @@ def _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg
   return loss, info
 
 
+@per_feature_group
 def log_kde_loss(
     gen: Array,
     fixed_pos: Array,
@@ -258,17 +259,13 @@ def log_kde_loss(
   Returns:
     loss [B] and info {"scale", "loss_<s>" for each bandwidth}.
   """
-  if isinstance(gen, Mapping):
-    return sum_over_feature_groups(log_kde_loss, gen, fixed_pos, fixed_neg, weight_gen, weight_pos,
-                                   weight_neg, kernel=kernel, bandwidths=bandwidths,
-                                   normalize_distances=normalize_distances, distance_scale=distance_scale,
-                                   normalize_gradients=normalize_gradients)
   return _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, kernel=kernel,
                         bandwidths=bandwidths, normalize_distances=normalize_distances,
                         distance_scale=distance_scale, normalize_gradients=normalize_gradients,
                         sharp=True, take_log=True)
 
 
+@per_feature_group
 def mmd_loss(
     gen: Array,
     fixed_pos: Array,
@@ -291,11 +288,6 @@ def mmd_loss(
   the generated samples and the data. With `sharp=True` the kernel is k#, and the
   gradient is -w_i times the unnormalized drifting field of k (FHM Prop. 7).
   """
-  if isinstance(gen, Mapping):
-    return sum_over_feature_groups(mmd_loss, gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg,
-                                   kernel=kernel, bandwidths=bandwidths, sharp=sharp,
-                                   normalize_distances=normalize_distances, distance_scale=distance_scale,
-                                   normalize_gradients=normalize_gradients)
   return _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, kernel=kernel,
                         bandwidths=bandwidths, normalize_distances=normalize_distances,
                         distance_scale=distance_scale, normalize_gradients=normalize_gradients,

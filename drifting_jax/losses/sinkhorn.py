@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +78,7 @@ import numpy as np
 
 from drifting_jax.losses import _common
 from drifting_jax.losses.groups import (Info, _distance_scale, _Groups, _nan_if_invalid, _per_row, _prepare,
-                                        sum_over_feature_groups)
+                                        per_feature_group)
 
 Array = jax.Array
 
@@ -159,6 +158,7 @@ def _solve_group(c_mp, c_mm, c_pp, a, b, *, epsilon: float, solve_kwargs: dict):
   return divergence, plan_mp, plan_mm, iterations, converged
 
 
+@per_feature_group
 def sinkhorn_loss(
     gen: Array,
     fixed_pos: Array,
@@ -203,11 +203,6 @@ def sinkhorn_loss(
     division by the generated share), "sinkhorn_iterations" (largest count over
     the groups and the three problems), "sinkhorn_converged" (fraction converged)}.
   """
-  if isinstance(gen, Mapping):
-    return sum_over_feature_groups(sinkhorn_loss, gen, fixed_pos, fixed_neg, weight_gen, weight_pos,
-                                   weight_neg, epsilon=epsilon, cost=cost,
-                                   normalize_distances=normalize_distances, distance_scale=distance_scale,
-                                   threshold=threshold, max_iterations=max_iterations)
   options = check_options(epsilon=epsilon, cost=cost, threshold=threshold, max_iterations=max_iterations)
   groups = _prepare(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg)
   if distance_scale is not None:  # a scalar as [B]: one compiled variant for both
