@@ -408,10 +408,14 @@ PRESETS = {
                                  ((0,), (0.05,), ("naive_laplace", "drifting_laplace"))),
                           settings=COMPARISON_SETTINGS),
     # The full grid: every objective at every width, three seeds (63 runs, about 7 hours
-    # of two cores); it shares its runs with demo_widths.
+    # of two cores); it shares its runs with demo_widths. The cells at FHM's Table 2
+    # widths come first, all three seeds, so a sweep stopped early has the headline
+    # comparison whole; the width sweep around them follows, seed-major.
     "paper_widths": Preset(root="runs/comparison", stem="paper_widths", steps=COMPARISON_STEPS,
                            model_overrides="",
-                           grids=(((0, 1, 2), SWEEP_WIDTHS), ((0, 1, 2), (0.25,), ("drifting_gauss",))),
+                           grids=(*(((0, 1, 2), (width,), (name,))
+                                    for name, (_, _, width) in PAPER_TABLE2_MNIST.items()),
+                                  ((0, 1, 2), SWEEP_WIDTHS), ((0, 1, 2), (0.25,), ("drifting_gauss",))),
                            settings=COMPARISON_SETTINGS),
     # Sinkhorn (losses.sinkhorn_loss) against the demo's log-KDE Gauss# on the demo's
     # own recipe (lr 2e-3, 900 steps, Gauss# annealed 1.0 -> 0.2): three epsilons, two

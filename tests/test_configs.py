@@ -14,7 +14,7 @@ from drifting_jax.models import generator as generator_lib
 from drifting_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TRAINING_CONFIGS = ["mnist_tiny", "mnist_dit_s2", "fashion_mnist_dit_s2", "imagenet_latent_ablation"]
+TRAINING_CONFIGS = ["mnist_tiny", "mnist_demo", "mnist_dit_s2", "fashion_mnist_dit_s2", "imagenet_latent_ablation"]
 
 
 @pytest.mark.parametrize("name", TRAINING_CONFIGS)
@@ -137,5 +137,41 @@ def test_mnist_mae_is_the_release_recipe_in_miniature():
   assert (c.mae.mask_ratio_min, c.mae.mask_ratio_max, c.mae.finetune_cls, c.mae.hflip) == (0.5, 0.5, 0.1, False)
   pixels = mnist_mae.get_config("pixels")
   assert pixels.feature.kind == "pixels" and pixels.loss == c.loss and pixels.train == c.train
+  # `:pixels` is the demo's recipe, exactly (the MAE section aside, which it does not use).
+  demo = importlib.import_module("configs.mnist_demo").get_config().to_dict()
+  pixels = pixels.to_dict()
+  pixels.pop("mae")
+  assert {k: v for k, v in pixels["feature"].items() if k != "mae_path"} == \
+      {k: v for k, v in demo["feature"].items() if k != "mae_path"}
+  assert {k: v for k, v in pixels.items() if k != "feature"} == {k: v for k, v in demo.items() if k != "feature"}
   with pytest.raises(ValueError, match="unknown mnist_mae variant"):
     mnist_mae.get_config("large")
+
+
+def test_mnist_demo_is_the_measured_recipe():
+  """configs/mnist_demo.py: what docs/results.md measured for `make demo` (3 seeds), value by value."""
+  from configs import mnist_demo, mnist_tiny
+  c = mnist_demo.get_config()
+  assert (c.loss.objective, c.loss.kernel, tuple(c.loss.bandwidths)) == ("log_kde", "laplace", (0.02, 0.05, 0.2))
+  assert (c.loss.feature_normalization, c.loss.normalize_gradients, c.loss.bandwidth_anneal_rate) == \
+      ("batch_mean", True, 0.0)
+  assert (c.train.cfg_min, c.train.cfg_max, c.train.neg_cfg_pw, c.train.no_cfg_frac) == (1.0, 4.0, 3.0, 0.0)
+  assert (c.train.positive_sampler, c.train.positive_bank_size, c.train.neg_per_class,
+          c.train.negative_bank_size) == ("bank", 128, 16, 1000)
+  assert (c.train.total_steps, c.train.classes_per_step, c.train.gen_per_class, c.train.pos_per_class) == \
+      (900, 5, 32, 64)
+  assert (c.feature.kind, c.sample.cfg_scale, c.sample.per_class) == ("pixels", 3.0, 100)
+  assert tuple(c.eval.cfg_scales) == (1.0, 1.5, 2.0, 3.0, 4.0)
+  # The model and optimizer are mnist_tiny's, which the objective comparison keeps training.
+  tiny = mnist_tiny.get_config()
+  assert c.model == tiny.model and c.optim == tiny.optim and c.train.ema_decay == tiny.train.ema_decay == 0.99
+  assert (tiny.loss.kernel, tiny.train.positive_sampler, tiny.train.cfg_max) == ("gaussian", "fresh", 1.0)
+  smoke = mnist_demo.get_config("smoke")
+  assert smoke.train.total_steps < 20 and smoke.train.neg_per_class > 0
+  with pytest.raises(ValueError, match="unknown mnist_demo variant"):
+    mnist_demo.get_config("large")
+
+
+def test_the_demo_trains_the_demo_config():
+  from drifting_jax import demo
+  assert demo.FLAGS["config"].config_filename == "configs/mnist_demo.py"

@@ -42,6 +42,9 @@ def test_presets_are_the_documented_grids():
     assert {seed for n, w, seed in paper_runs if n == name and w == width} == {0, 1, 2}  # the paper's width
     assert mnist_dit_s2.TABLE2_MNIST[name] == width
   assert set(demo_runs) <= set(paper_runs) and paper.root == demo.root  # seed 0 is shared
+  # The paper-width cells, all three seeds, come first: a sweep stopped early has them whole.
+  headline = {(n, w, s) for n, (_, _, w) in experiments.PAPER_TABLE2_MNIST.items() for s in (0, 1, 2)}
+  assert set(paper_runs[:len(headline)]) == headline
   assert paper.stem != demo.stem
   # The recipe both train: the demo's model and sampler, lr 1e-3, 800 steps, constant widths.
   for preset in (demo, paper):

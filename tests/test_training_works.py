@@ -5,7 +5,9 @@ one device against eight, resumption bit for bit); this checks the whole: a
 regression that leaves training running but stops it from *working* (a wrong sign,
 a detached gradient, labels ignored, a broken sampler) fails here. Against a fixed
 untrained baseline (the same generator at initialisation), after a short run
-(300, about 30 s) of log-KDE Gauss# on the bundled digits:
+(300, about 30 s) on the bundled digits, of log-KDE Gauss# (the comparison's
+recipe, `configs/mnist_tiny.py`) and of the demo's recipe (`configs/mnist_demo.py`:
+Laplace# at three widths, CFG with bank negatives, per-width normalisation):
 
   * samples lie much nearer to the training digits (mean pixel distance to the
     nearest training digit of their class falls by a third or more);
@@ -17,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import mnist_tiny
+from configs import mnist_demo, mnist_tiny
 from drifting_jax.data.mnist5k import load_mnist5k
 from drifting_jax.models import artifacts
 from drifting_jax.models import generator as generator_lib
@@ -29,10 +31,13 @@ pytestmark = pytest.mark.slow  # a real training run
 PER_CLASS = 20
 
 
-def _config(sampler):
-  c = mnist_tiny.get_config("smoke")
+def _config(recipe, sampler):
+  if recipe == "demo":  # its loss, guidance and negatives; the sizes below
+    c = mnist_demo.get_config("smoke")
+  else:
+    c = mnist_tiny.get_config("smoke")
+    c.loss.kernel, c.loss.bandwidths = "gaussian", (0.3,)
   c.model.overrides = dict(depth=1, hidden_size=32, cond_dim=32, num_heads=2)
-  c.loss.kernel, c.loss.bandwidths = "gaussian", (0.3,)
   c.train.total_steps = 300
   # Every class every step, so 300 steps are 300 updates of each class's samples.
   c.train.classes_per_step, c.train.gen_per_class, c.train.pos_per_class = 10, 8, 32
@@ -60,8 +65,9 @@ def _measure(module, params, train, train_labels):
   return distance.mean(), np.mean(nearest_label == labels)
 
 
-def test_short_training_run_moves_samples_towards_the_data(tmp_path):
-  config = _config("fresh")
+@pytest.mark.parametrize("recipe,sampler", [("comparison", "fresh"), ("demo", "bank")])
+def test_short_training_run_moves_samples_towards_the_data(tmp_path, recipe, sampler):
+  config = _config(recipe, sampler)
   raw, train_labels = load_mnist5k("train")
   train = images.uint8_to_model(raw)
 
@@ -76,5 +82,7 @@ def test_short_training_run_moves_samples_towards_the_data(tmp_path):
 
   assert before_match < 0.2  # the untrained generator ignores its label
   assert after_distance < 0.67 * before_distance, (before_distance, after_distance)
-  # 300 steps of a one-block DiT give about half (0.47); chance is 0.1.
-  assert after_match > 0.3, (before_match, after_match)
+  # Chance is 0.1. 300 steps of a one-block DiT give 0.47 (comparison recipe) and 0.34
+  # (demo recipe: CFG spends part of each step on the unconditional mixture); distance
+  # ratios 0.58 for the demo recipe.
+  assert after_match > (0.3 if recipe == "comparison" else 0.25), (before_match, after_match)
