@@ -18,7 +18,7 @@ $(STAMP): requirements.txt
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
-# The edit-run loop: everything but the tests marked `slow` (under a minute on 2 cores).
+# The edit-run loop: everything but the tests marked `slow` (about 1.5 min on 2 cores).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
