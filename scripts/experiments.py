@@ -7,6 +7,11 @@ r"""Objective comparison on MNIST-5k (FHM Table 2 / Figure 4 at CPU scale): `mak
                                   [--widths 0.05,0.1,0.2,0.3] [--only log_kde_gauss,...] [--docs docs]
                                   [--model-overrides hidden_size=64,...] [--stem experiments] [--workers 1]
 
+"The demo recipe" in this file is `configs/mnist_tiny.py`, which `make demo` trained
+until the demo moved to `configs/mnist_demo.py` (the release's recipe on pixels; see
+docs/results.md, "Demo"). The comparison keeps mnist_tiny: a single kernel width and
+no guidance, the setting FHM's Table 2 varies.
+
 Every run trains the demo recipe (`configs/mnist_tiny.py`: the bundled digits, pixel
 features, FHM's per-class top-k EMA distance scale, FHM's fresh positive sampler)
 with identical hyperparameters except the objective and the kernel width, then

@@ -11,7 +11,8 @@ checkpoint when it was stopped (rerun the same command):
    activation groups, CFG alpha ~ alpha^-3 on [1, 4], unconditional negatives from
    the negative bank, log-KDE Laplace# at R = (0.02, 0.05, 0.2) with per-width
    gradient normalisation                                 <root>/mae_generator
-4. the demo's pixel recipe (`configs/mnist_tiny.py`: Gauss# annealed to 0.2, no CFG)
+4. the previous demo's pixel recipe (`configs/mnist_tiny.py`: Gauss# annealed to 0.2,
+   no CFG; reported as "demo recipe", the name it had when this ran)
    for the same training wall time as stage 3: its step count is stage 3's, scaled
    by the two recipes' steady steps/s, from 60-step probe runs of both back to back
    (kept in <root>/pixels_calibration.json)               <root>/pixels
