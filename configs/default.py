@@ -113,7 +113,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.step = -1                   # -1: latest checkpoint
   c.eval.source = ""                 # "" = workdir checkpoints; or params_ema folder / hf://NAME
   c.eval.samples_per_class = 50
-  c.eval.cfg_scales = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5)
+  c.eval.cfg_scales = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5)  # each at sample.temperature
+  c.eval.temperatures = ()           # noise temperatures also evaluated, each at sample.cfg_scale
   c.eval.batch_size = 500
   c.eval.reference_stats = ""        # .npz with mu/sigma
   c.eval.classifier_path = ""        # MNIST-like offline metrics ("" = <workdir>/classifier)
@@ -143,5 +144,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.per_class = 100
   c.sample.classes = ()              # () = all classes
   c.sample.cfg_scale = 1.0
+  # Scale of the generator's Gaussian noise (not its style labels) when sampling and
+  # evaluating: 1 = the trained distribution; < 1 = truncation (cleaner, less varied).
+  c.sample.temperature = 1.0
   c.sample.seed = 0
   return c

@@ -160,8 +160,8 @@ def test_mnist_demo_is_the_measured_recipe():
           c.train.negative_bank_size) == ("bank", 128, 16, 1000)
   assert (c.train.total_steps, c.train.classes_per_step, c.train.gen_per_class, c.train.pos_per_class) == \
       (900, 5, 32, 64)
-  assert (c.feature.kind, c.sample.cfg_scale, c.sample.per_class) == ("pixels", 3.0, 100)
-  assert tuple(c.eval.cfg_scales) == (1.0, 1.5, 2.0, 3.0, 4.0)
+  assert (c.feature.kind, c.sample.cfg_scale, c.sample.temperature, c.sample.per_class) == ("pixels", 3.0, 0.5, 100)
+  assert tuple(c.eval.cfg_scales) == (1.0, 1.5, 2.0, 3.0, 4.0) and tuple(c.eval.temperatures) == (0.5, 0.75, 1.0)
   # The model and optimizer are mnist_tiny's, which the objective comparison keeps training.
   tiny = mnist_tiny.get_config()
   assert c.model == tiny.model and c.optim == tiny.optim and c.train.ema_decay == tiny.train.ema_decay == 0.99

@@ -111,6 +111,9 @@ def test_evaluate_latest_a_params_ema_source_and_a_chosen_step(workdir):
   for name in ("accuracy", "precision", "recall", "coverage", "neighbour_agreement"):
     assert 0.0 <= metrics[name] <= 1.0 and len(metrics[f"{name}_per_class"]) == NUM_CLASSES
   assert metrics["frechet_distance"] > 0 and 0 <= metrics["real_accuracy"] <= 1
+  # Stray ink: real held-out digits ink ~0.2% of their class's background.
+  assert 0 < metrics["real_stray_ink"] < 0.01 and 0 <= metrics["stray_ink"] <= 1
+  assert metrics["stray_ink_ratio"] == pytest.approx(metrics["stray_ink"] / metrics["real_stray_ink"])
   assert (workdir / "eval" / "step_6_cfg1.png").is_file()
   logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert any(line.get("step") == 6 and line.get("eval/cfg1/accuracy") == metrics["accuracy"] for line in logged)
@@ -134,6 +137,39 @@ def test_evaluate_latest_a_params_ema_source_and_a_chosen_step(workdir):
   assert evaluation.evaluate(config, str(workdir))["step"] == 3
   earlier = json.loads((workdir / "eval" / "step_3.json").read_text())
   assert earlier["step"] == 3 and earlier["cfg"]["1"]["frechet_distance"] != metrics["frechet_distance"]
+
+
+def test_noise_temperature_sweep_at_the_sample_scale(workdir):
+  """eval.temperatures: the same noise, scaled, at sample.cfg_scale; sample.temperature moves the CFG sweep."""
+  config = _config()
+  config.eval.cfg_scales = (1.0, 2.0)
+  config.sample.cfg_scale = 2.0
+  config.eval.temperatures = (0.0, 1.0)
+  results = evaluation.evaluate(config, str(workdir))
+  assert (results["sample_cfg_scale"], results["sample_temperature"]) == (2.0, 1.0)
+  assert list(results["temperature"]) == ["0", "1"]
+  drop = lambda m: {k: v for k, v in m.items() if k != "seconds"}
+  # Temperature 1 at the sample's scale is the CFG sweep's own setting: same noise, same metrics.
+  assert drop(results["temperature"]["1"]) == drop(results["cfg"]["2"])
+  # Temperature 0: the generator sees no Gaussian noise (style labels only).
+  module, params, _ = sampling.load_generator(config, str(workdir))
+  labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), 10)
+  cold = sampling.generate(module, params, labels, 2.0, seed=config.sample.seed, batch_size=100, temperature=0.0)
+  clf, clf_params, _ = artifacts.load(workdir / "classifier", kind="classifier")
+  assert classifier.accuracy(clf, clf_params, cold, labels) == pytest.approx(results["temperature"]["0"]["accuracy"])
+  assert results["temperature"]["0"]["frechet_distance"] != results["temperature"]["1"]["frechet_distance"]
+  assert (workdir / "eval" / "step_6_cfg2_t0.png").is_file() and (workdir / "eval" / "step_6_cfg1.png").is_file()
+  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any(line.get("eval/temperature0/accuracy") == results["temperature"]["0"]["accuracy"] for line in logged)
+
+  # Sampling at temperature 0.5: the CFG sweep runs there, and its grids say so.
+  config.sample.temperature = 0.5
+  config.eval.temperatures = ()
+  warm = evaluation.evaluate(config, str(workdir))
+  assert warm["sample_temperature"] == 0.5 and warm["temperature"] == {}
+  assert (workdir / "eval" / "step_6_cfg1_t0.5.png").is_file()
+  half = sampling.generate(module, params, labels, 1.0, seed=config.sample.seed, batch_size=100, temperature=0.5)
+  assert classifier.accuracy(clf, clf_params, half, labels) == pytest.approx(warm["cfg"]["1"]["accuracy"])
 
 
 def test_watch_evaluates_each_checkpoint_once_across_restarts(workdir, monkeypatch):

@@ -78,6 +78,20 @@ def test_noise_draw_matches_release(official_tiny):
                              io["samples"], atol=1e-5, rtol=0)
 
 
+def test_noise_temperature_scales_only_the_gaussian_noise(official_tiny):
+  """temperature t: the release's draw with its Gaussian `x` times t and the same style labels."""
+  config, params, io = official_tiny
+  module = G.build_module(config)
+  key = jnp.asarray(io["noise_rng_key"], jnp.uint32)
+  for t in (0.0, 0.5):
+    scaled = {"x": io["noise_x"] * t, "noise_labels": io["noise_labels"]}
+    expected = np.asarray(G.sample(module, params, io["labels"], io["cfg_scale"], noise=scaled))
+    np.testing.assert_allclose(np.asarray(G.sample(module, params, io["labels"], io["cfg_scale"], rng=key,
+                                                   temperature=t)), expected, atol=1e-6, rtol=0)
+    # Not vacuous: the noise reaches the output, so the scale changes the samples.
+    assert np.abs(expected - io["samples"]).max() > 1e-3
+
+
 def test_conditioning_changes_output(official_tiny):
   """Each conditioning input (label, cfg scale, style labels) reaches the output."""
   config, params, io = official_tiny
@@ -297,6 +311,11 @@ def test_input_errors(official_tiny):
     G.sample(module, params, io["labels"], 1.0, noise={**noise, "noise_labels": noise["noise_labels"] + 8})
   with pytest.raises(ValueError, match="keys 'x' and 'noise_labels'"):
     G.sample(module, params, io["labels"], 1.0, noise={"x": io["noise_x"]})
+  with pytest.raises(ValueError, match="temperature= scales drawn noise"):
+    G.sample(module, params, io["labels"], 1.0, noise=noise, temperature=0.5)
+  for bad in (-0.5, float("nan")):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+      G.sample(module, params, io["labels"], 1.0, rng=jax.random.key(0), temperature=bad)
   # Direct module.apply checks too (shape errors are static, so they hold under jit).
   with pytest.raises(ValueError, match="cfg_scale must be a scalar"):
     jax.jit(lambda l: module.apply({"params": params}, l, jnp.ones((2,)), noise=noise))(jnp.asarray(io["labels"]))

@@ -354,3 +354,29 @@ def test_diversity_and_novelty_tell_copies_and_collapse_from_new_digits():
   collapsed = offline.diversity_and_novelty(np.repeat(new[::per_class], per_class, axis=0), new_labels, **kwargs)
   assert collapsed["spread_ratio"] == pytest.approx(0.0, abs=1e-6)
   assert collapsed["spread_ratio_per_class"] == pytest.approx([0.0] * num_classes, abs=1e-6)
+
+
+def test_stray_ink_counts_inked_pixels_of_each_class_background():
+  from drifting_jax.eval import offline
+  # 4x4 images in model range: class 0's training digits ink the left column, class 1's the right.
+  blank = -np.ones((4, 4))
+  left, right = blank.copy(), blank.copy()
+  left[:, 0], right[:, 3] = 1.0, 1.0
+  train = np.stack([left] * 200 + [right] * 200)
+  train_labels = np.repeat([0, 1], 200)
+  train[1, 1, 1] = 1.0             # inked in 1 of 200 class-0 digits (0.5%): still background
+  train[2:5, 2, 2] = 1.0           # in 3 of 200 (1.5%): part of class 0's digits
+  ink = dict(train_images=train, train_labels=train_labels, num_classes=2)
+  # Class 0's background: 16 - 4 (left column) - 1 (pixel (2, 2)) = 11 pixels; class 1's: 12.
+  assert offline.stray_ink(np.stack([left, right]), [0, 1], **ink) == 0.0
+  speckled = left.copy()
+  speckled[0, 3] = -0.4            # above a quarter intensity (-0.5): stray ink
+  speckled[1, 1] = 0.0             # background despite one training digit inking it
+  speckled[2, 2] = 1.0             # class 0's support: not stray
+  speckled[3, 2] = -0.6            # too faint to count
+  assert offline.stray_ink(speckled[None], [0], **ink) == pytest.approx(2 / 11)
+  # Judged against the class it was conditioned on: a right-column digit labelled 0
+  # puts 4 inked pixels on class 0's background.
+  assert offline.stray_ink(np.stack([right, left]), [0, 0], **ink) == pytest.approx(4 / 22)
+  with pytest.raises(ValueError, match="class 2 has samples but no training images"):
+    offline.stray_ink(left[None], [2], train_images=train, train_labels=train_labels, num_classes=3)

@@ -3,14 +3,16 @@
 Every mode reads the same config as the training run it serves, so an eval job
 beside a training job needs only the training run's config file and workdir.
 
-Evaluation of a generator, per CFG scale in `config.eval.cfg_scales`:
+Evaluation of a generator, per CFG scale in `config.eval.cfg_scales` (at noise
+temperature `sample.temperature`) and per noise temperature in `eval.temperatures`
+(at `sample.cfg_scale`):
 
   samples (each host its share of the labels)
     -> [latents: SD-VAE decode in chunks]
     -> features: the FID InceptionV3 (RGB images), or the project's MNIST
        classifier (grayscale digits, the offline setting)
     -> gathered to every host; process 0 computes the metrics
-    -> eval/step_<N>.json, eval/step_<N>_cfg<s>.png, and `eval/...` scalars in the
+    -> eval/step_<N>.json, eval/step_<N>_cfg<s>[_t<T>].png, and `eval/...` scalars in the
        run's clu writers (TensorBoard + metrics.jsonl).
 """
 
@@ -106,19 +108,31 @@ def _real_data(config, split: str = "heldout") -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate_generator(config, workdir: str, module, params, step: Optional[int], *,
                        features: Optional[_FeatureSpace] = None) -> dict[str, Any]:
-  """Metrics of one generator over the CFG sweep; process 0 writes eval/step_<N>.json."""
+  """Metrics of one generator; process 0 writes eval/step_<N>.json.
+
+  Two one-knob sweeps around the sampling setting: every CFG scale of
+  `eval.cfg_scales` at noise temperature `sample.temperature` (`results["cfg"]`),
+  and every temperature of `eval.temperatures` at `sample.cfg_scale`
+  (`results["temperature"]`). Every setting draws the same noise (`sample.seed`).
+  """
   features = features or _FeatureSpace(config, workdir)
   all_labels, host_labels = _host_labels(config)
   counts = [len(x) for x in np.array_split(all_labels, jax.process_count())]
   eval_dir = pathlib.Path(workdir) / "eval"
   tag = f"step_{step}" if step is not None else "source"
-  results: dict[str, Any] = {"step": step, "samples_per_class": int(config.eval.samples_per_class), "cfg": {}}
+  sample_temperature = float(config.sample.temperature)
+  sample_cfg = float(config.sample.cfg_scale)
+  results: dict[str, Any] = {"step": step, "samples_per_class": int(config.eval.samples_per_class),
+                             "sample_cfg_scale": sample_cfg, "sample_temperature": sample_temperature,
+                             "cfg": {}, "temperature": {}}
   real = _real_data(config) if features.offline else None
-  train_pixels = _real_data(config, "train")[0] if features.offline else None
-  for cfg in config.eval.cfg_scales:
+  train_pixels, train_labels = _real_data(config, "train") if features.offline else (None, None)
+
+  def metrics_at(cfg: float, temperature: float, grid_name: str) -> dict[str, Any]:
     start = time.perf_counter()
-    samples = sampling.generate(module, params, host_labels, float(cfg), seed=int(config.sample.seed),
-                                batch_size=min(int(config.eval.batch_size), max(1, len(host_labels))))
+    samples = sampling.generate(module, params, host_labels, cfg, seed=int(config.sample.seed),
+                                batch_size=min(int(config.eval.batch_size), max(1, len(host_labels))),
+                                temperature=temperature)
     pixels = features.to_pixels(samples)
     host_feats = features.features(pixels)
     feats = {k: _gather_rows(v, counts) for k, v in host_feats.items()}
@@ -129,15 +143,28 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
         metrics = offline.evaluate_samples(
             images.uint8_to_model(grid_pixels), all_labels, classifier_module=features.module,
             classifier_params=features.params, real_images=real[0], real_labels=real[1],
-            num_classes=int(config.data.num_classes), train_images=train_pixels)
+            num_classes=int(config.data.num_classes), train_images=train_pixels, train_labels=train_labels)
       else:
         metrics = _inception_metrics(config, feats)
       metrics["seconds"] = time.perf_counter() - start
       eval_dir.mkdir(parents=True, exist_ok=True)
       shown = grid_pixels if grid_pixels is not None else images.model_to_uint8(pixels)
       shown_labels = all_labels if grid_pixels is not None else host_labels
-      _save_grid(eval_dir / f"{tag}_cfg{cfg:g}.png", shown, shown_labels, config.data.num_classes)
-    results["cfg"][f"{cfg:g}"] = metrics
+      _save_grid(eval_dir / grid_name, shown, shown_labels, config.data.num_classes)
+    return metrics
+
+  # The temperature is in a grid's name only where it is not 1 (older runs' names stay valid).
+  t_suffix = "" if sample_temperature == 1.0 else f"_t{sample_temperature:g}"
+  for cfg in config.eval.cfg_scales:
+    results["cfg"][f"{cfg:g}"] = metrics_at(float(cfg), sample_temperature, f"{tag}_cfg{cfg:g}{t_suffix}.png")
+  for temperature in config.eval.temperatures:
+    cfg_key = f"{sample_cfg:g}"
+    if float(temperature) == sample_temperature and cfg_key in results["cfg"]:
+      # The sampling setting itself, already measured by the CFG sweep (same noise).
+      results["temperature"][f"{temperature:g}"] = results["cfg"][cfg_key]
+      continue
+    results["temperature"][f"{temperature:g}"] = metrics_at(
+        sample_cfg, float(temperature), f"{tag}_cfg{sample_cfg:g}_t{temperature:g}.png")
   if jax.process_index() == 0:
     (eval_dir / f"{tag}.json").write_text(json.dumps(_jsonable(results), indent=2))
   return results
@@ -184,10 +211,12 @@ def _jsonable(x):
 
 def _log_scalars(workdir: str, step: int, results: dict[str, Any]) -> None:
   scalars = {}
-  for cfg, metrics in results["cfg"].items():
+  sweeps = [(f"cfg{cfg}", m) for cfg, m in results["cfg"].items()]
+  sweeps += [(f"temperature{t}", m) for t, m in results.get("temperature", {}).items()]
+  for prefix, metrics in sweeps:
     for name, value in metrics.items():
       if isinstance(value, (int, float)) and np.isfinite(value):
-        scalars[f"eval/cfg{cfg}/{name}"] = float(value)
+        scalars[f"eval/{prefix}/{name}"] = float(value)
   writer = writers.make_writer(workdir)
   writer.write_scalars(step, scalars)
   writer.flush()

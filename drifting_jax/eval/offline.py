@@ -43,6 +43,15 @@ samples wants, in pixel space (model range [-1, 1], L2):
     held-out real images in the classifier's features, the floor a generator of
     training-like digits would reach against the held-out set.
 
+With the training labels as well (`train_labels`), how clean the samples are, which
+the classifier's features barely see (it reads a speckled digit as well as a clean one):
+
+  * `stray_ink` / `real_stray_ink` and their ratio `stray_ink_ratio` (see
+    `stray_ink`): the share of a class's background pixels (pixels almost never
+    inked in that class's training digits) that are inked in a sample, and the same
+    for held-out real digits. Speckle around a digit raises it; a ratio near 1 says
+    the samples are as clean as real digits.
+
 Per-class values are lists indexed by class id, `None` where a class has too few
 samples or real images for the statistic (k + 1 for the k-NN ones, 2 for the
 Frechet distance). The k-NN and Frechet computations are those of
@@ -232,6 +241,41 @@ def diversity_and_novelty(images_model_range: Any, labels: Any, *, real_images: 
   }
 
 
+# A pixel is inked above a quarter of full intensity (-0.5 in model range [-1, 1]).
+# It belongs to a class's background where at most 1% of that class's training
+# digits ink it above half intensity (0 in model range).
+STRAY_INK_LEVEL = -0.5
+BACKGROUND_SUPPORT = 0.01
+
+
+def stray_ink(images_model_range: Any, labels: Any, *, train_images: Any, train_labels: Any,
+              num_classes: int) -> float:
+  """Share of background pixels inked, over all `images` (class c judged on class c's background).
+
+  The background of class c: the pixels that more than `BACKGROUND_SUPPORT` of the
+  training digits of c do not ink above half intensity (model range > 0); a pixel of
+  an image is inked above `STRAY_INK_LEVEL`. Returns (inked background pixels) /
+  (background pixels), summed over all images; real held-out digits give the
+  reference value (about 0.002 on MNIST-5k).
+  """
+  images = np.asarray(images_model_range, np.float32).reshape(len(images_model_range), -1)
+  train = np.asarray(train_images, np.float32).reshape(len(train_images), -1)
+  labels, train_labels = np.asarray(labels), np.asarray(train_labels)
+  if images.shape[1] != train.shape[1]:
+    raise ValueError(f"images have {images.shape[1]} values each, training images {train.shape[1]}")
+  inked = background = 0
+  for c in range(num_classes):
+    mine, theirs = images[labels == c], train[train_labels == c]
+    if not len(mine):
+      continue
+    if not len(theirs):
+      raise ValueError(f"class {c} has samples but no training images to define its background")
+    mask = (theirs > 0.0).mean(axis=0) <= BACKGROUND_SUPPORT
+    inked += int(((mine > STRAY_INK_LEVEL) & mask).sum())
+    background += int(mask.sum()) * len(mine)
+  return inked / background if background else float("nan")
+
+
 def evaluate_samples(
     images_model_range: Any,
     labels: Any,
@@ -243,6 +287,7 @@ def evaluate_samples(
     num_classes: int,
     k: int = metrics_lib.DEFAULT_NEIGHBOURHOOD,
     train_images: Optional[Any] = None,
+    train_labels: Optional[Any] = None,
 ) -> dict[str, Any]:
   """Offline metrics of class-conditional samples against labelled real images.
 
@@ -256,6 +301,7 @@ def evaluate_samples(
     k: neighbourhood size of precision, recall and coverage.
     train_images: (T, S, S, C) the generator's training images in [-1, 1]; adds
       the spread, novelty and `real_frechet_distance` entries.
+    train_labels: (T,) their classes; with `train_images`, adds the stray-ink entries.
 
   Returns the dict described in the module docstring (JSON-ready: floats, ints,
   lists and `None`).
@@ -271,6 +317,11 @@ def evaluate_samples(
     train_features, _ = classifier_lib.features_and_logits(classifier_module, classifier_params, train_images)
     results["real_frechet_distance"] = metrics_lib.fid_from_features(np.asarray(train_features, np.float64),
                                                                      np.asarray(real_features, np.float64))
+    if train_labels is not None:
+      ink = dict(train_images=train_images, train_labels=train_labels, num_classes=num_classes)
+      results["stray_ink"] = stray_ink(images_model_range, labels, **ink)
+      results["real_stray_ink"] = stray_ink(real_images, real_labels, **ink)
+      results["stray_ink_ratio"] = results["stray_ink"] / max(results["real_stray_ink"], 1e-12)
   present = [a for a in results["accuracy_per_class"] if a is not None]
   results["accuracy_min_class"] = min(present) if present else None
   return results

@@ -51,14 +51,20 @@ def load_generator(config: ml_collections.ConfigDict, workdir: str, step: int | 
   return module, restored["ema_params"], restored_step
 
 
-def generate(module, params, labels: np.ndarray, cfg_scale: float, seed: int, batch_size: int = 500) -> np.ndarray:
-  """fp32 samples for `labels`, in batches of one compiled shape (last batch padded)."""
+def generate(module, params, labels: np.ndarray, cfg_scale: float, seed: int, batch_size: int = 500,
+             temperature: float = 1.0) -> np.ndarray:
+  """fp32 samples for `labels`, in batches of one compiled shape (last batch padded).
+
+  The noise depends on (seed, batch index) only, so samples at different
+  `temperature`s (the Gaussian noise's scale) are the same draws, scaled.
+  """
   out = []
   key = jax.random.PRNGKey(seed)
   for i, start in enumerate(range(0, len(labels), batch_size)):
     chunk = labels[start:start + batch_size]
     padded = np.pad(chunk, (0, batch_size - len(chunk)))
-    samples = generator_lib.sample(module, params, padded, cfg_scale, rng=jax.random.fold_in(key, i))
+    samples = generator_lib.sample(module, params, padded, cfg_scale, rng=jax.random.fold_in(key, i),
+                                   temperature=temperature)
     out.append(np.asarray(samples)[: len(chunk)])
   return np.concatenate(out)
 
@@ -69,7 +75,8 @@ def sample_to_files(config: ml_collections.ConfigDict, workdir: str) -> pathlib.
   classes = np.asarray(config.sample.classes or range(config.data.num_classes), np.int32)
   labels = np.repeat(classes, config.sample.per_class)
   samples = generate(module, params, labels, float(config.sample.cfg_scale), int(config.sample.seed),
-                     batch_size=min(int(config.eval.batch_size), len(labels)))
+                     batch_size=min(int(config.eval.batch_size), len(labels)),
+                     temperature=float(config.sample.temperature))
   out = pathlib.Path(workdir)
   if jax.process_index() == 0:
     if samples.shape[-1] in (1, 3):

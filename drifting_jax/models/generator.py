@@ -566,18 +566,27 @@ def sample(
     *,
     rng: Optional[Array] = None,
     noise: Optional[Mapping[str, Any]] = None,
+    temperature: float = 1.0,
 ) -> Array:
   """Generate fp32 samples `[B, S, S, out_channels]` (jit-compiled per module).
 
-  Exactly one of `rng` (noise drawn as `draw_noise(module, rng, B)` would) or `noise`
-  (a dict as returned by `draw_noise`) must be given. Labels and noise labels are
-  range-checked here, before compilation.
+  Exactly one of `rng` (noise drawn as `draw_noise(module, rng, B, temperature)`
+  would) or `noise` (a dict as returned by `draw_noise`) must be given. Labels and
+  noise labels are range-checked here, before compilation.
+
+  `temperature` scales the Gaussian part of the drawn noise (the style labels are
+  unchanged): 1 samples the distribution the generator was trained on; below 1 is
+  the truncation trick, which trades recall for cleaner samples (docs/results.md).
   """
   if (rng is None) == (noise is None):
     raise ValueError("sample() needs exactly one of rng= (to draw noise) or noise= (fixed noise)")
+  if noise is not None and temperature != 1.0:
+    raise ValueError("temperature= scales drawn noise; with noise= given, scale its 'x' yourself")
+  if not (np.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
   labels = _check_labels(labels, module.num_classes)
   cfg_scale = _broadcast_cfg_scale(cfg_scale, labels.shape[0])
   if noise is None:
-    noise = draw_noise(module, rng, labels.shape[0])
+    noise = draw_noise(module, rng, labels.shape[0], temperature)
   noise = _check_noise(noise, module, labels.shape[0])
   return _sample(module, params, labels, cfg_scale, noise)
