@@ -13,9 +13,9 @@ r"""`make demo`: train the embedded default, sample from it, and measure the sam
    accuracy on the samples, per class, and the Frechet distance in its feature
    space to held-out digits (`eval/step_<N>.json`), beside the bars the demo is
    held to (`BARS`): mean accuracy, worst class, within-class spread against real
-   digits, no copying of training digits, and stray ink (speckle) against real digits; then the same metrics at every
-   guidance scale of `eval.cfg_scales` and every noise temperature of
-   `eval.temperatures` (seconds each), as two tables.
+   digits, no copying of training digits, and stray ink (speckle) against real
+   digits; then the same metrics at every guidance scale of `eval.cfg_scales` and
+   every noise temperature of `eval.temperatures` (seconds each), as two tables.
 """
 
 from __future__ import annotations
