@@ -61,8 +61,9 @@ def get_config(variant: str = ""):
   # ... and at noise temperature 0.5 (the truncation trick on the Gaussian noise; the
   # style labels are drawn as trained). The speckle around the digits is that noise
   # leaking through: at 0.5 the samples carry about as much stray ink as real digits
-  # (1.0-1.6x) against 3-4x at 1, with accuracy up ~4 points, for FD +19% and recall
-  # -33%; CFG 3 stays the best scale at every temperature (docs/results.md, "Demo").
+  # (1.0-1.7x) against 2.8-4.1x at 1, with accuracy up 2-4.5 points, for FD +16-20%
+  # and recall -25-33% (3 seeds); CFG 3 stays the best scale at every temperature
+  # (docs/results.md, "Demo").
   c.sample.temperature = 0.5
   c.eval.temperatures = TEMPERATURE_SWEEP
   if smoke:
