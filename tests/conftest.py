@@ -1,17 +1,55 @@
-"""Test session setup: eight virtual CPU devices so mesh code is exercised on CI."""
+"""Test session setup: eight virtual CPU devices, and one compilation cache per run.
+
+The suite runs toy sizes, where XLA's compilation, not the computation, is much of
+the time, and many tests build the same programs (the trainer's step above all, and
+each resumed run again). One persistent compilation cache, shared by the xdist
+workers of a run and the subprocesses they start, compiles each program once. The
+cache lives in a temporary folder made for the run and removed at its end, so every
+run starts cold and measures the same thing; set JAX_COMPILATION_CACHE_DIR to keep
+one. A cached program is the program compiled, so results are bit for bit the same.
+
+XLA's cheaper CPU code generation (`--xla_backend_optimization_level=0`, which the
+accelerator check's `--cpu-smoke` uses) would cut another fifth, but it changes
+results in the last bits: the release's noise draw is then no longer bit-exact. The
+suite tests the numerics users get, so it keeps XLA's default flags.
+"""
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Programs that compile in under this many seconds are not worth a disk round trip.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# A size limit turns on jax's file lock, which concurrent workers need: without it a
+# worker can read an entry another is still writing.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pathlib
 
 import pytest
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+_RUN_CACHE_OWNER = "DRIFTING_JAX_TEST_CACHE_OWNER"
+
+
+def pytest_configure(config):
+  """In the controlling process: a fresh cache folder, inherited by the xdist workers."""
+  if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  folder = tempfile.mkdtemp(prefix="drifting_jax_test_jit_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+  os.environ[_RUN_CACHE_OWNER] = str(os.getpid())
+
+
+def pytest_unconfigure(config):
+  if hasattr(config, "workerinput") or os.environ.get(_RUN_CACHE_OWNER) != str(os.getpid()):
+    return
+  shutil.rmtree(os.environ.pop("JAX_COMPILATION_CACHE_DIR"), ignore_errors=True)
+  os.environ.pop(_RUN_CACHE_OWNER)
 
 
 @pytest.fixture(scope="session")
