@@ -9,9 +9,9 @@ run starts cold and measures the same thing; set JAX_COMPILATION_CACHE_DIR to ke
 one. A cached program is the program compiled, so results are bit for bit the same.
 
 XLA's cheaper CPU code generation (`--xla_backend_optimization_level=0`, which the
-accelerator check's `--cpu-smoke` uses) would cut another fifth, but it changes
-results in the last bits: the release's noise draw is then no longer bit-exact. The
-suite tests the numerics users get, so it keeps XLA's default flags.
+accelerator check's `--cpu-smoke` uses) would save another half-minute on 2 cores,
+but it changes results in the last bits: the release's noise draw is then no longer
+bit-exact. The suite tests the numerics users get, so it keeps XLA's default flags.
 """
 import os
 import shutil
