@@ -33,23 +33,24 @@ import pathlib
 import pytest
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-_RUN_CACHE_OWNER = "DRIFTING_JAX_TEST_CACHE_OWNER"
+_run_cache_dir = None  # set in the controlling process only
 
 
 def pytest_configure(config):
   """In the controlling process: a fresh cache folder, inherited by the xdist workers."""
+  global _run_cache_dir
   if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
-  folder = tempfile.mkdtemp(prefix="drifting_jax_test_jit_cache_")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
-  os.environ[_RUN_CACHE_OWNER] = str(os.getpid())
+  _run_cache_dir = tempfile.mkdtemp(prefix="drifting_jax_test_jit_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _run_cache_dir
 
 
 def pytest_unconfigure(config):
-  if hasattr(config, "workerinput") or os.environ.get(_RUN_CACHE_OWNER) != str(os.getpid()):
-    return
-  shutil.rmtree(os.environ.pop("JAX_COMPILATION_CACHE_DIR"), ignore_errors=True)
-  os.environ.pop(_RUN_CACHE_OWNER)
+  global _run_cache_dir
+  if _run_cache_dir is not None:
+    shutil.rmtree(_run_cache_dir, ignore_errors=True)
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    _run_cache_dir = None
 
 
 @pytest.fixture(scope="session")
