@@ -157,8 +157,8 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
   t_suffix = "" if sample_temperature == 1.0 else f"_t{sample_temperature:g}"
   for cfg in config.eval.cfg_scales:
     results["cfg"][f"{cfg:g}"] = metrics_at(float(cfg), sample_temperature, f"{tag}_cfg{cfg:g}{t_suffix}.png")
+  cfg_key = f"{sample_cfg:g}"
   for temperature in config.eval.temperatures:
-    cfg_key = f"{sample_cfg:g}"
     if float(temperature) == sample_temperature and cfg_key in results["cfg"]:
       # The sampling setting itself, already measured by the CFG sweep (same noise).
       results["temperature"][f"{temperature:g}"] = results["cfg"][cfg_key]
