@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from drifting_jax.bench import device_check
+from drifting_jax.bench.device_check import common, report as report_lib
 
 pytestmark = pytest.mark.slow  # the accelerator check's CPU smoke and its subprocesses
 
@@ -156,7 +157,7 @@ def test_summary_and_markdown_from_a_partial_report():
               "step_s": 5.0, "steps_per_s": 0.2, "tflop_per_step_xla": 2600.0, "achieved_tflops": 520.0,
               "mfu": 520 / 989, "peak_memory_gib": 70.0, "loss_share_alone": None, "loss_share_trivial": None}},
       }}
-  summary = device_check._summary(report)
+  summary = report_lib._summary(report)
   report["summary"] = summary
   on = summary["ablation"]["ablation_step_remat"]
   assert on["mfu_model_flops"] == pytest.approx(250.0 / 8 * 64 / 5.0 / 989)
@@ -164,7 +165,7 @@ def test_summary_and_markdown_from_a_partial_report():
   assert met["MFU >= 40% (ablation_step, XLA-counted FLOPs)"] is True
   assert met["loss share of the step < 10% (ablation_step, alone)"] is True
   assert met["loss share of the step < 10% (ablation_step, trivial)"] is False
-  text = device_check._markdown(report)
+  text = report_lib._markdown(report)
   assert "| mnist | timeout | 160 | 160 s | n/a | n/a to n/a |" in text and "n/a" in text and "step 500" in text
-  assert device_check._peak_for("NVIDIA H100 PCIe") == 756.0 and device_check._peak_for("NVIDIA H200") == 989.0
-  assert device_check._peak_for("cpu") is None
+  assert common._peak_for("NVIDIA H100 PCIe") == 756.0 and common._peak_for("NVIDIA H200") == 989.0
+  assert common._peak_for("cpu") is None

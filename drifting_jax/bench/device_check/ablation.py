@@ -1,0 +1,376 @@
+"""The `ablation_step` and `ablation_step_remat` checks: one training step of the ImageNet latent ablation.
+
+configs/imagenet_latent_ablation.py with random weights and synthetic latents:
+DiT-B/2 making 32x32x4 latents, latent-MAE-256 features, the log-KDE loss, the
+clipped AdamW update and the EMA, remat off or on, at as many classes as fit in
+device memory. Measures step time, XLA-counted FLOPs, MFU, peak memory and the
+loss's share of the step. JAX is imported inside the functions: the parent process
+imports this module and must not start a JAX runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import pathlib
+import time
+from typing import Any, Callable, Optional
+from unittest import mock
+
+from drifting_jax.bench.device_check.common import _clu_without_tensorflow, _machine, _memory_stats, _Record
+
+RELEASE_CLASSES = 64
+# Classes the ablation step tries first on one device (halved until it fits). The
+# release's 64 classes are its batch over all devices, and on one they cannot fit: the
+# MAE-256 extractor's 85 feature groups hold 2.47M floats (9.9 MB in fp32) per sample,
+# so the 64 x (64 + 64 + 16) samples' features alone take about 90 GB. With remat,
+# 16 classes (a 4-GPU host's share) should fit 80 GB; without it DiT-B/2 keeps roughly
+# 170 MB of activations per generated sample (a rough count), so 8 (an 8-GPU share).
+FIRST_CLASSES = {True: 16, False: 8}
+
+
+def _cost_flops(stage) -> Optional[float]:
+  """FLOPs from XLA's cost analysis of a Lowered or Compiled stage (None where unavailable)."""
+  try:
+    cost = stage.cost_analysis()
+  except Exception:
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost:
+    return None
+  flops = float(cost.get("flops", 0.0))
+  return flops if flops > 0 else None
+
+
+def _memory_analysis(compiled) -> dict:
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:
+    return {}
+  if stats is None:
+    return {}
+  out = {k: int(getattr(stats, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "temp", "alias")}
+  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+  text = f"{type(e).__name__}: {e}"
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _ablation_config(args, remat: bool, classes: int):
+  from configs import imagenet_latent_ablation
+  config = imagenet_latent_ablation.get_config()
+  config.data.name = "synthetic_latents"
+  config.model.remat = bool(remat)
+  config.train.classes_per_step = int(classes)
+  mae_name = "latent-256"
+  if args.cpu_smoke:
+    config.model.overrides = dict(depth=1, hidden_size=32, cond_dim=32, num_heads=2, patch_size=4,
+                                  n_cls_tokens=2, noise_classes=8, noise_coords=4)
+    config.data.num_classes = 10
+    config.train.gen_per_class, config.train.pos_per_class, config.train.neg_per_class = 8, 8, 4
+    # 6 feature groups instead of the release extractor's 85: a smaller program to compile.
+    config.feature.activation_kwargs.patch_mean_size = ()
+    config.feature.activation_kwargs.patch_std_size = ()
+    config.feature.activation_kwargs.use_std = False
+    config.feature.activation_kwargs.use_mean = False
+    config.feature.activation_kwargs.every_k_block = 0
+    config.loss.bandwidths = (0.2,)
+    mae_name = "tiny"
+  return config, mae_name
+
+
+def _random_params(abstract: Any, key) -> Any:
+  """Random parameters of the shapes in `abstract`, made in one small jitted program.
+
+  As tests/tiny_artifacts.py does for its stand-in networks: fan-in scaled normal
+  kernels (gain sqrt(2), for ReLU networks), norm scales near 1, small biases. Flax's
+  own `init` would compile the network's forward pass, which takes longer than
+  this whole check allows on a CPU.
+  """
+  import jax
+  import jax.numpy as jnp
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+
+  sizes = [math.prod(spec.shape) for _, spec in leaves]
+
+  def make(key):
+    # One draw for all leaves: a much smaller program than one random op per leaf.
+    noise = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    values, offset = [], 0
+    for (path, spec), size in zip(leaves, sizes):
+      name = str(getattr(path[-1], "key", path[-1]))
+      leaf = noise[offset:offset + size].reshape(spec.shape)
+      offset += size
+      if name == "kernel" and len(spec.shape) >= 2:
+        value = leaf * (math.sqrt(2.0) / math.sqrt(math.prod(spec.shape[:-1])))
+      elif name in ("scale", "var"):
+        value = 1.0 + 0.1 * jnp.abs(leaf)
+      else:
+        value = 0.02 * leaf
+      values.append(value.astype(spec.dtype))
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+  return jax.jit(make)(key)
+
+
+def _ablation_batch(config, work: pathlib.Path, classes: int):
+  """labels [C], positives [C, Cp, 32, 32, 4], negatives [C, Cn, ...] from synthetic latents."""
+  import numpy as np
+
+  from drifting_jax.train import data as train_data
+  config.data.data_dir = str(work / "synthetic_latents")
+  config.data.synthetic_per_class = 2  # the step's shapes are what count, not the data
+  data = train_data.load_training_data(config)
+  rng = np.random.default_rng(0)
+  t = config.train
+  labels = np.sort(rng.choice(config.data.num_classes, size=classes, replace=False)).astype(np.int32)
+  by_class = {c: np.flatnonzero(data.labels == c) for c in labels}
+  positives = np.stack([data.samples[rng.choice(by_class[c], t.pos_per_class)] for c in labels])
+  negatives = data.samples[rng.integers(0, len(data.labels), (classes, t.neg_per_class))]
+  return {"labels": labels, "positives": positives.astype(np.float32), "negatives": negatives.astype(np.float32)}
+
+
+def _trivial_objective(gen, pos, neg, weight_gen=None, weight_pos=None, weight_neg=None, *, distance_scale=None):
+  """A stand-in loss of negligible cost that still reads every input (so XLA keeps the
+  positive and negative feature computation): the step's time without the loss."""
+  import jax.numpy as jnp
+  axes = tuple(range(1, gen.ndim))
+  loss = jnp.mean(jnp.square(gen - jnp.mean(pos, axis=1, keepdims=True)), axis=axes)
+  if neg is not None:
+    loss = loss + 1e-6 * jnp.mean(neg, axis=tuple(range(1, neg.ndim)))
+  return loss, {}
+
+
+class _AblationStep:
+  """The compiled train step of the ablation at a number of classes."""
+
+  def __init__(self, args, remat: bool, classes: int, objective_override: Optional[Callable] = None):
+    import jax
+    import jax.numpy as jnp
+
+    from drifting_jax.models import features, generator as generator_lib, mae as mae_lib
+    from drifting_jax.train import optim, partitioning, trainer
+    from drifting_jax.train import train_step as train_step_lib
+
+    config, mae_name = _ablation_config(args, remat, classes)
+    trainer.validate_config(config)
+    self.config, self.classes = config, classes
+    mae_module = mae_lib.build_module(mae_lib.model_config_for(mae_name))
+    side, channels = config.data.image_size, config.data.channels
+    abstract = jax.eval_shape(lambda r: mae_lib.init_params(mae_module, r, (side, side, channels)),
+                              jax.random.key(1))
+    mae_params = _random_params(abstract, jax.random.key(1))
+    feature_fn = features.mae_features(mae_module, mae_params, **config.feature.activation_kwargs.to_dict())
+    self.feature_apply = feature_fn.__call__
+    model_config = generator_lib.model_config_from_run(config)
+    module = generator_lib.build_module({**model_config, "remat": bool(remat)})
+    self.model_dtype = str(module.dtype.__name__ if hasattr(module.dtype, "__name__") else module.dtype)
+    self.mae_dtype = "bfloat16" if mae_module.use_bf16 else "float32"
+    mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp)
+    tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps, config.train.max_grad_norm)
+    self.feature_names = sorted(jax.eval_shape(self.feature_apply, mae_params,
+                                               jnp.zeros((1, side, side, channels), jnp.float32)))
+    self.state, shardings = trainer.init_state(config, module, tx, mesh, self.feature_names)
+    self.feature_params = jax.device_put(mae_params, partitioning.replicated(mesh))
+    self.params = int(sum(x.size for x in jax.tree.leaves(self.state.params)))
+    self.mae_params_count = int(sum(x.size for x in jax.tree.leaves(mae_params)))
+    # The trivial-loss variant swaps the objective the step builder looks up.
+    swap = (mock.patch.object(train_step_lib, "objective_from_config", lambda loss_config: objective_override)
+            if objective_override else contextlib.nullcontext())
+    with swap:
+      fn = train_step_lib.make_train_step(generator=module, tx=tx, schedule=schedule,
+                                          feature_apply=self.feature_apply, config=config, mesh=mesh)
+    self.step_fn = jax.jit(fn, in_shardings=(shardings, partitioning.replicated(mesh), None),
+                           out_shardings=(shardings, partitioning.replicated(mesh)), donate_argnums=(0,))
+    host = _ablation_batch(config, pathlib.Path(args.work_dir), classes)
+    self.batch = {k: partitioning.host_to_global(v, mesh) for k, v in host.items()}
+
+  def compile(self) -> dict:
+    start = time.perf_counter()
+    lowered = self.step_fn.lower(self.state, self.feature_params, self.batch)
+    self.compiled = lowered.compile()
+    return {"compile_s": time.perf_counter() - start, "flops_xla": _cost_flops(self.compiled),
+            "flops_lowered": _cost_flops(lowered), "compiled_memory": _memory_analysis(self.compiled)}
+
+  def run(self, steps: int) -> float:
+    """Runs `steps` steps back to back; returns the mean seconds per step and checks the loss."""
+    import jax
+    import numpy as np
+    start = time.perf_counter()
+    metrics = None
+    for _ in range(steps):
+      self.state, metrics = self.compiled(self.state, self.feature_params, self.batch)
+    jax.block_until_ready((self.state, metrics))
+    seconds = (time.perf_counter() - start) / steps
+    loss = float(jax.device_get(metrics["loss"]))
+    if not np.isfinite(loss):
+      raise FloatingPointError(f"the ablation step's loss is {loss}")
+    self.last_loss = loss
+    return seconds
+
+
+def _fits(memory: dict, device) -> tuple[bool, Optional[float]]:
+  """Whether the compiled step's buffers fit next to what is already allocated; the
+  fraction of its temporaries that would fit (to scale the batch down) where known."""
+  stats = _memory_stats(device)
+  limit = stats.get("bytes_limit")
+  if not limit or not memory:
+    return True, None
+  available = limit - stats.get("bytes_in_use", 0)
+  needed = memory["temp"] + memory["output"] - memory["alias"]
+  return needed <= 0.95 * available, (0.9 * available) / max(1, needed)
+
+
+def _timed_steps(step: _AblationStep, rec: _Record, share: float, most: int = 30) -> tuple[float, int]:
+  """One warm-up step, then as many timed steps as `share` of the remaining budget allows (2 to `most`)."""
+  first_start = time.perf_counter()
+  step.run(1)
+  first = time.perf_counter() - first_start
+  wanted = int(max(0.0, share * rec.remaining()) / max(first, 1e-6))
+  n = max(2, min(most, wanted))
+  return step.run(n), n
+
+
+def _loss_alone_seconds(step: _AblationStep, rec: _Record) -> dict:
+  """value-and-grad of the objective over every feature group, at the step's shapes."""
+  import jax
+  import jax.numpy as jnp
+
+  from drifting_jax.train import train_step as train_step_lib
+  config = step.config
+  t = config.train
+  side, channels = config.data.image_size, config.data.channels
+  shapes = jax.eval_shape(step.feature_apply, step.feature_params,
+                          jax.ShapeDtypeStruct((step.classes, side, side, channels), jnp.float32))
+  objective = train_step_lib.objective_from_config(config.loss)
+
+  @jax.jit
+  def inputs(key):  # one program for every group's random features
+    def make(count, shift):
+      return {name: jax.random.normal(jax.random.fold_in(key, i + shift), (step.classes, count, *s.shape[1:]),
+                                      jnp.float32) for i, (name, s) in enumerate(sorted(shapes.items()))}
+    return make(t.gen_per_class, 0), make(t.pos_per_class, 1000), make(t.neg_per_class, 2000)
+
+  gen, pos, neg = inputs(jax.random.key(3))
+  weight_neg = jnp.full((step.classes, t.neg_per_class),
+                        train_step_lib.unconditional_weight(2.0, t.gen_per_class, t.neg_per_class), jnp.float32)
+
+  def total(g):
+    return sum(jnp.mean(objective(g[k], pos[k], neg[k] if t.neg_per_class else None,
+                                  weight_neg=weight_neg if t.neg_per_class else None)[0]) for k in sorted(g))
+
+  fn = jax.jit(jax.value_and_grad(total))
+  start = time.perf_counter()
+  jax.block_until_ready(fn(gen))
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(10):
+    if times and rec.remaining() < 5:
+      break
+    start = time.perf_counter()
+    jax.block_until_ready(fn(gen))
+    times.append(time.perf_counter() - start)
+  times.sort()
+  groups = {name: list(s.shape[1:]) for name, s in shapes.items()}
+  return {"loss_alone_s": times[len(times) // 2], "loss_alone_compile_s": compile_s,
+          "feature_groups": len(groups), "feature_floats_per_sample": int(sum(a * b for a, b in groups.values()))}
+
+
+def check_ablation(rec: _Record, args, remat: bool) -> None:
+  _clu_without_tensorflow()  # the trainer module is imported for its pieces, not its writers
+  import jax
+  device = jax.devices()[0]
+  rec.result["machine"] = machine = _machine()
+  peak = machine["peak_bf16_tflops"]
+  classes = 4 if args.cpu_smoke else (args.ablation_classes or FIRST_CLASSES[bool(remat)])
+  notes = []
+  attempts = []
+  step = None
+  while True:
+    build_start = time.perf_counter()
+    step = _AblationStep(args, remat, classes)
+    built_s = time.perf_counter() - build_start
+    info = step.compile()
+    fits, scale = _fits(info["compiled_memory"], device)
+    attempts.append({"classes": classes, "build_s": built_s, **info, "fits": fits})
+    rec.phase(f"compiled at {classes} classes", attempts=attempts)
+    if fits:
+      try:
+        step_s, n = _timed_steps(step, rec, 0.25, 2 if args.cpu_smoke else 30)
+        break
+      except Exception as e:  # out of memory at run time: retry smaller, anything else is an error
+        if not _is_out_of_memory(e):
+          raise
+        attempts[-1]["fits"] = False
+        attempts[-1]["error"] = str(e).splitlines()[0][:300]
+        scale = 0.5
+    smaller = 2 ** int(math.floor(math.log2(max(1.0, classes * min(scale or 0.5, 0.5)))))
+    smaller = min(smaller, classes // 2)
+    if smaller < 1:
+      raise MemoryError(f"the ablation step does not fit in device memory even at 1 class: {attempts[-1]}")
+    if rec.remaining() < 1.3 * (built_s + info["compile_s"]):
+      raise TimeoutError(f"the step at {classes} classes does not fit in memory and the budget left "
+                         f"({rec.remaining():.0f} s) is too short to compile it at {smaller}")
+    notes.append(f"{classes} classes did not fit in device memory; measured at {smaller}")
+    del step
+    classes = smaller
+  t = step.config.train
+  flops = info["flops_xla"] or info["flops_lowered"]
+  stats = _memory_stats(device)
+  gen_samples = classes * t.gen_per_class
+  if classes != RELEASE_CLASSES and not args.cpu_smoke:
+    notes.append(f"the release's batch is {RELEASE_CLASSES} classes per step over all its devices; this is "
+                 f"{classes} classes on one device, the share of {max(1, RELEASE_CLASSES // classes)} devices")
+  rec.phase("timed", remat=bool(remat), classes=classes, gen_per_class=t.gen_per_class,
+            pos_per_class=t.pos_per_class, neg_per_class=t.neg_per_class, timed_steps=n, step_s=step_s,
+            steps_per_s=1.0 / step_s, generated_samples_per_s=gen_samples / step_s,
+            tflop_per_step_xla=flops / 1e12 if flops else None,
+            flops_source="compiled" if info["flops_xla"] else ("lowered" if flops else None),
+            achieved_tflops=flops / step_s / 1e12 if flops else None,
+            mfu=flops / step_s / (peak * 1e12) if flops and peak else None,
+            peak_memory_gib=stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
+            compiled_memory_gib=info["compiled_memory"].get("total", 0) / 2**30 or None,
+            compile_s=info["compile_s"], loss=step.last_loss, generator_params=step.params,
+            mae_params=step.mae_params_count, generator_dtype=step.model_dtype, mae_dtype=step.mae_dtype,
+            objective=f"{step.config.loss.objective} ({step.config.loss.kernel}#, bandwidths "
+                      f"{tuple(step.config.loss.bandwidths)})",
+            data="synthetic_latents (random weights; no pretrained MAE or generator)",
+            note="; ".join(notes) or None)
+
+  # At toy sizes one variant runs the loss-share measurements (they cost compilations).
+  if args.cpu_smoke and remat:
+    rec.phase("loss share skipped (--cpu-smoke measures it with remat off only)", loss_share_alone=None,
+              loss_share_trivial=None)
+    return
+  try:
+    alone = _loss_alone_seconds(step, rec)
+    rec.phase("loss alone", **alone, loss_share_alone=alone["loss_alone_s"] / step_s)
+  except Exception as e:  # its random features may not fit beside the step: keep going
+    if not _is_out_of_memory(e):
+      raise
+    rec.phase("loss alone out of memory", loss_share_alone=None, loss_alone_error=str(e).splitlines()[0][:300])
+
+  # The same step with the loss replaced by a trivial one: a second full compilation.
+  compile_cost = attempts[-1]["build_s"] + attempts[-1]["compile_s"]
+  if rec.remaining() > 1.5 * compile_cost + 6 * step_s + 5:
+    del step
+    trivial = _AblationStep(args, remat, classes, objective_override=_trivial_objective)
+    trivial.compile()
+    try:
+      trivial_s, _ = _timed_steps(trivial, rec, 0.5, 2 if args.cpu_smoke else 30)
+    except Exception as e:
+      if not _is_out_of_memory(e):
+        raise
+      rec.phase("trivial-loss step out of memory", trivial_loss_step_s=None, loss_share_trivial=None,
+                trivial_error=str(e).splitlines()[0][:300])
+      return
+    rec.phase("trivial-loss step", trivial_loss_step_s=trivial_s,
+              loss_share_trivial=max(0.0, (step_s - trivial_s) / step_s))
+  else:
+    rec.phase("trivial-loss step skipped", trivial_loss_step_s=None, loss_share_trivial=None,
+              trivial_skipped_reason=f"{rec.remaining():.0f} s left, a second compilation takes about "
+                                     f"{compile_cost:.0f} s")
