@@ -113,6 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.step = -1                   # -1: latest checkpoint
   c.eval.source = ""                 # "" = workdir checkpoints; or params_ema folder / hf://NAME
   c.eval.samples_per_class = 50
+  # The metrics computed (drifting_jax.eval.evaluators): here ImageNet's, in the FID
+  # InceptionV3's features; add "precision_recall" with eval.reference_features.
+  c.eval.evaluators = ("inception_score", "fid_inception")
   c.eval.cfg_scales = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5)  # each at sample.temperature
   c.eval.temperatures = ()           # noise temperatures also evaluated, each at sample.cfg_scale
   c.eval.batch_size = 500

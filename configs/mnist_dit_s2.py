@@ -91,4 +91,5 @@ def get_config(variant: str = ""):
   c.checkpoint.every_steps = 1000
   c.log.sample_grid_every = 2000
   c.eval.cfg_scales = (1.0,)
+  c.eval.evaluators = ("classifier",)  # the project's digit classifier (--mode=train_classifier)
   return c

@@ -49,6 +49,7 @@ def get_config(variant: str = ""):
   c.log.every_steps = 50
   c.log.sample_grid_every = 450
   c.eval.cfg_scales = (1.0,)
+  c.eval.evaluators = ("classifier",)  # the project's digit classifier (--mode=train_classifier)
   c.eval.samples_per_class = 100
   if variant == "smoke":
     c.model.overrides = dict(depth=1, hidden_size=32, cond_dim=32, num_heads=2)

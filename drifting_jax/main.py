@@ -7,17 +7,22 @@ r"""drifting_jax entry point.
 The config file returns an ml_collections.ConfigDict; command-line overrides are
 type-checked against it before any work starts (an unknown key or a value of the
 wrong type is an error, not a silently ignored flag).
+
+A user's mistake (a bad flag or config value, an unknown objective, kernel or data
+set, a missing checkpoint, artifact or data set: `errors.UsageError`) prints one
+line, `error: <what, and the fix>`, and exits with status 2; a bug keeps its traceback.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from drifting_jax import modes  # light: a mode's module is imported when the mode runs
+from drifting_jax import errors, modes  # light: a mode's module is imported when the mode runs
 
 FLAGS = flags.FLAGS
 
@@ -44,16 +49,42 @@ def _initialize_distributed() -> None:
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 
 
+def _exit_with(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(errors.EXIT_STATUS)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag or config override as one line instead of a traceback.
+
+  ml_collections reports an unknown config field as an AttributeError and a value
+  of the wrong type as a ValueError or TypeError; a config file's own variant check
+  (`--config=configs/x.py:name`) raises a ValueError. While parsing, all of them are
+  the command line's fault.
+  """
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _exit_with(f"{e} (see --helpshort)")
+  except AttributeError as e:
+    _exit_with(f"no such config field: {e} (overrides must name a field of the config file; see --helpshort)")
+  except (ValueError, TypeError, KeyError) as e:
+    _exit_with(f"bad --config or override: {e}")
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  _initialize_distributed()
-  config = FLAGS.config
-  logging.info("process %d/%d, %d local devices, %d devices", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
-  logging.info("config:\n%s", config)
-  modes.run(FLAGS.mode, config, FLAGS.workdir)
+    _exit_with(f"unexpected arguments: {argv[1:]}")
+  try:
+    _initialize_distributed()
+    config = FLAGS.config
+    logging.info("process %d/%d, %d local devices, %d devices", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
+    logging.info("config:\n%s", config)
+    modes.run(FLAGS.mode, config, FLAGS.workdir)
+  except errors.UsageError as e:
+    _exit_with(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import ml_collections
 
+from drifting_jax import errors
+
 # mode -> (module, function(config, workdir)).
 MODES: dict[str, tuple[str, str]] = {
     "train": ("drifting_jax.train.trainer", "train_and_evaluate"),
@@ -33,7 +35,7 @@ MODES: dict[str, tuple[str, str]] = {
 def mode_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], Any]:
   """The function that runs `mode` (its module imported now)."""
   if mode not in MODES:
-    raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
+    raise errors.UsageError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
   module, function = MODES[mode]
   return getattr(importlib.import_module(module), function)
 

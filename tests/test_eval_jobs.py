@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from configs import mnist_tiny
-from drifting_jax import modes
-from drifting_jax.eval import classifier_job, evaluation, sampling
+from drifting_jax import checkpointing, errors, modes
+from drifting_jax.eval import classifier_job, evaluation, evaluators, metrics as metrics_lib, sampling
 from drifting_jax.models import artifacts, classifier, features, inception
-from drifting_jax.train import checkpointing, optim, trainer
+from drifting_jax.train import optim, trainer
 
 pytestmark = pytest.mark.slow  # a trained run, a classifier and evaluations
 
@@ -254,14 +254,56 @@ def test_rgb_feature_space_scores_with_the_unbiased_inception_logits(monkeypatch
 
   monkeypatch.setattr(inception.InceptionFeatureExtractor, "load", classmethod(lambda cls, path: FakeExtractor()))
   config = mnist_tiny.get_config("smoke")
-  config.data.channels = 3
-  features = evaluation._FeatureSpace(config, "unused")
-  assert not features.offline and features.vae is None
-  got = features.features(np.zeros((4, 28, 28, 3), np.float32))  # model range: 0 is grey
+  config.eval.evaluators = ("inception_score",)
+  suite = evaluators.Suite(config, "unused")
+  assert not suite.needs_pixels and list(suite.spaces) == ["inception"]
+  got = suite.features(np.zeros((4, 28, 28, 3), np.float32))["inception"]  # model range: 0 is grey
   np.testing.assert_array_equal(got["logits"], outputs.logits_unbiased)
   np.testing.assert_array_equal(got["features"], outputs.pool_features)
   assert seen["images"].dtype == np.uint8 and seen["images"].max() == 127
   assert seen["chunk_size"] == config.eval.batch_size
+
+
+def test_evaluators_are_the_configs_list_with_their_inputs_checked(monkeypatch, tmp_path):
+  """The metrics are those eval.evaluators names, whatever the samples' shape; a missing input is a UsageError."""
+  rng = np.random.default_rng(0)
+  pool, logits = rng.normal(size=(40, 8)).astype(np.float32), rng.normal(size=(40, 12)).astype(np.float32)
+
+  class FakeExtractor:
+
+    def features_in_chunks(self, images, chunk_size):
+      n = len(images)
+      return inception.InceptionOutputs(pool_features=pool[:n], logits=logits[:n] + 1.0, logits_unbiased=logits[:n])
+
+  monkeypatch.setattr(inception.InceptionFeatureExtractor, "load", classmethod(lambda cls, path: FakeExtractor()))
+  config = mnist_tiny.get_config("smoke")  # grayscale digits, scored here in Inception features: the list decides
+  config.eval.evaluators = ("inception_score", "fid_inception", "precision_recall")
+  with pytest.raises(errors.UsageError, match="eval.reference_stats"):
+    evaluators.Suite(config, "unused")
+  real = rng.normal(size=(50, 8)) + 0.5
+  mu, sigma = metrics_lib.compute_statistics(real)
+  np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+  np.savez(tmp_path / "real.npz", features=real.astype(np.float32))
+  config.eval.reference_stats = str(tmp_path / "stats.npz")
+  with pytest.raises(errors.UsageError, match="eval.reference_features"):
+    evaluators.Suite(config, "unused")
+  config.eval.reference_features = str(tmp_path / "real.npz")
+  suite = evaluators.Suite(config, "unused")
+  labels = np.repeat(np.arange(10), 4)
+  got = suite.metrics(pixels=None, labels=labels, features=suite.features(np.zeros((40, 28, 28, 1), np.float32)))
+  assert got["inception_score"] == metrics_lib.inception_score(logits)[0]
+  assert got["fid"] == pytest.approx(metrics_lib.frechet_distance(*metrics_lib.compute_statistics(pool), mu, sigma))
+  assert (got["precision"], got["recall"]) == metrics_lib.precision_recall(real.astype(np.float32), pool)
+  assert "accuracy" not in got  # no classifier metrics unless listed
+
+  for bad in (("bogus",), ()):
+    config.eval.evaluators = bad
+    with pytest.raises(errors.UsageError, match="eval.evaluators must name"):
+      evaluators.Suite(config, "unused")
+  latent = mnist_tiny.get_config("smoke")
+  latent.data.name, latent.data.channels = "synthetic_latents", 4
+  with pytest.raises(errors.UsageError, match="classifier evaluator needs grayscale data"):
+    evaluators.Suite(latent, "unused")
 
 
 def test_unknown_mode_is_refused():

@@ -10,7 +10,8 @@ from flax import traverse_util
 
 from configs import imagenet_mae_latent_256
 from drifting_jax.models import artifacts, mae
-from drifting_jax.train import checkpointing, data as train_data, mae_pretrain
+from drifting_jax import checkpointing
+from drifting_jax.train import data as train_data, mae_pretrain
 
 pytestmark = pytest.mark.slow  # MAE pretraining runs
 

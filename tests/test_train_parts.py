@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from drifting_jax.train import checkpointing, optim, partitioning, train_step
+from drifting_jax import checkpointing, partitioning
+from drifting_jax.train import optim, train_step
 
 
 def test_mesh_and_param_rules():

@@ -4,13 +4,13 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import mnist_tiny
 from drifting_jax.models import generator as generator_lib
-from drifting_jax.train import checkpointing, partitioning, trainer
+from drifting_jax import checkpointing, partitioning
+from drifting_jax.train import trainer
 from drifting_jax.train import run as run_lib
 from drifting_jax.train import train_step as train_step_lib
 

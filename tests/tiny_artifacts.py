@@ -13,7 +13,6 @@ import pathlib
 import re
 from typing import Any
 
-import jax
 import numpy as np
 from flax import traverse_util
 

@@ -39,6 +39,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from drifting_jax import errors
+
 PathLike = Union[str, os.PathLike]
 
 FORMAT = "npz"
@@ -252,17 +254,17 @@ class LatentCacheReader:
 
   def __init__(self, directory: PathLike):
     if not directory:
-      raise FileNotFoundError("no latent cache given: set --config.data.data_dir to the folder written by "
+      raise errors.MissingFileError("no latent cache given: set --config.data.data_dir to the folder written by "
                               "--mode=build_latents (config.latents.out_dir, default <workdir>/latents)")
     self.directory = pathlib.Path(directory)
     index_path = self.directory / INDEX_FILE
     if not self.directory.is_dir():
-      raise FileNotFoundError(f"latent cache {self.directory} does not exist: build it with "
+      raise errors.MissingFileError(f"latent cache {self.directory} does not exist: build it with "
                               f"`python -m drifting_jax.main --mode=build_latents --config=<config> "
                               f"--config.latents.out_dir={self.directory}` (or point --config.data.data_dir at "
                               f"an existing cache)")
     if not index_path.is_file():
-      raise FileNotFoundError(f"{index_path} is missing: the latent cache in {self.directory} is unfinished. "
+      raise errors.MissingFileError(f"{index_path} is missing: the latent cache in {self.directory} is unfinished. "
                               f"Run (or re-run, it resumes) --mode=build_latents with "
                               f"--config.latents.out_dir={self.directory}")
     try:
@@ -297,7 +299,7 @@ class LatentCacheReader:
     self._check_view(view)
     path = self.directory / file
     if not path.is_file():
-      raise FileNotFoundError(f"latent shard {path} listed in {self.directory / INDEX_FILE} is missing; re-run "
+      raise errors.MissingFileError(f"latent shard {path} listed in {self.directory / INDEX_FILE} is missing; re-run "
                               f"--mode=build_latents with the same settings to rewrite it")
     try:
       with np.load(path, allow_pickle=False) as data:

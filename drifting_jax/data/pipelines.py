@@ -33,6 +33,8 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from PIL import Image
 
+from drifting_jax import errors
+
 # Images per tf.data batch while reading a whole split into memory.
 _READ_CHUNK = 4096
 
@@ -78,7 +80,7 @@ def _as_dataset(builder, split: Any, data_dir: Optional[str], decoders: Optional
     # so that tfds.testing.mock_data, which fakes as_dataset only, still works.
     if builder.is_prepared():
       raise
-    raise FileNotFoundError(_missing_message(builder.name, split, data_dir, str(builder.data_dir))) from e
+    raise errors.MissingFileError(_missing_message(builder.name, split, data_dir, str(builder.data_dir))) from e
 
 
 def _image_info(builder) -> tuple[str, tuple[Optional[int], ...]]:

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Optional, Union
 import ml_dtypes  # a jax dependency
 import numpy as np
 
+from drifting_jax import errors
 from drifting_jax.data import latents
 
 PathLike = Union[str, os.PathLike]
@@ -145,7 +146,7 @@ class ReleaseLatentFolder:
   def __init__(self, cache_root: PathLike, split: str = "train"):
     self.root = pathlib.Path(cache_root) / split
     if not self.root.is_dir():
-      raise FileNotFoundError(f"{self.root} does not exist: point latents.release_cache at the folder the release's "
+      raise errors.MissingFileError(f"{self.root} does not exist: point latents.release_cache at the folder the release's "
                               f"`python -m dataset.latent --target-path=<root>` wrote (it holds train/ and val/)")
     self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
     self.files = []
@@ -153,7 +154,7 @@ class ReleaseLatentFolder:
       for folder, _, names in sorted(os.walk(self.root / name, followlinks=True)):
         self.files += [(pathlib.Path(folder) / n, label) for n in sorted(names) if n.lower().endswith(".pt")]
     if not self.files:
-      raise FileNotFoundError(f"no .pt files under {self.root}/<class>/: not a release latent cache")
+      raise errors.MissingFileError(f"no .pt files under {self.root}/<class>/: not a release latent cache")
 
   def __len__(self) -> int:
     return len(self.files)

@@ -23,8 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from drifting_jax.data import images as image_utils, pipelines
-from drifting_jax.data.mnist5k import load_mnist5k
+from drifting_jax import errors
+from drifting_jax.data import images as image_utils, sources
 from drifting_jax.eval import metrics as metrics_lib
 from drifting_jax.models import artifacts
 from drifting_jax.models.classifier import (DEFAULT_BATCH_SIZE, DEFAULT_LEARNING_RATE, DEFAULT_STEPS,
@@ -34,30 +34,17 @@ REFERENCE_STATS_FILE = "reference_stats.npz"
 REFERENCE_FEATURES_FILE = "reference_features.npz"
 
 
-def _pad_uint8(images: np.ndarray, pad_to: int) -> np.ndarray:
-  """[N, H, W(, 1)] uint8 on the training data's canvas (`data.images.pad_images`, black = 0)."""
-  return image_utils.pad_images(images[..., None] if images.ndim == 3 else images, pad_to, black=0)
-
-
 def _job_data(config) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-  """((held-out images, labels), (generator's training images, labels)), uint8.
+  """((held-out images, labels), (generator's training images, labels)), uint8 on the training canvas.
 
   The classifier learns from the held-out part, which the generator never sees, and
   is validated on the generator's training data, which the classifier never sees.
   """
-  name = config.data.name
-  if name == "mnist5k":
-    heldout, train = load_mnist5k("heldout"), load_mnist5k("train")
-  elif name in ("mnist", "fashion_mnist"):
-    data_dir = config.data.data_dir or None
-    heldout = pipelines.load_in_memory(name, split="test", data_dir=data_dir)
-    train = pipelines.load_in_memory(name, split="train", data_dir=data_dir)
-  else:
-    raise ValueError(f"the evaluation classifier is for grayscale pixel data (mnist5k, mnist, fashion_mnist), "
-                     f"got data.name={name!r}")
-  pad_to = int(config.data.pad_to)
-  return tuple((_pad_uint8(np.asarray(images, np.uint8), pad_to), np.asarray(labels, np.int32))
-               for images, labels in (heldout, train))
+  if not sources.has_real_images(config) or int(config.data.channels) != 1:
+    raise errors.UsageError(f"the evaluation classifier is for grayscale pixel data "
+                            f"({', '.join(n for n, s in sources.SOURCES.items() if s.load_real)}), "
+                            f"got data.name={config.data.name!r}")
+  return sources.real_images(config, "heldout"), sources.real_images(config, "train")
 
 
 def _job_settings(config) -> dict[str, Any]:

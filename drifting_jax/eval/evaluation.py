@@ -8,10 +8,11 @@ temperature `sample.temperature`) and per noise temperature in `eval.temperature
 (at `sample.cfg_scale`):
 
   samples (each host its share of the labels)
-    -> [latents: SD-VAE decode in chunks]
-    -> features: the FID InceptionV3 (RGB images), or the project's MNIST
-       classifier (grayscale digits, the offline setting)
-    -> gathered to every host; process 0 computes the metrics
+    -> [latent data sets (`data.sources`): SD-VAE decode in chunks]
+    -> the feature spaces the evaluators of `eval.evaluators` read (e.g. the FID
+       InceptionV3), and the uint8 pixels where an evaluator reads those (the
+       project's digit classifier), gathered to every host
+    -> process 0: each evaluator's metrics (`eval.evaluators`)
     -> eval/step_<N>.json, eval/step_<N>_cfg<s>[_t<T>].png, and `eval/...` scalars in the
        run's clu writers (TensorBoard + metrics.jsonl).
 """
@@ -22,23 +23,16 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from drifting_jax import writers
-from drifting_jax.data import images, pipelines
-from drifting_jax.data.mnist5k import load_mnist5k
-from drifting_jax.eval import classifier_job, metrics as metrics_lib, offline, sampling
-from drifting_jax.models import artifacts, classifier, inception, vae as vae_lib
-from drifting_jax.train import checkpointing
-
-
-def _is_offline_setting(config) -> bool:
-  """Grayscale pixel data: the project's classifier supplies the feature space."""
-  return config.data.channels == 1
+from drifting_jax import checkpointing, writers
+from drifting_jax.data import images, sources
+from drifting_jax.eval import evaluators, sampling
+from drifting_jax.models import vae as vae_lib
 
 
 def _host_labels(config) -> tuple[np.ndarray, np.ndarray]:
@@ -58,56 +52,16 @@ def _gather_rows(local: np.ndarray, counts: list[int]) -> np.ndarray:
   return np.concatenate([gathered[p, :n] for p, n in enumerate(counts)])
 
 
-class _FeatureSpace:
-  """Maps generated samples (model range) to evaluation features, per setting."""
-
-  def __init__(self, config, workdir: str):
-    self.config = config
-    self.offline = _is_offline_setting(config)
-    self.vae = None
-    if config.data.name in ("latents", "synthetic_latents") or config.data.channels == 4:
-      self.vae = vae_lib.SDVAE.load(config.eval.vae_source)
-    if self.offline:
-      path = classifier_job.classifier_dir(config, workdir)  # where train_classifier puts it
-      # artifacts.load reports a missing folder as an ArtifactError; here the fix
-      # is a job to run, which the message names.
-      if not path.is_dir():
-        raise FileNotFoundError(
-            f"no evaluation classifier at {path}: run `python -m drifting_jax.main --mode=train_classifier "
-            f"--config=<this config> --workdir={workdir}` first, or set --config.eval.classifier_path")
-      self.module, self.params, _ = artifacts.load(path, kind="classifier")
-    else:
-      self.extractor = inception.InceptionFeatureExtractor.load(config.eval.inception_path or None)
-
-  def to_pixels(self, samples: np.ndarray) -> np.ndarray:
-    """Samples -> model-range pixels (decoding latents in chunks)."""
-    if self.vae is not None:
-      return np.asarray(self.vae.decode_in_chunks(samples, int(self.config.eval.decode_chunk)))
-    return samples
-
-  def features(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-    if self.offline:
-      feats, logits = classifier.features_and_logits(self.module, self.params, pixels)
-      return {"features": np.asarray(feats), "logits": np.asarray(logits)}
-    out = self.extractor.features_in_chunks(inception.to_uint8(pixels), int(self.config.eval.batch_size))
-    # The Inception Score's logits are the graph's bias-free ones (as in the
-    # release, the original IS code and torch-fidelity), not `out.logits`.
-    return {"features": np.asarray(out.pool_features), "logits": np.asarray(out.logits_unbiased)}
-
-
-def _real_data(config, split: str = "heldout") -> tuple[np.ndarray, np.ndarray]:
-  """Real images (model range) and labels for the offline metrics: held-out (reference) or training."""
-  if config.data.name == "mnist5k":
-    raw, labels = load_mnist5k(split)
-  else:
-    raw, labels = pipelines.load_in_memory(config.data.name, split="test" if split == "heldout" else "train",
-                                           data_dir=config.data.data_dir or None)
-  pixels = images.pad_images(images.uint8_to_model(raw), int(config.data.pad_to))
-  return pixels, np.asarray(labels, np.int32)
+def _decoder(config) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+  """Samples -> model-range pixels where the data set's samples are latents (the SD-VAE, in chunks)."""
+  if not sources.get(config).latent:
+    return None
+  vae = vae_lib.SDVAE.load(config.eval.vae_source)
+  return lambda samples: np.asarray(vae.decode_in_chunks(samples, int(config.eval.decode_chunk)))
 
 
 def evaluate_generator(config, workdir: str, module, params, step: Optional[int], *,
-                       features: Optional[_FeatureSpace] = None) -> dict[str, Any]:
+                       suite: Optional[evaluators.Suite] = None) -> dict[str, Any]:
   """Metrics of one generator; process 0 writes eval/step_<N>.json.
 
   Two one-knob sweeps around the sampling setting: every CFG scale of
@@ -115,7 +69,8 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
   and every temperature of `eval.temperatures` at `sample.cfg_scale`
   (`results["temperature"]`). Every setting draws the same noise (`sample.seed`).
   """
-  features = features or _FeatureSpace(config, workdir)
+  suite = suite or evaluators.Suite(config, workdir)
+  decode = _decoder(config)
   all_labels, host_labels = _host_labels(config)
   counts = [len(x) for x in np.array_split(all_labels, jax.process_count())]
   eval_dir = pathlib.Path(workdir) / "eval"
@@ -125,31 +80,26 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
   results: dict[str, Any] = {"step": step, "samples_per_class": int(config.eval.samples_per_class),
                              "sample_cfg_scale": sample_cfg, "sample_temperature": sample_temperature,
                              "cfg": {}, "temperature": {}}
-  real = _real_data(config) if features.offline else None
-  train_pixels, train_labels = _real_data(config, "train") if features.offline else (None, None)
 
   def metrics_at(cfg: float, temperature: float, grid_name: str) -> dict[str, Any]:
     start = time.perf_counter()
     samples = sampling.generate(module, params, host_labels, cfg, seed=int(config.sample.seed),
                                 batch_size=min(int(config.eval.batch_size), max(1, len(host_labels))),
                                 temperature=temperature)
-    pixels = features.to_pixels(samples)
-    host_feats = features.features(pixels)
-    feats = {k: _gather_rows(v, counts) for k, v in host_feats.items()}
-    grid_pixels = _gather_rows(images.model_to_uint8(pixels), counts) if features.offline else None
+    pixels = decode(samples) if decode else samples
+    features = {space: {k: _gather_rows(v, counts) for k, v in feats.items()}
+                for space, feats in suite.features(pixels).items()}
+    # uint8, as the samples are saved and shown; gathered where an evaluator reads them.
+    pixels_uint8 = images.model_to_uint8(pixels)
+    gathered_uint8 = _gather_rows(pixels_uint8, counts) if suite.needs_pixels else None
     metrics: dict[str, Any] = {}
     if jax.process_index() == 0:
-      if features.offline:
-        metrics = offline.evaluate_samples(
-            images.uint8_to_model(grid_pixels), all_labels, classifier_module=features.module,
-            classifier_params=features.params, real_images=real[0], real_labels=real[1],
-            num_classes=int(config.data.num_classes), train_images=train_pixels, train_labels=train_labels)
-      else:
-        metrics = _inception_metrics(config, feats)
+      metrics = suite.metrics(pixels=None if gathered_uint8 is None else images.uint8_to_model(gathered_uint8),
+                              labels=all_labels, features=features)
       metrics["seconds"] = time.perf_counter() - start
       eval_dir.mkdir(parents=True, exist_ok=True)
-      shown = grid_pixels if grid_pixels is not None else images.model_to_uint8(pixels)
-      shown_labels = all_labels if grid_pixels is not None else host_labels
+      shown, shown_labels = ((gathered_uint8, all_labels) if gathered_uint8 is not None
+                             else (pixels_uint8, host_labels))
       _save_grid(eval_dir / grid_name, shown, shown_labels, config.data.num_classes)
     return metrics
 
@@ -168,22 +118,6 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
   if jax.process_index() == 0:
     (eval_dir / f"{tag}.json").write_text(json.dumps(_jsonable(results), indent=2))
   return results
-
-
-def _inception_metrics(config, feats: dict[str, np.ndarray]) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  inception_score, inception_score_std = metrics_lib.inception_score(feats["logits"])
-  out["inception_score"], out["inception_score_std"] = inception_score, inception_score_std
-  if config.eval.reference_stats:
-    mu_ref, sigma_ref = metrics_lib.load_reference_statistics(config.eval.reference_stats)
-    mu, sigma = metrics_lib.compute_statistics(feats["features"])
-    out["fid"] = metrics_lib.frechet_distance(mu, sigma, mu_ref, sigma_ref)
-  else:
-    logging.warning("eval.reference_stats is empty: FID not computed")
-  if config.eval.reference_features:
-    real = np.load(config.eval.reference_features)["features"]
-    out["precision"], out["recall"] = metrics_lib.precision_recall(real, feats["features"])
-  return out
 
 
 def _save_grid(path: pathlib.Path, pixels: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int = 10):
@@ -244,14 +178,14 @@ def watch(config, workdir: str) -> list[int]:
   record = pathlib.Path(workdir) / "eval" / "evaluated.json"
   done = set(json.loads(record.read_text())) if record.exists() else set()
   ckpt = checkpointing.Checkpointer(workdir, async_save=False)
-  features = None
+  suite = None
   last_new = time.monotonic()
   evaluated = []
   while True:
     ckpt.reload()
     pending = [s for s in ckpt.all_steps() if s not in done]
     for step in pending:
-      features = features or _FeatureSpace(config, workdir)
+      suite = suite or evaluators.Suite(config, workdir)
       try:
         module, params, _ = sampling.load_generator(config, workdir, step=step)
       except checkpointing.CheckpointError:
@@ -262,7 +196,7 @@ def watch(config, workdir: str) -> list[int]:
           raise
         logging.warning("checkpoint %d was deleted before it could be evaluated; skipped", step)
         continue
-      results = evaluate_generator(config, workdir, module, params, step, features=features)
+      results = evaluate_generator(config, workdir, module, params, step, suite=suite)
       done.add(step)
       evaluated.append(step)
       if jax.process_index() == 0:

@@ -32,6 +32,8 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
+from drifting_jax import errors
+
 PathLike = Union[str, os.PathLike]
 
 # Matches the release's precision/recall and pytorch-fid's numerical fallback.
@@ -134,7 +136,7 @@ def load_reference_statistics(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
   """
   path = pathlib.Path(path).expanduser()
   if not path.is_file():
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"reference statistics {path} not found. Expected an .npz with 'mu' (D,) and 'sigma' (D, D) of "
         f"Inception pool_3 features of the reference set (e.g. ADM's ImageNet 256 reference batch stats, or "
         f"compute them with compute_statistics() and save_reference_statistics()).")

@@ -13,9 +13,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from drifting_jax import checkpointing, partitioning
 from drifting_jax.data import images
 from drifting_jax.models import artifacts, generator as generator_lib
-from drifting_jax.train import checkpointing, partitioning
 
 
 def load_generator(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):

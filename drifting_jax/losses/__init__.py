@@ -3,8 +3,8 @@
 Kernels (`kernels`), point-wise fields and potentials (`fields`), grouped training
 objectives with the official release's signature (`objectives`, gathered from `kde_objectives`,
 `drift_objectives` and their shared input handling in `groups`), the Sinkhorn-divergence
-objective built on ott-jax (`sinkhorn`) and feature-space distance normalizations
-(`normalization`). This package imports nothing from the rest of drifting_jax.
+objective built on ott-jax (`sinkhorn`), feature-space distance normalizations
+(`normalization`) and the table of objectives with their config options (`registry`). This package imports nothing from the rest of drifting_jax.
 """
 
 from drifting_jax.losses.fields import NORMALIZATIONS, curl, drift_field, log_kde_potential
@@ -16,25 +16,20 @@ from drifting_jax.losses.objectives import (corrected_drift_loss, joint_drift_lo
                                             release_drift_loss, sum_over_feature_groups)
 from drifting_jax.losses.sinkhorn import sinkhorn_loss
 
-OBJECTIVES = {
-    "log_kde": log_kde_loss,
-    "corrected": corrected_drift_loss,
-    "release": release_drift_loss,
-    "joint": joint_drift_loss,
-    "mmd": mmd_loss,
-    "sinkhorn": sinkhorn_loss,
-}
+from drifting_jax.losses.registry import OBJECTIVE_TABLE, ObjectiveSpec, get_spec, objective_from_config
+
+# name -> grouped objective function: the functions of the table (`registry.OBJECTIVE_TABLE`).
+OBJECTIVES = {name: spec.fn for name, spec in OBJECTIVE_TABLE.items()}
 
 
 def get_objective(name: str):
   """The grouped objective called `name` (one of OBJECTIVES)."""
-  if name not in OBJECTIVES:
-    raise ValueError(f"unknown objective {name!r}; expected one of {sorted(OBJECTIVES)}")
-  return OBJECTIVES[name]
+  return get_spec(name).fn
 
 
 __all__ = [
-    "KERNEL_NAMES", "NORMALIZATIONS", "OBJECTIVES", "PROFILES", "Kernel", "TopKScaleState",
+    "KERNEL_NAMES", "NORMALIZATIONS", "OBJECTIVES", "OBJECTIVE_TABLE", "PROFILES", "Kernel", "ObjectiveSpec",
+    "TopKScaleState", "get_spec", "objective_from_config",
     "batch_distance_scale", "corrected_drift_loss", "curl", "drift_field", "gaussian", "get_kernel",
     "get_objective", "joint_drift_loss", "laplace", "log_kde_loss", "log_kde_potential", "mmd_loss",
     "radial_kernel", "rational_quadratic", "release_drift_loss", "sinkhorn_loss", "sum_over_feature_groups",

@@ -108,6 +108,20 @@ def check_options(*, epsilon, cost: str, threshold, max_iterations) -> dict:
               max_iterations=int(_check_number("max_iterations", max_iterations, integer=True)))
 
 
+def options_from_config(loss_config, feature_normalization: str) -> dict:
+  """sinkhorn_loss's options from a loss config (`registry.OBJECTIVE_TABLE` reads them through this).
+
+  No kernel or bandwidths: `loss.sinkhorn_epsilon` is relative to the same distance
+  scale as the kernels' widths (batch mean, or the trainer's top-k EMA).
+  """
+  if loss_config.normalize_gradients:
+    raise ValueError("loss.normalize_gradients (per-bandwidth RMS) does not apply to objective=sinkhorn")
+  options = check_options(epsilon=loss_config.sinkhorn_epsilon, cost=loss_config.sinkhorn_cost,
+                          threshold=loss_config.sinkhorn_threshold,
+                          max_iterations=loss_config.sinkhorn_max_iterations)
+  return {"normalize_distances": feature_normalization == "batch_mean", **options}
+
+
 def _distance(sq: Array) -> Array:
   """sqrt(sq) in value, with the library's floored gradient 1 / (2 sqrt(max(sq, floor))).
 

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
+from drifting_jax import errors
+
 PARAMS_FILE = "ema_params.msgpack"
 METADATA_FILE = "metadata.json"
 ARTIFACT_FILES = (PARAMS_FILE, METADATA_FILE)
@@ -65,7 +67,7 @@ _INIT_RNG_NAMES = ("params", "dropout", "noise", "masking")
 PathLike = Union[str, os.PathLike]
 
 
-class ArtifactError(ValueError):
+class ArtifactError(errors.UsageError):
   """An artifact is missing, unreadable, of the wrong kind or does not match its model."""
 
 

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drifting_jax import errors
 from drifting_jax.models.layers import RMSNorm, TorchLinear, apply_rope, modulate, sincos_2d
 
 Array = jax.Array
@@ -402,7 +403,7 @@ def _check_config(module: DiTGenerator) -> None:
     if int(getattr(module, field)) < 0:
       problems.append(f"{field} must be >= 0, got {getattr(module, field)}")
   if problems:
-    raise ValueError("invalid DiTGenerator config: " + "; ".join(problems))
+    raise errors.UsageError("invalid DiTGenerator config: " + "; ".join(problems))
 
 
 def _is_concrete(x: Any) -> bool:

@@ -34,14 +34,13 @@ It cannot be downloaded at run time: put it at `$DRIFTING_JAX_INCEPTION` or
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import os
 import pathlib
 import pickle
 import tempfile
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -50,6 +49,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from drifting_jax import errors
 from drifting_jax.models.vae import map_in_chunks
 
 Array = jax.Array
@@ -420,7 +420,7 @@ def load_inception_variables(path: Optional[PathLike] = None, *, expected_md5: O
   """
   path = pathlib.Path(path).expanduser() if path is not None else default_weights_path()
   if not path.is_file():
-    raise FileNotFoundError(_missing_weights_message(path))
+    raise errors.MissingFileError(_missing_weights_message(path))
   data = path.read_bytes()
   if expected_md5 is not None:
     digest = hashlib.md5(data).hexdigest()

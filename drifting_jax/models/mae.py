@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from drifting_jax import errors
+
 Array = jax.Array
 Dtype = Any
 
@@ -279,7 +281,7 @@ def _check_config(module: MAEResNet) -> None:
   if not 0.0 <= module.dropout_prob < 1.0:
     problems.append(f"dropout_prob must be in [0, 1), got {module.dropout_prob}")
   if problems:
-    raise ValueError("invalid MAEResNet config: " + "; ".join(problems))
+    raise errors.UsageError("invalid MAEResNet config: " + "; ".join(problems))
 
 
 def _check_images(x: Any, module: MAEResNet) -> Array:
@@ -336,10 +338,10 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
 def model_config_for(name: str, **overrides: Any) -> dict[str, Any]:
   """The `model_config` of a named size, with `overrides` applied on top."""
   if name not in NAMED_CONFIGS:
-    raise ValueError(f"unknown MAE config {name!r}; known names: {sorted(NAMED_CONFIGS)}")
+    raise errors.UsageError(f"unknown MAE config {name!r}; known names: {sorted(NAMED_CONFIGS)}")
   unknown = sorted(set(overrides) - set(CONFIG_KEYS))
   if unknown:
-    raise ValueError(f"unknown MAE config keys {unknown}; valid keys: {sorted(CONFIG_KEYS)}")
+    raise errors.UsageError(f"unknown MAE config keys {unknown}; valid keys: {sorted(CONFIG_KEYS)}")
   return {**NAMED_CONFIGS[name], **overrides}
 
 
@@ -350,7 +352,7 @@ def build_module(model_config: Mapping[str, Any]) -> MAEResNet:
   """
   unknown = sorted(set(model_config) - set(CONFIG_KEYS))
   if unknown:
-    raise ValueError(f"unknown MAE config keys {unknown}; valid keys: {sorted(CONFIG_KEYS)}")
+    raise errors.UsageError(f"unknown MAE config keys {unknown}; valid keys: {sorted(CONFIG_KEYS)}")
   config = dict(model_config)
   if "layers" in config:
     # JSON gives a list; module fields must be hashable (modules are static jit args).

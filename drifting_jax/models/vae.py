@@ -36,6 +36,7 @@ import numpy as np
 from flax import serialization, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from drifting_jax import errors
 from drifting_jax.models.artifacts import param_mismatches
 
 if TYPE_CHECKING:  # diffusers is imported on first use: importing it is slow.
@@ -163,13 +164,13 @@ def resolve_source(source: PathLike = DEFAULT_SOURCE, *, cache_dir: Optional[Pat
       folder = snapshot_download(repo_id, cache_dir=None if cache_dir is None else os.fspath(cache_dir),
                                  allow_patterns=[CONFIG_FILE, FLAX_WEIGHTS_FILE, PYTORCH_WEIGHTS_FILE])
     except Exception as e:  # offline, network and hub errors all mean "not available here"
-      raise FileNotFoundError(_missing_weights_message(
+      raise errors.MissingFileError(_missing_weights_message(
           f"could not get {repo_id} from the Hugging Face Hub or its cache "
           f"({cache_dir or 'default cache'}): {type(e).__name__}: {e}")) from e
     return pathlib.Path(folder)
   path = pathlib.Path(text).expanduser()
   if not path.exists():
-    raise FileNotFoundError(_missing_weights_message(f"VAE source {path} does not exist"))
+    raise errors.MissingFileError(_missing_weights_message(f"VAE source {path} does not exist"))
   return path
 
 
@@ -256,7 +257,7 @@ def load_vae(source: PathLike = DEFAULT_SOURCE, *, cache_dir: Optional[PathLike]
     elif (folder / PYTORCH_WEIGHTS_FILE).is_file():
       weights = folder / PYTORCH_WEIGHTS_FILE
     else:
-      raise FileNotFoundError(_missing_weights_message(
+      raise errors.MissingFileError(_missing_weights_message(
           f"{folder} has neither {FLAX_WEIGHTS_FILE} (Flax, {FLAX_REPO}) nor {PYTORCH_WEIGHTS_FILE} "
           f"(PyTorch, {PYTORCH_REPO})"))
   else:

@@ -45,8 +45,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from drifting_jax.data import images as image_utils, latents, pipelines
-from drifting_jax.data.mnist5k import load_mnist5k
+from drifting_jax import errors
+from drifting_jax.data import sources
 from drifting_jax.train.memory_bank import MemoryBank
 
 POSITIVE_SAMPLERS = ("bank", "fresh")
@@ -132,45 +132,10 @@ class TrainingData:
 
 
 def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
-  """This host's training data for `config.data` (see configs/default.py)."""
-  name = config.data.name
-  process_index, process_count = jax.process_index(), jax.process_count()
-  flipped = None
-  if name == "mnist5k":
-    raw, labels = load_mnist5k("train")
-    samples = image_utils.uint8_to_model(raw)
-    replicated = True
-  elif name in ("mnist", "fashion_mnist"):
-    raw, labels = pipelines.load_in_memory(name, split="train", data_dir=config.data.data_dir or None)
-    samples = image_utils.uint8_to_model(raw)
-    replicated = True
-  elif name in ("latents", "synthetic_latents"):
-    data_dir = config.data.data_dir
-    if name == "synthetic_latents":
-      # Made on the spot (deterministic in the seed; every host makes the same) when
-      # data_dir is empty or holds no finished cache, so smoke runs need no files.
-      data_dir = latents.ensure_synthetic_latents(
-          data_dir or None, num_classes=int(config.data.num_classes),
-          per_class=int(config.data.get("synthetic_per_class", 64)),
-          sample_shape=(config.data.image_size, config.data.image_size, config.data.channels),
-          seed=int(config.seed))
-    reader = latents.LatentCacheReader(data_dir)
-    samples, labels = reader.load_host_shard(process_index, process_count)
-    if reader.flipped and config.data.get("latent_flip", True):
-      flipped, _ = reader.load_host_shard(process_index, process_count, view="latents_flip")
-    replicated = False
-  else:
-    raise ValueError(f"unknown data.name {name!r}; expected mnist5k, mnist, fashion_mnist, latents or "
-                     f"synthetic_latents")
-  samples = image_utils.pad_images(samples, int(config.data.pad_to))
-  if flipped is not None:
-    flipped = image_utils.pad_images(flipped, int(config.data.pad_to))
-  expected = (config.data.image_size, config.data.image_size, config.data.channels)
-  if samples.shape[1:] != expected:
-    raise ValueError(f"data {name!r} has samples of shape {samples.shape[1:]}, config expects {expected} "
-                     f"(data.image_size, data.channels, data.pad_to)")
-  return TrainingData(samples, np.asarray(labels, np.int32), int(config.data.num_classes), int(config.seed),
-                      process_index, replicated, flipped)
+  """This host's training data for `config.data`, from the data-source table (`drifting_jax.data.sources`)."""
+  host = sources.load_train(config, jax.process_index(), jax.process_count())
+  return TrainingData(host.samples, host.labels, int(config.data.num_classes), int(config.seed),
+                      jax.process_index(), host.replicated, host.flipped)
 
 
 # --------------------------------------------------------------------------- positive sources
@@ -277,7 +242,7 @@ class FreshSource:
     self.data, self.t = data, train_config
     too_small = [c for c, n in enumerate(data.class_sizes()) if n < train_config.pos_per_class]
     if too_small:
-      raise ValueError(f"train.positive_sampler='fresh' draws {train_config.pos_per_class} distinct positives "
+      raise errors.UsageError(f"train.positive_sampler='fresh' draws {train_config.pos_per_class} distinct positives "
                        f"per class, but classes {too_small} hold fewer samples on this host "
                        f"({data.class_sizes()[too_small].tolist()}); lower train.pos_per_class")
 
@@ -307,4 +272,4 @@ def make_source(config: ml_collections.ConfigDict, data: TrainingData) -> Positi
     return BankSource(data, config.train)
   if sampler == "fresh":
     return FreshSource(data, config.train)
-  raise ValueError(f"train.positive_sampler must be one of {POSITIVE_SAMPLERS}, got {sampler!r}")
+  raise errors.UsageError(f"train.positive_sampler must be one of {POSITIVE_SAMPLERS}, got {sampler!r}")

@@ -29,9 +29,9 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from drifting_jax import writers
+from drifting_jax import checkpointing, errors, partitioning, writers
 from drifting_jax.models import artifacts, mae
-from drifting_jax.train import checkpointing, data as train_data, optim, partitioning, run as run_lib
+from drifting_jax.train import data as train_data, optim, run as run_lib
 
 SCHEDULES = optim.SCHEDULES
 
@@ -65,7 +65,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if m.warmup_steps < 0 or m.finetune_last_steps < 0 or m.warmup_finetune < 0:
     problems.append("mae.warmup_steps, mae.finetune_last_steps and mae.warmup_finetune must be >= 0")
   if problems:
-    raise ValueError("invalid MAE pretraining config:\n  " + "\n  ".join(problems))
+    raise errors.UsageError("invalid MAE pretraining config:\n  " + "\n  ".join(problems))
   mae.build_module(model_config(config))  # bad sizes fail here, not after loading data
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ml_collections
 import optax
 
+from drifting_jax import errors
+
 SCHEDULES = ("const", "cosine")
 
 
@@ -15,11 +17,11 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
   feature scale settle before the generator moves.
   """
   if optim.schedule not in SCHEDULES:
-    raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {optim.schedule!r}")
+    raise errors.UsageError(f"optim.schedule must be one of {SCHEDULES}, got {optim.schedule!r}")
   lr = float(optim.learning_rate)
   noop, warmup = int(optim.noop_steps), int(optim.warmup_steps)
   if noop < 0 or warmup < 0:
-    raise ValueError("optim.noop_steps and optim.warmup_steps must be >= 0")
+    raise errors.UsageError("optim.noop_steps and optim.warmup_steps must be >= 0")
   pieces, boundaries = [optax.constant_schedule(0.0)] if noop else [], []
   if noop:
     boundaries.append(noop)

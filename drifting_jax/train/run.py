@@ -29,12 +29,12 @@ import jax
 import numpy as np
 from clu import metric_writers
 
+from drifting_jax import checkpointing, errors
 from drifting_jax.models import artifacts
-from drifting_jax.train import checkpointing
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteLossError(errors.UsageError):
+  """The loss went NaN or infinite: the run stopped at its last good checkpoint (the message says what to try)."""
 
 
 class Run:

@@ -20,7 +20,7 @@ import ml_collections
 import optax
 
 from drifting_jax import losses
-from drifting_jax.train import partitioning
+from drifting_jax import errors, partitioning
 
 FeatureApply = Callable[[Any, jax.Array], dict[str, jax.Array]]
 
@@ -66,50 +66,13 @@ Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def objective_from_config(loss_config: ml_collections.ConfigDict) -> Objective:
-  """The configured grouped objective behind one keyword-only call.
+  """The configured objective behind one keyword-only call (`losses.objective_from_config`).
 
-  Every objective of `drifting_jax.losses` shares the release's positional signature
-  (gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg) but not its options;
-  the returned `objective(gen, pos, neg, *, weight_neg=None, distance_scale=None)`
-  binds the static options once, so the step never spells positional Nones.
-  `distance_scale` (top-k EMA or annealing) is ignored by the release objective,
-  whose scale is its own batch mean (the config check below enforces that).
+  The loss library's table reads and checks each objective's own options; a value
+  it refuses is the user's mistake (`errors.UsageError`), reported before training.
   """
-  name = loss_config.objective
-  fn = losses.get_objective(name)
-  options, takes_distance_scale = _objective_options(name, loss_config), name != "release"
-
-  def objective(gen, pos, neg=None, *, weight_neg=None, distance_scale=None):
-    scale = {"distance_scale": distance_scale} if takes_distance_scale else {}
-    return fn(gen, pos, neg, weight_neg=weight_neg, **scale, **options)
-
-  return objective
-
-
-def _objective_options(name: str, loss_config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The static keyword options of objective `name`, checked against the rest of the loss config."""
-  bandwidths = tuple(float(b) for b in loss_config.bandwidths)
-  norm = loss_config.feature_normalization
-  if norm not in ("batch_mean", "topk_ema", "none"):
-    raise ValueError(f"loss.feature_normalization must be batch_mean, topk_ema or none, got {norm!r}")
-  if name == "sinkhorn":  # no kernel or bandwidths; epsilon is relative to the same distance scale
-    if loss_config.normalize_gradients:
-      raise ValueError("loss.normalize_gradients (per-bandwidth RMS) does not apply to objective=sinkhorn")
-    options = losses.sinkhorn.check_options(
-        epsilon=loss_config.sinkhorn_epsilon, cost=loss_config.sinkhorn_cost,
-        threshold=loss_config.sinkhorn_threshold, max_iterations=loss_config.sinkhorn_max_iterations)
-    return {"normalize_distances": norm == "batch_mean", **options}
-  losses.get_kernel(loss_config.kernel, bandwidths[0] if bandwidths else 1.0)  # fail early on a bad name
-  if name == "release":
-    if norm != "batch_mean" or loss_config.bandwidth_anneal_rate:
-      raise ValueError("the release objective computes its own batch-mean scale: use "
-                       "loss.feature_normalization=batch_mean and no bandwidth annealing")
-    return {"R_list": bandwidths, "kernel": loss_config.kernel}
-  options = dict(kernel=loss_config.kernel, bandwidths=bandwidths, normalize_distances=norm == "batch_mean",
-                 normalize_gradients=bool(loss_config.normalize_gradients))
-  if name == "mmd":
-    options["sharp"] = bool(loss_config.mmd_sharp)
-  return options
+  with errors.as_usage_error("bad loss config: "):
+    return losses.objective_from_config(loss_config)
 
 
 def _split_rows(features: dict[str, jax.Array], rows: int) -> dict[str, jax.Array]:
@@ -125,8 +88,6 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
   objective = objective_from_config(loss_config)
   use_topk = loss_config.feature_normalization == "topk_ema"
   anneal_rate = float(loss_config.bandwidth_anneal_rate)
-  if anneal_rate and loss_config.feature_normalization == "batch_mean":
-    raise ValueError("bandwidth annealing needs loss.feature_normalization topk_ema or none")
   total_steps = max(1, int(train.total_steps))
 
   def train_step(state: TrainState, feature_params: Any, batch: dict[str, jax.Array]):

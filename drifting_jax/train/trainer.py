@@ -27,10 +27,10 @@ import numpy as np
 from clu import periodic_actions
 from jax.experimental import multihost_utils
 
-from drifting_jax import losses, writers
-from drifting_jax.data import images
+from drifting_jax import checkpointing, errors, losses, partitioning, writers
+from drifting_jax.data import images, sources
 from drifting_jax.models import artifacts, features, generator as generator_lib
-from drifting_jax.train import checkpointing, data as train_data, optim, partitioning, run as run_lib
+from drifting_jax.train import data as train_data, optim, run as run_lib
 from drifting_jax.train import train_step as train_step_lib
 from drifting_jax.train.train_step import TrainState
 
@@ -65,8 +65,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.loss.feature_normalization == "topk_ema" and t.pos_per_class <= config.loss.topk_k:
     problems.append(f"top-k feature normalization needs train.pos_per_class > loss.topk_k={config.loss.topk_k}")
   if problems:
-    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    raise errors.UsageError("invalid config:\n  " + "\n  ".join(problems))
   train_step_lib.objective_from_config(config.loss)  # unknown objective/kernel/normalization
+  sources.get(config)  # an unknown data set, or one whose shape or classes the config contradicts
 
 
 # --------------------------------------------------------------------------- pieces
@@ -81,7 +82,7 @@ def build_features(config: ml_collections.ConfigDict):
     fn = features.mae_features(module, params, include_input=bool(config.feature.get("include_input", True)),
                                **config.feature.activation_kwargs.to_dict())
   else:
-    raise ValueError(f"feature.kind must be 'pixels' or 'mae', got {config.feature.kind!r}")
+    raise errors.UsageError(f"feature.kind must be 'pixels' or 'mae', got {config.feature.kind!r}")
   return fn.__call__, fn.params
 
 

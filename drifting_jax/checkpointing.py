@@ -24,9 +24,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from drifting_jax import errors
 
-class CheckpointError(RuntimeError):
-  pass
+
+class CheckpointError(errors.UsageError):
+  """A checkpoint that is missing, incomplete or corrupt (the message names the step and the file)."""
 
 
 class Checkpointer:

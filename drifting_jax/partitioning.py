@@ -24,6 +24,8 @@ import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from drifting_jax import errors
+
 MESH_AXES = ("data", "fsdp")
 
 # Logical axis name -> mesh axes.
@@ -52,7 +54,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   if fsdp < 1 or n % fsdp:
-    raise ValueError(f"mesh fsdp={fsdp} must divide the device count {n}")
+    raise errors.UsageError(f"mesh fsdp={fsdp} must divide the device count {n}")
   if data == -1:
     data = n // fsdp
   if data * fsdp != n:

@@ -1,0 +1,131 @@
+"""The table of training objectives: a name, its function, and how its options are read from a loss config.
+
+A trainer needs two things of an objective: the grouped function (the release's
+signature, `objectives`) and its static keyword options, which come from the loss
+section of a config. Both live here, so a trainer calls
+
+    objective = losses.objective_from_config(config.loss)
+    loss, info = objective(gen, pos, neg, weight_neg=..., distance_scale=...)
+
+and never branches on an objective's name. Adding an objective is a function
+(with the release's signature), an options reader `reader(loss_config) -> dict`,
+and one row of `OBJECTIVE_TABLE`; `sinkhorn` is the worked example
+(`sinkhorn.sinkhorn_loss` and `sinkhorn.options_from_config`).
+
+A loss config is anything with the attributes the readers use (an
+ml_collections.ConfigDict in the trainer); this module does not import the
+config library. Readers raise `ValueError` on a value they cannot take; the
+trainer reports those as the user's mistake.
+
+Fields read (see configs/default.py): objective, kernel, bandwidths,
+feature_normalization ("batch_mean" | "topk_ema" | "none"), normalize_gradients,
+bandwidth_anneal_rate, mmd_sharp, sinkhorn_*.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from drifting_jax.losses import sinkhorn
+from drifting_jax.losses.drift_objectives import corrected_drift_loss, joint_drift_loss, release_drift_loss
+from drifting_jax.losses.kde_objectives import log_kde_loss, mmd_loss
+from drifting_jax.losses.kernels import get_kernel
+
+FEATURE_NORMALIZATIONS = ("batch_mean", "topk_ema", "none")
+
+OptionsReader = Callable[[Any], dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSpec:
+  """One row of the table.
+
+  fn: the grouped objective, `fn(gen, pos, neg, weight_gen, weight_pos, weight_neg, **options)`.
+  read_options: loss config -> fn's static keyword options (ValueError on a bad value).
+  takes_distance_scale: whether fn takes the trainer's `distance_scale` (top-k EMA or
+    annealing); the release's field computes its own batch-mean scale.
+  equation: where it comes from, for error messages and docs.
+  """
+  fn: Callable[..., Any]
+  read_options: OptionsReader
+  takes_distance_scale: bool = True
+  equation: str = ""
+
+
+def check_common(loss_config) -> str:
+  """Checks shared by every objective; returns the feature normalization."""
+  norm = loss_config.feature_normalization
+  if norm not in FEATURE_NORMALIZATIONS:
+    raise ValueError(f"loss.feature_normalization must be one of {FEATURE_NORMALIZATIONS}, got {norm!r}")
+  if float(loss_config.bandwidth_anneal_rate) and norm == "batch_mean":
+    raise ValueError("bandwidth annealing (loss.bandwidth_anneal_rate) needs loss.feature_normalization "
+                     "topk_ema or none")
+  return norm
+
+
+def _bandwidths(loss_config) -> tuple[float, ...]:
+  bandwidths = tuple(float(b) for b in loss_config.bandwidths)
+  if not bandwidths or min(bandwidths) <= 0:
+    raise ValueError(f"loss.bandwidths must be one or more positive widths, got {loss_config.bandwidths}")
+  get_kernel(loss_config.kernel, bandwidths[0])  # an unknown kernel name fails here, before any tracing
+  return bandwidths
+
+
+def kernel_options(loss_config) -> dict[str, Any]:
+  """Options of the kernel objectives (log-KDE, corrected, joint): kernel, widths, normalizations."""
+  norm = check_common(loss_config)
+  return dict(kernel=loss_config.kernel, bandwidths=_bandwidths(loss_config),
+              normalize_distances=norm == "batch_mean", normalize_gradients=bool(loss_config.normalize_gradients))
+
+
+def mmd_options(loss_config) -> dict[str, Any]:
+  return {**kernel_options(loss_config), "sharp": bool(loss_config.mmd_sharp)}
+
+
+def release_options(loss_config) -> dict[str, Any]:
+  """The release's `drift_loss`: its `R_list` is `loss.bandwidths`, its scale its own batch mean."""
+  norm = check_common(loss_config)
+  if norm != "batch_mean" or float(loss_config.bandwidth_anneal_rate):
+    raise ValueError("the release objective computes its own batch-mean scale: use "
+                     "loss.feature_normalization=batch_mean and no bandwidth annealing")
+  return {"R_list": _bandwidths(loss_config), "kernel": loss_config.kernel}
+
+
+def _sinkhorn_options(loss_config) -> dict[str, Any]:
+  return sinkhorn.options_from_config(loss_config, check_common(loss_config))
+
+
+OBJECTIVE_TABLE: dict[str, ObjectiveSpec] = {
+    "log_kde": ObjectiveSpec(log_kde_loss, kernel_options, equation="FHM Eq. 19"),
+    "corrected": ObjectiveSpec(corrected_drift_loss, kernel_options, equation="FHM Eq. 1, 3"),
+    "release": ObjectiveSpec(release_drift_loss, release_options, takes_distance_scale=False,
+                             equation="the release's drift_loss (FHM Eq. 21)"),
+    "joint": ObjectiveSpec(joint_drift_loss, kernel_options, equation="Deng et al. Alg. 2 (FHM App. D)"),
+    "mmd": ObjectiveSpec(mmd_loss, mmd_options, equation="FHM Prop. 7"),
+    "sinkhorn": ObjectiveSpec(sinkhorn.sinkhorn_loss, _sinkhorn_options, equation="debiased Sinkhorn divergence"),
+}
+
+
+def get_spec(name: str) -> ObjectiveSpec:
+  if name not in OBJECTIVE_TABLE:
+    raise ValueError(f"unknown objective {name!r}; expected one of {sorted(OBJECTIVE_TABLE)}")
+  return OBJECTIVE_TABLE[name]
+
+
+def objective_from_config(loss_config) -> Callable[..., Any]:
+  """`objective(gen, pos, neg=None, *, weight_neg=None, distance_scale=None) -> (loss [B], info)`.
+
+  The objective `loss_config.objective` with its options read (and checked) once,
+  behind one keyword-only call, so the caller never spells positional Nones or
+  knows which objective takes which option. `distance_scale` is dropped for
+  objectives that compute their own (the release's).
+  """
+  spec = get_spec(loss_config.objective)
+  options = spec.read_options(loss_config)
+
+  def objective(gen, pos, neg=None, *, weight_neg=None, distance_scale=None):
+    scale = {"distance_scale": distance_scale} if spec.takes_distance_scale else {}
+    return spec.fn(gen, pos, neg, weight_neg=weight_neg, **scale, **options)
+
+  return objective
