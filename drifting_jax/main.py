@@ -65,7 +65,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    _exit_with(f"{e} (see --helpshort)")
+    # A config file that raised while loading is reported with its whole traceback
+    # in the message; its last line is the config file's own message.
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    message = lines[-1] if "Traceback" in str(e) else " ".join(lines)
+    _exit_with(f"{message} (see --helpshort)")
   except AttributeError as e:
     _exit_with(f"no such config field: {e} (overrides must name a field of the config file; see --helpshort)")
   except (ValueError, TypeError, KeyError) as e:

@@ -1,6 +1,10 @@
-r"""The import graph of drifting_jax, its cycles and the imports between two subpackages.
+r"""The import graph of drifting_jax, its cycles, the imports between two subpackages, and the layering rules.
 
     python -m scripts.import_graph [ROOT] [--from drifting_jax.eval --to drifting_jax.train]
+
+The layering rules are data (`LAYERS`, `FUNCTION_LEVEL_IMPORTS`) and
+`rule_violations` checks a tree against them; tests/test_layering.py fails the
+suite on any violation, naming the offending import.
 
 Reads the sources with `ast` (nothing is imported). Edges are import statements,
 module-level or inside functions, and string constants that spell a module of the
@@ -109,6 +113,67 @@ def subpackage(module: str) -> str:
   return ".".join(module.split(".")[:2])
 
 
+# The layers: each top-level part of the package (subpackage or module) and the
+# parts it may import. Everything else is a violation. Read upwards: errors and the
+# loss library stand on nothing; models on errors; data, checkpoints and meshes on
+# those; training and evaluation side by side on all of it (never on each other);
+# the modes table, main, the demo and the benchmarks on top.
+_BASE = ("errors", "writers", "checkpointing", "partitioning", "data", "models")
+LAYERS: dict[str, tuple[str, ...]] = {
+    "errors": (),
+    "losses": (),                    # pure JAX; reports bad values as ValueError (errors.as_usage_error)
+    "writers": (),
+    "partitioning": ("errors",),
+    "checkpointing": ("errors",),
+    "models": ("errors", "partitioning"),
+    "data": ("errors", "models"),    # the latent cache is built with the SD-VAE
+    "eval": _BASE,
+    "train": (*_BASE, "losses"),
+    "modes": ("errors", "data", "eval", "train"),
+    "main": ("errors", "modes"),
+    "demo": (*_BASE, "eval", "train", "losses"),
+    "bench": (*_BASE, "eval", "train", "losses"),
+}
+
+# Third-party packages a function may import (heavy or optional: imported on first
+# use so a job that does not need them does not pay for them). Any other import
+# inside a function is a violation, package modules included.
+FUNCTION_LEVEL_IMPORTS = ("tensorflow", "tensorflow_datasets", "huggingface_hub", "diffusers", "safetensors", "ott",
+                          "torch", "matplotlib")
+
+
+def _part(module: str) -> str:
+  return module.split(".")[1] if module.count(".") else module
+
+
+def rule_violations(root: pathlib.Path) -> list[str]:
+  """Every import of the tree under `root` that breaks LAYERS, FUNCTION_LEVEL_IMPORTS or makes a cycle."""
+  problems = []
+  modules = {name: path.relative_to(root) for name, path in module_files(root).items()}
+  edges, statements = import_graph(root)
+  for module, imported, line in statements:
+    source, target = _part(module), _part(imported)
+    if source not in LAYERS:
+      problems.append(f"{modules[module]}: part {source!r} is not in LAYERS (scripts/import_graph.py)")
+    elif source != target and target not in LAYERS[source]:
+      problems.append(f"{modules[module]}:{line}: {module} imports {imported}; {source} may import only "
+                      f"{', '.join(LAYERS[source]) or 'nothing of the package'}")
+  for module, path in modules.items():
+    tree = ast.parse((root / path).read_text())
+    for function in ast.walk(tree):
+      if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        continue
+      for node in ast.walk(function):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or "."] if isinstance(node, ast.ImportFrom) else [])
+        for name in names:
+          if name.split(".")[0] not in FUNCTION_LEVEL_IMPORTS:
+            problems.append(f"{path}:{node.lineno}: function {function.name} imports {name} (module level, "
+                            f"or add it to FUNCTION_LEVEL_IMPORTS if it is a heavy optional dependency)")
+  problems += [f"import cycle: {' <-> '.join(c)}" for c in cycles(edges)]
+  return sorted(set(problems))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("root", nargs="?", default=".", help="the folder holding drifting_jax/")
@@ -132,6 +197,10 @@ def main() -> None:
   print("subpackages importing each other:", both_ways or "none")
   for package in sorted(between):
     print(f"  {package} -> {', '.join(sorted(between[package]))}")
+  problems = rule_violations(pathlib.Path(args.root))
+  print(f"layering rule violations: {len(problems)}")
+  for problem in problems:
+    print(f"  {problem}")
 
 
 if __name__ == "__main__":

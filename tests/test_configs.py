@@ -103,16 +103,25 @@ def _main(*args):
 
 
 @pytest.mark.slow  # a subprocess of main per case
-@pytest.mark.parametrize("override, message", [
-    ("--config.train.bogus_key=3", "bogus_key"),
-    ("--config.train.total_steps=many", "total_steps"),
-    ("--config.loss.objective=kl", "unknown objective"),
+@pytest.mark.parametrize("args, message", [
+    (["--config.train.bogus_key=3"], "no such config field"),
+    (["--config.train.total_steps=many"], "total_steps"),
+    (["--config=configs/mnist_tiny.py:large"], "unknown mnist_tiny variant 'large'"),
+    (["--config.loss.objective=kl"], "bad loss config: unknown objective 'kl'"),
+    (["--config.loss.kernel=cauchy"], "bad loss config: unknown kernel 'cauchy'"),
+    (["--config.data.name=cifar10"], "unknown data.name 'cifar10'"),
+    (["--config.train.classes_per_step=0"], "train.classes_per_step must be >= 1"),
+    (["--mode=sample"], "no checkpoint in"),
 ])
-def test_bad_overrides_fail_before_any_work(tmp_path, override, message):
+def test_a_users_mistake_is_one_line_and_status_2(tmp_path, args, message):
+  """Bad flags, config values, names and missing files: `error: ...` from main, no traceback, no work done."""
   workdir = tmp_path / "run"
-  result = _main("--config=configs/mnist_tiny.py:smoke", f"--workdir={workdir}", override)
-  assert result.returncode != 0
-  assert message in result.stderr
+  args = (["--config=configs/mnist_tiny.py:smoke"] if not any(a.startswith("--config=") for a in args) else []) + args
+  result = _main(*args, f"--workdir={workdir}")
+  assert result.returncode == 2, result.stderr
+  assert "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, result.stderr
   assert not (workdir / "checkpoints").exists()
 
 

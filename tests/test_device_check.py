@@ -4,6 +4,7 @@ The real check runs only when a GPU is lent; `--cpu-smoke` runs the same code pa
 toy sizes so that it cannot rot between loans.
 """
 
+import ast
 import json
 import math
 import os
@@ -118,6 +119,30 @@ def test_bad_arguments_are_refused_with_a_reason(tmp_path, args, message):
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
   assert result.returncode == 2 and message in result.stderr
   assert not (tmp_path / "device_check.json").exists()
+
+
+def test_the_parent_side_imports_neither_jax_nor_the_checks():
+  """The parent process (the package, runner, report, common) never starts a JAX runtime:
+  the checks' modules, which import JAX at their top, are imported only in the children."""
+  checks = sorted({module for module, _ in device_check.CHECK_FUNCTIONS.values()})
+  heavy = ["jax", "jaxlib", "numpy", "clu", "ml_collections", "configs", "drifting_jax.train",
+           "drifting_jax.bench.device_check.child_common", *checks]
+  code = ("import sys, drifting_jax.bench.device_check, drifting_jax.bench.device_check.runner, "
+          "drifting_jax.bench.device_check.report, drifting_jax.bench.device_check.common\n"
+          f"loaded = [m for m in {heavy!r} if m in sys.modules]\n"
+          "assert not loaded, loaded\n")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=60)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_every_check_names_a_function_of_its_module():
+  """CHECK_FUNCTIONS holds names (the parent must not import the checks): each names a real function."""
+  assert device_check.CHECKS == tuple(device_check.CHECK_FUNCTIONS)
+  assert not hasattr(device_check, "check_mnist")  # the checks are imported from their modules
+  for name, (module, function) in device_check.CHECK_FUNCTIONS.items():
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    assert function in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, (name, module, function)
 
 
 def test_shell_script_rejects_unknown_arguments_and_dry_runs_the_pinned_install():

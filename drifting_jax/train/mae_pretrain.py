@@ -65,7 +65,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if m.warmup_steps < 0 or m.finetune_last_steps < 0 or m.warmup_finetune < 0:
     problems.append("mae.warmup_steps, mae.finetune_last_steps and mae.warmup_finetune must be >= 0")
   if problems:
-    raise errors.UsageError("invalid MAE pretraining config:\n  " + "\n  ".join(problems))
+    raise errors.UsageError("invalid MAE pretraining config: " + "; ".join(problems))
   mae.build_module(model_config(config))  # bad sizes fail here, not after loading data
 
 

@@ -65,7 +65,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.loss.feature_normalization == "topk_ema" and t.pos_per_class <= config.loss.topk_k:
     problems.append(f"top-k feature normalization needs train.pos_per_class > loss.topk_k={config.loss.topk_k}")
   if problems:
-    raise errors.UsageError("invalid config:\n  " + "\n  ".join(problems))
+    raise errors.UsageError("invalid config: " + "; ".join(problems))
   train_step_lib.objective_from_config(config.loss)  # unknown objective/kernel/normalization
   sources.get(config)  # an unknown data set, or one whose shape or classes the config contradicts
 

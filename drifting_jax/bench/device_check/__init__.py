@@ -40,27 +40,30 @@ output folder stays small.
 test suite runs it so the check cannot rot.
 
 The parent process never imports JAX: a JAX runtime there would hold device memory
-that the checks need. The checks import it inside their functions, which run only
-in the children.
+that the checks need. So this package, `runner`, `report` and `common` import
+neither JAX nor the checks' modules; the child resolves its check from
+`runner.CHECK_FUNCTIONS` (module and function names) with `importlib`, and the
+checks' modules import JAX, numpy and the trainer at their top. Import a check's
+function from its module (e.g. `from drifting_jax.bench.device_check.mnist import
+check_mnist`); this package does not re-export them.
 
 Modules:
 
 * `runner` — the command line, the budgets, one child process per check
-  (`run_all`, `run_child`, `main`);
+  (`run_all`, `run_child`, `main`), the table of checks (`CHECK_FUNCTIONS`);
 * `report` — the summary and targets, `device_check.json` and `device_check.md`;
 * `mnist`, `ablation`, `loss_library` — the checks, one module each
-  (`loss_library` times the functions of `drifting_jax.bench.losses`);
-* `common` — what they share: the per-check record, JSON helpers, the machine's
-  description and dense bf16 peak.
+  (`loss_library` times the functions of `drifting_jax.bench.losses`); imported
+  only in the children;
+* `common` — what the parent and the checks share, without JAX: the per-check
+  record, JSON helpers, the dense bf16 peaks, the defaults the command line names;
+* `child_common` — what the checks share that needs JAX: the machine's description.
 """
 
 from __future__ import annotations
 
-from drifting_jax.bench.device_check.ablation import check_ablation
-from drifting_jax.bench.device_check.loss_library import check_losses
-from drifting_jax.bench.device_check.mnist import check_mnist
-from drifting_jax.bench.device_check.runner import (CHECKS, DEVICE_BUDGETS_S, RESULT_FILES, SMOKE_BUDGETS_S, main,
-                                                    run_all, run_child)
+from drifting_jax.bench.device_check.runner import (CHECK_FUNCTIONS, CHECKS, DEVICE_BUDGETS_S, RESULT_FILES,
+                                                    SMOKE_BUDGETS_S, main, run_all, run_child)
 
-__all__ = ["CHECKS", "DEVICE_BUDGETS_S", "RESULT_FILES", "SMOKE_BUDGETS_S", "check_ablation", "check_losses",
-           "check_mnist", "main", "run_all", "run_child"]
+__all__ = ["CHECK_FUNCTIONS", "CHECKS", "DEVICE_BUDGETS_S", "RESULT_FILES", "SMOKE_BUDGETS_S", "main", "run_all",
+           "run_child"]

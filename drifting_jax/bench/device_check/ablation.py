@@ -4,8 +4,12 @@ configs/imagenet_latent_ablation.py with random weights and synthetic latents:
 DiT-B/2 making 32x32x4 latents, latent-MAE-256 features, the log-KDE loss, the
 clipped AdamW update and the EMA, remat off or on, at as many classes as fit in
 device memory. Measures step time, XLA-counted FLOPs, MFU, peak memory and the
-loss's share of the step. JAX is imported inside the functions: the parent process
-imports this module and must not start a JAX runtime.
+loss's share of the step. JAX and the trainer are imported at the top: only the
+checks' child processes import this module (`runner.run_child`, from
+`runner.CHECK_FUNCTIONS`), never the parent, which must not start a JAX runtime.
+`run_child` registers clu's TensorFlow-free stand-in
+(`common._clu_without_tensorflow`) first: the trainer module, imported for its
+pieces, imports `clu.metric_writers`.
 """
 
 from __future__ import annotations
@@ -17,16 +21,19 @@ import time
 from typing import Any, Callable, Optional
 from unittest import mock
 
-from drifting_jax.bench.device_check.common import _clu_without_tensorflow, _machine, _memory_stats, _Record
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-RELEASE_CLASSES = 64
-# Classes the ablation step tries first on one device (halved until it fits). The
-# release's 64 classes are its batch over all devices, and on one they cannot fit: the
-# MAE-256 extractor's 85 feature groups hold 2.47M floats (9.9 MB in fp32) per sample,
-# so the 64 x (64 + 64 + 16) samples' features alone take about 90 GB. With remat,
-# 16 classes (a 4-GPU host's share) should fit 80 GB; without it DiT-B/2 keeps roughly
-# 170 MB of activations per generated sample (a rough count), so 8 (an 8-GPU share).
-FIRST_CLASSES = {True: 16, False: 8}
+from configs import imagenet_latent_ablation  # configs/ is found from the repository root, the check's cwd
+from drifting_jax import partitioning
+from drifting_jax.bench.device_check.child_common import _machine
+# RELEASE_CLASSES and FIRST_CLASSES (classes tried first, halved until the step fits)
+# live in common: the parent's --ablation-classes help names them.
+from drifting_jax.bench.device_check.common import FIRST_CLASSES, RELEASE_CLASSES, _memory_stats, _Record
+from drifting_jax.models import features, generator as generator_lib, mae as mae_lib
+from drifting_jax.train import data as train_data, optim, trainer
+from drifting_jax.train import train_step as train_step_lib
 
 
 def _cost_flops(stage) -> Optional[float]:
@@ -61,7 +68,6 @@ def _is_out_of_memory(e: BaseException) -> bool:
 
 
 def _ablation_config(args, remat: bool, classes: int):
-  from configs import imagenet_latent_ablation
   config = imagenet_latent_ablation.get_config()
   config.data.name = "synthetic_latents"
   config.model.remat = bool(remat)
@@ -91,8 +97,6 @@ def _random_params(abstract: Any, key) -> Any:
   own `init` would compile the network's forward pass, which takes longer than
   this whole check allows on a CPU.
   """
-  import jax
-  import jax.numpy as jnp
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
 
   sizes = [math.prod(spec.shape) for _, spec in leaves]
@@ -119,9 +123,6 @@ def _random_params(abstract: Any, key) -> Any:
 
 def _ablation_batch(config, work: pathlib.Path, classes: int):
   """labels [C], positives [C, Cp, 32, 32, 4], negatives [C, Cn, ...] from synthetic latents."""
-  import numpy as np
-
-  from drifting_jax.train import data as train_data
   config.data.data_dir = str(work / "synthetic_latents")
   config.data.synthetic_per_class = 2  # the step's shapes are what count, not the data
   data = train_data.load_training_data(config)
@@ -137,7 +138,6 @@ def _ablation_batch(config, work: pathlib.Path, classes: int):
 def _trivial_objective(gen, pos, neg, weight_gen=None, weight_pos=None, weight_neg=None, *, distance_scale=None):
   """A stand-in loss of negligible cost that still reads every input (so XLA keeps the
   positive and negative feature computation): the step's time without the loss."""
-  import jax.numpy as jnp
   axes = tuple(range(1, gen.ndim))
   loss = jnp.mean(jnp.square(gen - jnp.mean(pos, axis=1, keepdims=True)), axis=axes)
   if neg is not None:
@@ -149,13 +149,6 @@ class _AblationStep:
   """The compiled train step of the ablation at a number of classes."""
 
   def __init__(self, args, remat: bool, classes: int, objective_override: Optional[Callable] = None):
-    import jax
-    import jax.numpy as jnp
-
-    from drifting_jax.models import features, generator as generator_lib, mae as mae_lib
-    from drifting_jax.train import optim, partitioning, trainer
-    from drifting_jax.train import train_step as train_step_lib
-
     config, mae_name = _ablation_config(args, remat, classes)
     trainer.validate_config(config)
     self.config, self.classes = config, classes
@@ -198,8 +191,6 @@ class _AblationStep:
 
   def run(self, steps: int) -> float:
     """Runs `steps` steps back to back; returns the mean seconds per step and checks the loss."""
-    import jax
-    import numpy as np
     start = time.perf_counter()
     metrics = None
     for _ in range(steps):
@@ -237,10 +228,6 @@ def _timed_steps(step: _AblationStep, rec: _Record, share: float, most: int = 30
 
 def _loss_alone_seconds(step: _AblationStep, rec: _Record) -> dict:
   """value-and-grad of the objective over every feature group, at the step's shapes."""
-  import jax
-  import jax.numpy as jnp
-
-  from drifting_jax.train import train_step as train_step_lib
   config = step.config
   t = config.train
   side, channels = config.data.image_size, config.data.channels
@@ -281,8 +268,6 @@ def _loss_alone_seconds(step: _AblationStep, rec: _Record) -> dict:
 
 
 def check_ablation(rec: _Record, args, remat: bool) -> None:
-  _clu_without_tensorflow()  # the trainer module is imported for its pieces, not its writers
-  import jax
   device = jax.devices()[0]
   rec.result["machine"] = machine = _machine()
   peak = machine["peak_bf16_tflops"]
@@ -374,3 +359,13 @@ def check_ablation(rec: _Record, args, remat: bool) -> None:
     rec.phase("trivial-loss step skipped", trivial_loss_step_s=None, loss_share_trivial=None,
               trivial_skipped_reason=f"{rec.remaining():.0f} s left, a second compilation takes about "
                                      f"{compile_cost:.0f} s")
+
+
+def check_ablation_step(rec: _Record, args) -> None:
+  """The `ablation_step` check: remat off."""
+  check_ablation(rec, args, remat=False)
+
+
+def check_ablation_step_remat(rec: _Record, args) -> None:
+  """The `ablation_step_remat` check: remat on."""
+  check_ablation(rec, args, remat=True)

@@ -1,8 +1,9 @@
-"""What the device check's parent and its checks share: JSON records and the machine's description.
+"""What the device check's parent and its checks share: JSON records, constants, the bf16 peaks.
 
-Nothing here imports JAX at module level: the parent process (runner.py) imports
-this module too, and a JAX runtime there would hold device memory that the checks
-need.
+Nothing here imports JAX (or numpy): the parent process (runner.py) imports this
+module too, and a JAX runtime there would hold device memory that the checks need.
+What needs JAX (the machine's description) is in `child_common`, which only the
+checks' modules import.
 """
 
 from __future__ import annotations
@@ -12,12 +13,22 @@ import json
 import math
 import os
 import pathlib
-import platform
 import sys
 import time
 import types
-from importlib import metadata
 from typing import Any, Optional
+
+# The mnist check's variant of configs/mnist_dit_s2.py (the parent's --mnist-variant default).
+DEFAULT_MNIST_VARIANT = "log_kde_gauss"
+RELEASE_CLASSES = 64
+# Classes the ablation step tries first on one device (halved until it fits). The
+# release's 64 classes are its batch over all devices, and on one they cannot fit: the
+# MAE-256 extractor's 85 feature groups hold 2.47M floats (9.9 MB in fp32) per sample,
+# so the 64 x (64 + 64 + 16) samples' features alone take about 90 GB. With remat,
+# 16 classes (a 4-GPU host's share) should fit 80 GB; without it DiT-B/2 keeps roughly
+# 170 MB of activations per generated sample (a rough count), so 8 (an 8-GPU share).
+# Here, not in ablation.py, because the parent's --ablation-classes help names them.
+FIRST_CLASSES = {True: 16, False: 8}
 
 # Dense bf16 peak of one device, TFLOP/s (vendor figures, without sparsity); the
 # first entry whose words all occur in jax's device_kind wins.
@@ -98,28 +109,6 @@ def _short(values: dict) -> str:
   return ", ".join(parts)
 
 
-def _machine() -> dict:
-  import jax
-  device = jax.devices()[0]
-  versions = {}
-  for name in ("jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml-collections"):
-    try:
-      versions[name.replace("-", "_")] = metadata.version(name)
-    except Exception:
-      versions[name.replace("-", "_")] = None
-  stats = _memory_stats(device)
-  kind = str(getattr(device, "device_kind", device.platform))
-  try:
-    precision = str(jax.config.jax_default_matmul_precision)
-  except Exception:
-    precision = None
-  return {"device_kind": kind, "platform": device.platform, "backend": jax.default_backend(),
-          "num_devices": jax.device_count(), "jax": jax.__version__, **versions,
-          "python": platform.python_version(), "host_cpus": os.cpu_count(),
-          "memory_bytes_limit": stats.get("bytes_limit"), "peak_bf16_tflops": _peak_for(kind),
-          "default_matmul_precision": precision}
-
-
 def _memory_stats(device) -> dict:
   try:
     return dict(device.memory_stats() or {})
@@ -143,7 +132,8 @@ def _clu_without_tensorflow() -> None:
   lent GPU image has no TensorFlow and its wheel is far too large to carry, and
   importing it costs about 8 s of CPU per check. So a stand-in SummaryWriter module
   that refuses to be used is registered first; `mnist._plain_writers` gives the
-  trainer writers that do not need it.
+  trainer writers that do not need it. `runner.run_child` calls this before it
+  imports a check's module (those import the trainer, and so clu, at their top).
   """
   if "clu.metric_writers" in sys.modules:
     return

@@ -2,18 +2,20 @@
 
 At the ablation shapes and one 4096 x 4096 x 256 group, with the functions of
 `drifting_jax.bench.losses` (named loss_library here so the two do not read alike).
-That module imports JAX, so it is imported inside the check: the parent process
-imports this module and must not start a JAX runtime.
+That module imports JAX, and so does this one: only the check's child process
+imports it (`runner.run_child`, from `runner.CHECK_FUNCTIONS`), never the parent.
 """
 
 from __future__ import annotations
 
 import time
 
-from drifting_jax.bench.device_check.common import _machine, _Record
+from drifting_jax.bench import losses as loss_bench
+from drifting_jax.bench.device_check.child_common import _machine
+from drifting_jax.bench.device_check.common import _Record
+
 
 def check_losses(rec: _Record, args) -> None:
-  from drifting_jax.bench import losses as loss_bench
   rec.result["machine"] = _machine()
   if args.cpu_smoke:
     shapes = [dict(B=4, Cg=16, Cp=16, Cn=4, S=32), dict(B=1, Cg=128, Cp=128, Cn=0, S=32)]

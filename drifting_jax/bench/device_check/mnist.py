@@ -3,8 +3,12 @@
 configs/mnist_dit_s2.py (its `log_kde_gauss` variant) on the embedded MNIST-5k
 digits, the trainer's real loop with the paper's 12,000-step schedule, stopped
 through its SIGTERM path; then samples, the evaluation classifier and the offline
-metrics, as `make demo` does. JAX and the trainer are imported inside the check:
-the parent process imports this module and must not start a JAX runtime.
+metrics, as `make demo` does. JAX and the trainer are imported at the top: only the
+check's child process imports this module (`runner.run_child`, from
+`runner.CHECK_FUNCTIONS`), never the parent, which must not start a JAX runtime.
+`run_child` registers clu's TensorFlow-free stand-in
+(`common._clu_without_tensorflow`) before importing it, so `clu.metric_writers`,
+imported here and by the trainer, does not import TensorFlow.
 """
 
 from __future__ import annotations
@@ -20,19 +24,27 @@ import threading
 import time
 from typing import Any, Optional
 
-from drifting_jax.bench.device_check.common import _clu_without_tensorflow, _machine, _Record
+import jax
+import ml_collections
+import numpy as np
+from clu import metric_writers
+
+from configs import mnist_dit_s2  # configs/ is found from the repository root, the check's cwd
+from drifting_jax import writers
+from drifting_jax.bench.device_check.child_common import _machine
+from drifting_jax.bench.device_check.common import _Record
+from drifting_jax.eval import classifier_job, evaluation, sampling
+from drifting_jax.train import trainer
 
 # Seconds of the mnist budget kept for sampling, the classifier and the evaluation.
 MNIST_EVAL_RESERVE_S = 55
 MNIST_SCHEDULE_NOTE = ("the learning-rate schedule is the config's (cosine over its train.total_steps, 12,000 for "
                        "the paper's setting); training stops early when the budget is used, so the run ends "
                        "part-way down the cosine")
-DEFAULT_MNIST_VARIANT = "log_kde_gauss"
 
 
 def _mnist_config(variant: str):
   """configs/mnist_dit_s2.py, its `variant` where get_config takes one; (config, name, note)."""
-  from configs import mnist_dit_s2  # configs/ is found from the repository root, the check's cwd
   takes_variant = bool(inspect.signature(mnist_dit_s2.get_config).parameters)
   if variant and takes_variant:
     return mnist_dit_s2.get_config(variant), f"configs/mnist_dit_s2.py:{variant}", ""
@@ -98,9 +110,7 @@ class _TrainStopper:
 
 
 def _plain_writers() -> None:
-  from clu import metric_writers
-
-  from drifting_jax import writers
+  """Points the trainer at writers that need no TensorFlow: the log and metrics.jsonl."""
 
   def make_writer(workdir):
     return metric_writers.MultiWriter([metric_writers.LoggingWriter(),
@@ -110,14 +120,6 @@ def _plain_writers() -> None:
 
 
 def check_mnist(rec: _Record, args) -> None:
-  import ml_collections
-  import numpy as np
-
-  _clu_without_tensorflow()
-  import jax
-
-  from drifting_jax.eval import classifier_job, evaluation, sampling
-  from drifting_jax.train import trainer
   _plain_writers()
   rec.result["machine"] = _machine()
 

@@ -7,8 +7,9 @@ the work dir (rewritten after every phase, so a timeout keeps what was done) and
 rewrites the report after every check. The child (`run_child`) runs one check and
 exits through `os._exit`.
 
-This module imports the checks' modules but never JAX: they import it inside their
-functions, which run only in the children.
+This module never imports JAX, nor the checks' modules (which import JAX at their
+top): the child resolves its check from `CHECK_FUNCTIONS`, a table of module and
+function names, with `importlib`, so only the children import them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import importlib
 import json
 import os
 import pathlib
@@ -29,13 +31,20 @@ import time
 import traceback
 from typing import Any, Optional
 
-from drifting_jax.bench.device_check.ablation import FIRST_CLASSES, RELEASE_CLASSES, check_ablation
-from drifting_jax.bench.device_check.common import _jsonable, _now, _Record
-from drifting_jax.bench.device_check.loss_library import check_losses
-from drifting_jax.bench.device_check.mnist import DEFAULT_MNIST_VARIANT, check_mnist
+from drifting_jax.bench.device_check.common import (DEFAULT_MNIST_VARIANT, FIRST_CLASSES, RELEASE_CLASSES,
+                                                    _clu_without_tensorflow, _jsonable, _now, _Record)
 from drifting_jax.bench.device_check.report import _markdown, _write_report
 
-CHECKS = ("mnist", "ablation_step", "ablation_step_remat", "losses")
+# Each check's function, (module, name), called as fn(record, args) in the check's
+# child process. Names, not imports: the parent must not import the checks' modules,
+# which import JAX (as drifting_jax/modes.py does for the modes).
+CHECK_FUNCTIONS: dict[str, tuple[str, str]] = {
+    "mnist": ("drifting_jax.bench.device_check.mnist", "check_mnist"),
+    "ablation_step": ("drifting_jax.bench.device_check.ablation", "check_ablation_step"),
+    "ablation_step_remat": ("drifting_jax.bench.device_check.ablation", "check_ablation_step_remat"),
+    "losses": ("drifting_jax.bench.device_check.loss_library", "check_losses"),
+}
+CHECKS = tuple(CHECK_FUNCTIONS)  # in the order they run
 # Wall-clock seconds per check on the accelerator, start-up and compilation included:
 # 8 minutes in all (the lent machine comes for about 15 minutes, its start included).
 DEVICE_BUDGETS_S = {"mnist": 150, "ablation_step": 150, "ablation_step_remat": 125, "losses": 55}
@@ -129,7 +138,8 @@ def _run_child(name: str, args, budget: float, work: pathlib.Path, out: pathlib.
   record_path.unlink(missing_ok=True)
   cpu_budget = budget if args.cpu_smoke else None
   wall_limit = budget * SMOKE_WALL_FACTOR if args.cpu_smoke else budget
-  cmd = [sys.executable, "-m", "drifting_jax.bench.device_check", "--child", name, "--out", str(out),
+  # The package's own name (not spelled out: the parent runs its children, it does not import them).
+  cmd = [sys.executable, "-m", __package__, "--child", name, "--out", str(out),
          "--work-dir", str(work), "--child-budget", str(wall_limit), "--mnist-variant", args.mnist_variant,
          "--ablation-classes", str(args.ablation_classes)]
   if args.cpu_smoke:
@@ -235,20 +245,22 @@ def run_all(args) -> int:
   return 0 if all(s == "ok" for s in statuses.values()) else 1
 
 
+def _check_function(name: str):
+  """The function of check `name`, its module imported now (in the child: it imports JAX)."""
+  module, function = CHECK_FUNCTIONS[name]
+  return getattr(importlib.import_module(module), function)
+
+
 def run_child(args) -> int:
   rec = _Record(pathlib.Path(args.work_dir) / f"{args.child}.json", float(args.child_budget))
   rec.save()
   if args.cpu_smoke:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before the check's module imports JAX
   try:
-    if args.child == "mnist":
-      check_mnist(rec, args)
-    elif args.child == "ablation_step":
-      check_ablation(rec, args, remat=False)
-    elif args.child == "ablation_step_remat":
-      check_ablation(rec, args, remat=True)
-    elif args.child == "losses":
-      check_losses(rec, args)
+    # The checks' modules import the trainer, and so clu.metric_writers, at their top.
+    _clu_without_tensorflow()
+    check = _check_function(args.child)
+    check(rec, args)
     rec.data["status"] = "ok"
     rec.save()
     _leave(0)
