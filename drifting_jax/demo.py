@@ -24,12 +24,16 @@ import json
 import pathlib
 import time
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from drifting_jax import host_memory
 
-from drifting_jax.eval import classifier_job, evaluation, sampling
-from drifting_jax.train import trainer
+host_memory.keep_freed_memory()  # before JAX starts its threads (see host_memory)
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from drifting_jax.eval import classifier_job, evaluation, sampling  # noqa: E402
+from drifting_jax.train import trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 

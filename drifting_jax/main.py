@@ -18,11 +18,15 @@ from __future__ import annotations
 import os
 import sys
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from drifting_jax import host_memory
 
-from drifting_jax import errors, modes  # light: a mode's module is imported when the mode runs
+host_memory.keep_freed_memory()  # before JAX starts its threads (see host_memory)
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from drifting_jax import errors, modes  # noqa: E402  # light: a mode's module is imported when the mode runs
 
 FLAGS = flags.FLAGS
 

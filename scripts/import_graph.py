@@ -123,6 +123,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "errors": (),
     "losses": (),                    # pure JAX; reports bad values as ValueError (errors.as_usage_error)
     "writers": (),
+    "host_memory": (),               # glibc settings the entry points apply before JAX starts
     "partitioning": ("errors",),
     "checkpointing": ("errors",),
     "models": ("errors", "partitioning"),
@@ -130,9 +131,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "eval": _BASE,
     "train": (*_BASE, "losses"),
     "modes": ("errors", "data", "eval", "train"),
-    "main": ("errors", "modes"),
-    "demo": (*_BASE, "eval", "train", "losses"),
-    "bench": (*_BASE, "eval", "train", "losses"),
+    "main": ("errors", "host_memory", "modes"),
+    "demo": (*_BASE, "eval", "train", "losses", "host_memory"),
+    "bench": (*_BASE, "eval", "train", "losses", "host_memory"),
 }
 
 # Third-party packages a function may import (heavy or optional: imported on first

@@ -32,6 +32,11 @@ import pathlib
 
 import pytest
 
+from drifting_jax import host_memory
+
+# As main and the demo do: XLA's per-step temporaries are reused, not re-faulted.
+host_memory.keep_freed_memory()
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 _run_cache_dir = None  # set in the controlling process only
 
