@@ -261,6 +261,31 @@ def plot(results: list[dict], reference: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def sample_montage(results: list[dict], root: pathlib.Path, path: pathlib.Path, steps=(800, CURVE_STEPS)) -> None:
+  """Each finished run's evaluation grid (CFG 1, 10 per class) at `steps`: one row per run, one column per step."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.image
+  import matplotlib.pyplot as plt
+  rows = [r for r in results if r["status"] == "ok"]
+  if not rows:
+    return
+  fig, axes = plt.subplots(len(rows), len(steps), figsize=(4.6 * len(steps), 4.9 * len(rows)), squeeze=False)
+  for row, r in zip(axes, rows):
+    for ax, step in zip(row, steps):
+      ax.axis("off")
+      grid = root / curve_name(r["objective"], r["width"], r["seed"], r["batch"]) / "eval" / f"step_{step}_cfg1.png"
+      if grid.exists():
+        ax.imshow(matplotlib.image.imread(grid), cmap="gray", interpolation="nearest")
+        fd = r["curve"].get(str(step), {}).get("frechet_distance")
+        ax.set_title(f"{_label(r)} seed {r['seed']}, step {step}" + (f"\nFD {fd:.0f}" if fd is not None else ""),
+                     fontsize=9)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
 def write_outputs(root: pathlib.Path, docs: pathlib.Path, comparison_root: pathlib.Path, command: str) -> list:
   results = collect(root)
   if not results:
@@ -275,6 +300,7 @@ def write_outputs(root: pathlib.Path, docs: pathlib.Path, comparison_root: pathl
   (docs / "learning_curves.json").write_text(json.dumps(results, indent=2))
   write_markdown(results, reference, docs / "learning_curves.md", command)
   plot(results, reference, docs / "figures" / "learning_curves.png")
+  sample_montage(results, root, docs / "figures" / "learning_curves_samples.png")
   return results
 
 
