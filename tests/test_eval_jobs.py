@@ -15,7 +15,7 @@ from PIL import Image
 from configs import mnist_tiny
 from drifting_jax import checkpointing, errors, modes
 from drifting_jax.eval import classifier_job, evaluation, evaluators, metrics as metrics_lib, sampling
-from drifting_jax.models import artifacts, classifier, features, inception
+from drifting_jax.models import artifacts, classifier, features, inception, vae as vae_lib
 from drifting_jax.train import optim, trainer
 
 pytestmark = pytest.mark.slow  # a trained run, a classifier and evaluations
@@ -304,6 +304,33 @@ def test_evaluators_are_the_configs_list_with_their_inputs_checked(monkeypatch, 
   latent.data.name, latent.data.channels = "synthetic_latents", 4
   with pytest.raises(errors.UsageError, match="classifier evaluator needs grayscale data"):
     evaluators.Suite(latent, "unused")
+
+
+def test_latent_samples_are_decoded_because_the_data_table_says_so(monkeypatch):
+  """The SD-VAE decodes a latent data set's samples (data.sources: latent), loaded once per suite."""
+  loads = []
+
+  class FakeVAE:
+
+    def decode_in_chunks(self, latents, chunk):
+      return np.repeat(latents[..., :1], 3, axis=-1) * 0.5  # [N, h, w, 4] -> "RGB"
+
+  def load(cls, source):
+    loads.append(source)
+    return FakeVAE()
+
+  monkeypatch.setattr(vae_lib.SDVAE, "load", classmethod(load))
+  monkeypatch.setattr(inception.InceptionFeatureExtractor, "load", classmethod(lambda cls, path: object()))
+  config = mnist_tiny.get_config("smoke")
+  config.data.name, config.data.channels, config.data.image_size = "synthetic_latents", 4, 4
+  config.eval.evaluators = ("inception_score",)
+  suite = evaluators.Suite(config, "unused")
+  latents = np.ones((2, 4, 4, 4), np.float32)
+  assert suite.to_pixels(latents).shape == (2, 4, 4, 3) and loads == [config.eval.vae_source]
+  digits = mnist_tiny.get_config("smoke")
+  digits.eval.evaluators = ("inception_score",)
+  same = np.zeros((2, 28, 28, 1), np.float32)
+  assert evaluators.Suite(digits, "unused").to_pixels(same) is same and len(loads) == 1
 
 
 def test_unknown_mode_is_refused():

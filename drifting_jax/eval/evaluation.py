@@ -23,16 +23,15 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from drifting_jax import checkpointing, writers
-from drifting_jax.data import images, sources
+from drifting_jax.data import images
 from drifting_jax.eval import evaluators, sampling
-from drifting_jax.models import vae as vae_lib
 
 
 def _host_labels(config) -> tuple[np.ndarray, np.ndarray]:
@@ -52,14 +51,6 @@ def _gather_rows(local: np.ndarray, counts: list[int]) -> np.ndarray:
   return np.concatenate([gathered[p, :n] for p, n in enumerate(counts)])
 
 
-def _decoder(config) -> Optional[Callable[[np.ndarray], np.ndarray]]:
-  """Samples -> model-range pixels where the data set's samples are latents (the SD-VAE, in chunks)."""
-  if not sources.get(config).latent:
-    return None
-  vae = vae_lib.SDVAE.load(config.eval.vae_source)
-  return lambda samples: np.asarray(vae.decode_in_chunks(samples, int(config.eval.decode_chunk)))
-
-
 def evaluate_generator(config, workdir: str, module, params, step: Optional[int], *,
                        suite: Optional[evaluators.Suite] = None) -> dict[str, Any]:
   """Metrics of one generator; process 0 writes eval/step_<N>.json.
@@ -70,7 +61,6 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
   (`results["temperature"]`). Every setting draws the same noise (`sample.seed`).
   """
   suite = suite or evaluators.Suite(config, workdir)
-  decode = _decoder(config)
   all_labels, host_labels = _host_labels(config)
   counts = [len(x) for x in np.array_split(all_labels, jax.process_count())]
   eval_dir = pathlib.Path(workdir) / "eval"
@@ -86,7 +76,7 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
     samples = sampling.generate(module, params, host_labels, cfg, seed=int(config.sample.seed),
                                 batch_size=min(int(config.eval.batch_size), max(1, len(host_labels))),
                                 temperature=temperature)
-    pixels = decode(samples) if decode else samples
+    pixels = suite.to_pixels(samples)
     features = {space: {k: _gather_rows(v, counts) for k, v in feats.items()}
                 for space, feats in suite.features(pixels).items()}
     # uint8, as the samples are saved and shown; gathered where an evaluator reads them.

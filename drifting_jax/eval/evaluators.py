@@ -33,7 +33,7 @@ import numpy as np
 from drifting_jax import errors
 from drifting_jax.data import images, sources
 from drifting_jax.eval import classifier_job, metrics as metrics_lib, offline
-from drifting_jax.models import artifacts, inception
+from drifting_jax.models import artifacts, inception, vae as vae_lib
 
 # --------------------------------------------------------------------------- feature spaces
 
@@ -152,13 +152,25 @@ def check_names(names) -> tuple[str, ...]:
 
 
 class Suite:
-  """The evaluators of `config.eval.evaluators` and the feature spaces they read, built once per job."""
+  """The evaluators of `config.eval.evaluators` and the feature spaces they read, built once per job.
+
+  Also the decoder of a latent data set's samples (the SD-VAE, `eval.vae_source`), so
+  that a watcher loads every network once.
+  """
 
   def __init__(self, config, workdir: str):
     self.evaluators = [EVALUATORS[n](config, workdir) for n in check_names(config.eval.evaluators)]
     self.spaces = {e.space: FEATURE_SPACES[e.space](config, workdir) for e in self.evaluators if e.space}
+    self.vae = vae_lib.SDVAE.load(config.eval.vae_source) if sources.get(config).latent else None
+    self.decode_chunk = int(config.eval.decode_chunk)
     # Evaluators without a feature space read the samples' pixels, gathered from every host.
     self.needs_pixels = any(e.space is None for e in self.evaluators)
+
+  def to_pixels(self, samples: np.ndarray) -> np.ndarray:
+    """Samples -> model-range pixels: latents decoded in chunks, pixels as they are."""
+    if self.vae is None:
+      return samples
+    return np.asarray(self.vae.decode_in_chunks(samples, self.decode_chunk))
 
   def features(self, pixels: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
     """{space: {name: [rows, ...]}} of this host's model-range pixels."""
