@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from drifting_jax.data import images as image_utils
+from drifting_jax.data import images as image_utils, sources
 from drifting_jax.eval import classifier_job, metrics, offline
 from drifting_jax.models import artifacts
 from drifting_jax.models import classifier as C
@@ -290,10 +290,10 @@ def test_train_classifier_job_writes_artifact_and_reference(tmp_path, monkeypatc
     calls.append(split)
     return images[splits[split]], labels[splits[split]]
 
-  monkeypatch.setattr(classifier_job, "load_mnist5k", load_mnist5k)  # the name the job imported
+  monkeypatch.setattr(sources, "load_mnist5k", load_mnist5k)  # the data table's loader of mnist5k
   config = ml_collections.ConfigDict({
       "seed": 0,
-      "data": {"name": "mnist5k", "num_classes": NUM_CLASSES, "pad_to": 32},
+      "data": {"name": "mnist5k", "num_classes": NUM_CLASSES, "pad_to": 32, "image_size": 32, "channels": 1},
       "eval": {"classifier_path": str(tmp_path / "elsewhere" / "clf")},
       "classifier": {"steps": 20, "batch_size": 32},
   })
@@ -305,11 +305,14 @@ def test_train_classifier_job_writes_artifact_and_reference(tmp_path, monkeypatc
   assert module.input_size == 32  # data.pad_to is honoured
   assert metadata["steps"] == 20 and metadata["num_train"] == 200 and metadata["num_validation"] == 500
   # Validation accuracy is measured on the generator's split, which the classifier never saw.
-  validation = image_utils.uint8_to_model(classifier_job._pad_uint8(images[splits["train"]], 32))
+  def canvas(x):  # uint8 digits centred on the 32x32 black training canvas
+    return image_utils.pad_images(x[..., None] if x.ndim == 3 else x, 32, black=0)
+
+  validation = image_utils.uint8_to_model(canvas(images[splits["train"]]))
   assert metadata["validation_accuracy"] == pytest.approx(
       np.mean(np.argmax(_direct_logits(module, params, validation), 1) == labels[splits["train"]]))
   # Reference statistics are those of the held-out digits in the saved classifier's features.
-  heldout = image_utils.uint8_to_model(classifier_job._pad_uint8(images[splits["heldout"]], 32))
+  heldout = image_utils.uint8_to_model(canvas(images[splits["heldout"]]))
   features = np.asarray(module.apply({"params": params}, jnp.asarray(heldout))[0], np.float64)
   mu, sigma = metrics.load_reference_statistics(folder / classifier_job.REFERENCE_STATS_FILE)
   np.testing.assert_allclose(mu, features.mean(0), rtol=1e-4, atol=1e-4)
