@@ -99,13 +99,12 @@ def run_curve(root: pathlib.Path, name: str, width: float, seed: int, batch: str
     state = trainer.train_and_evaluate(config, str(workdir))
   except run_lib.NonFiniteLossError as e:
     status = f"diverged: {e}"
-  else:
-    if int(state.step) < CURVE_STEPS:
-      raise SystemExit(f"{workdir.name} stopped at step {int(state.step)}; rerun to resume it")
   segment.update(train_seconds=time.perf_counter() - start, load_end=os.getloadavg()[0])
   timing["segments"].append(segment)
   workdir.mkdir(parents=True, exist_ok=True)
   timing_path.write_text(json.dumps(timing, indent=2))
+  if status == "ok" and int(state.step) < CURVE_STEPS:  # stopped (SIGTERM): its segment is kept, so is its time
+    raise SystemExit(f"{workdir.name} stopped at step {int(state.step)}; rerun to resume it")
   curve = {}
   eval_seconds = 0.0
   if status == "ok":
