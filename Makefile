@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: venv test test-fast demo bench figures experiments miniature device-check-smoke clean
+.PHONY: venv test test-fast demo bench figures experiments curves miniature device-check-smoke clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,14 @@ bench: $(STAMP)
 # 8 hours on 2 CPU cores with two single-threaded workers).
 experiments: $(STAMP)
 	$(PY) -m scripts.experiments --preset all --workers 2
+
+# Learning curves at FHM's Table 2 widths: the comparison's recipe trained 3,200 steps,
+# evaluated at 400/800/1,600/3,200 (resumable; two processes, one thread each;
+# docs/results.md, "Learning curves").
+curves: $(STAMP)
+	$(PY) -m scripts.learning_curves --prepare
+	XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" $(PY) -m scripts.learning_curves --shard 0/2 & \
+	XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" $(PY) -m scripts.learning_curves --shard 1/2; wait
 
 # The release's recipe in miniature (MAE features, CFG, negatives) beside the demo's
 # pixel recipe at equal training time, with a CFG sweep (resumable; docs/results.md).

@@ -2,6 +2,7 @@ r"""Learning curves at FHM's Table 2 widths (issue: is the Table 2 disagreement 
 
     python -m scripts.learning_curves [--root runs/curves] [--stage a|b|batch|all] [--workers 1]
     python -m scripts.learning_curves --aggregate-only      # tables and figure from what has landed
+    make curves                                             # --prepare, then two shards side by side
 
 The comparison (`scripts/experiments.py`, preset `paper_widths`) trains every
 objective for 800 steps. Here the same recipe (`experiments.run_config` with
@@ -311,6 +312,8 @@ def main(argv=None):
   parser.add_argument("--stage", default="all", choices=(*STAGE_ORDER, "all"))
   parser.add_argument("--docs", default="docs")
   parser.add_argument("--aggregate-only", action="store_true")
+  parser.add_argument("--prepare", action="store_true",
+                      help="only train the evaluation classifier (before starting shards side by side)")
   parser.add_argument("--shard", default="0/1",
                       help="i/n: train every n-th run starting at the i-th (n processes side by side)")
   args = parser.parse_args(argv)
@@ -321,6 +324,9 @@ def main(argv=None):
     parser.error(f"--shard takes i/n with 0 <= i < n, got {args.shard!r}")
   root, docs = pathlib.Path(args.root), pathlib.Path(args.docs)
   command = "python -m scripts.learning_curves " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+  if args.prepare:
+    experiments.ensure_classifier(root)
+    return []
   if not args.aggregate_only:
     stages = STAGE_ORDER if args.stage == "all" else (args.stage,)
     classifier_path = experiments.ensure_classifier(root)
