@@ -101,16 +101,23 @@ class InceptionScoreEvaluator:
     return {"inception_score": score, "inception_score_std": std}
 
 
+def _required_path(config, field: str, evaluator: str, what: str) -> str:
+  """`config.eval.<field>`, which `evaluator` cannot run without (a UsageError naming the flag if empty)."""
+  path = config.eval[field]
+  if not path:
+    raise errors.UsageError(f"the {evaluator} evaluator needs --config.eval.{field} ({what}); or drop it from "
+                            f"eval.evaluators")
+  return path
+
+
 class FIDEvaluator:
   name, space = "fid_inception", "inception"
 
   def __init__(self, config, workdir: str):
     del workdir
-    if not config.eval.reference_stats:
-      raise errors.UsageError("the fid_inception evaluator needs --config.eval.reference_stats (an .npz with mu "
-                              "and sigma of the real data's Inception features, e.g. the release's ImageNet "
-                              "statistics); or drop it from eval.evaluators")
-    self.mu_ref, self.sigma_ref = metrics_lib.load_reference_statistics(config.eval.reference_stats)
+    path = _required_path(config, "reference_stats", self.name, "an .npz with mu and sigma of the real data's "
+                          "Inception features, e.g. the release's ImageNet statistics")
+    self.mu_ref, self.sigma_ref = metrics_lib.load_reference_statistics(path)
 
   def __call__(self, *, pixels, labels, features: dict) -> dict[str, Any]:
     del pixels, labels
@@ -123,12 +130,11 @@ class PrecisionRecallEvaluator:
 
   def __init__(self, config, workdir: str):
     del workdir
-    if not config.eval.reference_features:
-      raise errors.UsageError("the precision_recall evaluator needs --config.eval.reference_features (an .npz "
-                              "with the real data's Inception `features`); or drop it from eval.evaluators")
-    path = config.eval.reference_features
+    path = _required_path(config, "reference_features", self.name,
+                          "an .npz with the real data's Inception `features`")
     try:
-      self.real = np.load(path)["features"]
+      with np.load(path) as data:
+        self.real = data["features"]
     except FileNotFoundError as e:
       raise errors.MissingFileError(f"eval.reference_features {path} does not exist") from e
 
