@@ -143,6 +143,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.latents.seed = 0                 # posterior draws: a pure function of (seed, shard)
   c.latents.release_cache = ""       # --mode=import_latents: the release's .pt cache root (<root>/<split>/<class>/*.pt)
 
+  # --mode=compile: the run's programs compiled for a TPU slice (no TPU needed; libtpu
+  # describes the slice), reported per chip in <workdir>/compile_report.json.
+  c.compile = ml_collections.ConfigDict()
+  c.compile.target = "v6e-64"        # a slice as the cloud names it (drifting_jax.scale.targets)
+  c.compile.programs = ("train", "sample")  # train | sample | mae
+  c.compile.loss_share = True        # also compile the step with a trivial objective (a second compile)
+  # The MAE's architecture when feature.mae_path is not on this machine (no weights are read).
+  c.compile.mae_model = "latent-256"
+
   c.sample = ml_collections.ConfigDict()
   c.sample.per_class = 100
   c.sample.classes = ()              # () = all classes

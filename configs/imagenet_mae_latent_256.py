@@ -63,6 +63,10 @@ def get_config(variant: str = ""):
   c.data.image_size = 32
   c.data.channels = 4
   c.mae = mae_defaults()
+  # `--mode=compile` compiles the pretraining step (launch/compile_check.sh).
+  c.compile.programs = ("mae",)
+  c.compile.target = "v6e-64"
+  c.mesh.fsdp = 8
   if variant == "smoke":
     c.data.name = "synthetic_latents"
     c.data.num_classes = 10
@@ -77,6 +81,7 @@ def get_config(variant: str = ""):
     c.mae.save_every = 2
     c.mae.async_save = False
     c.mae.log_every = 1
+    c.mesh.fsdp = 1
   elif variant:
     raise ValueError(f"unknown imagenet_mae_latent_256 variant {variant!r}; known: 'smoke'")
   return c

@@ -9,6 +9,14 @@ Layout under the workdir:
 The per-host state is written before the orbax save is committed, so a checkpoint
 that orbax lists as finished always has its host files; restoring a step whose host
 files are missing is an error, not a silent empty bank.
+
+Elastic resume: a checkpoint restores onto another mesh, device count or process
+count. orbax reads the saved global arrays into the shardings of the restoring
+run's state. Each host file records how many processes wrote the step; a run with
+the same count reads its own file, a run with another count gets an empty
+`HostState` that can read any saved process's file (`HostState.read`), from which
+the positive source rebuilds its banks (`train.data.BankSource.load_state_dict`).
+The workdir must then be on storage every process sees, as orbax needs anyway.
 """
 
 from __future__ import annotations
@@ -29,6 +37,37 @@ from drifting_jax import errors
 
 class CheckpointError(errors.UsageError):
   """A checkpoint that is missing, incomplete or corrupt (the message names the step and the file)."""
+
+
+# Keys of the metadata each host file carries beside the source's arrays.
+_PROCESS_COUNT_KEY, _PROCESS_INDEX_KEY = "__process_count__", "__process_index__"
+
+
+class HostState(dict):
+  """The host state a resumed process loads: a dict of arrays, plus where it came from.
+
+  With the process count the step was saved with, the dict is this process's own
+  file. With another count it is empty: no process's file is "its own" then, and a
+  source that keeps state must rebuild it from the saved files, `read(p)` for p in
+  `range(saved_process_count)` (one at a time: each may hold gigabytes of banks).
+  """
+
+  def __init__(self, arrays: dict[str, np.ndarray], *, step: int, saved_process_count: int, reader):
+    super().__init__(arrays)
+    self.step = step
+    self.saved_process_count = saved_process_count
+    self._reader = reader
+
+  @property
+  def same_process_count(self) -> bool:
+    return self.saved_process_count == jax.process_count()
+
+  def read(self, process: int) -> dict[str, np.ndarray]:
+    """The host state that saved process `process` wrote at this step."""
+    if not 0 <= process < self.saved_process_count:
+      raise ValueError(f"step {self.step} was saved by {self.saved_process_count} processes, "
+                       f"there is no process {process}")
+    return self._reader(process)
 
 
 class Checkpointer:
@@ -68,8 +107,12 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def restore(self, abstract_state: Any, step: int | None = None,
-              *, with_host_state: bool = True) -> tuple[int, Any, dict[str, np.ndarray] | None]:
-    """Restores `step` (latest when None) into the shardings of `abstract_state`."""
+              *, with_host_state: bool = True) -> tuple[int, Any, HostState | None]:
+    """Restores `step` (latest when None) into the shardings of `abstract_state`.
+
+    The shardings may differ from the saved ones (another mesh, device or process
+    count): orbax reads each device's part of the saved global arrays.
+    """
     step = self._existing_step(step)
     restored = self._restore(step, ocp.args.StandardRestore(abstract_state))
     host_state = self._read_host_state(step) if with_host_state else None
@@ -107,37 +150,75 @@ class Checkpointer:
 
   # -- per-host state ------------------------------------------------------------
 
-  def _host_file(self, step: int) -> pathlib.Path:
-    return self.host_directory / str(step) / f"process_{jax.process_index()}.npz"
+  def _host_file(self, step: int, process: int | None = None) -> pathlib.Path:
+    process = jax.process_index() if process is None else process
+    return self.host_directory / str(step) / f"process_{process}.npz"
 
   def _write_host_state(self, step: int, host_state: dict[str, np.ndarray]) -> None:
     path = self._host_file(step)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **host_state)
+    np.savez(tmp, **host_state, **{_PROCESS_COUNT_KEY: np.int64(jax.process_count()),
+                                   _PROCESS_INDEX_KEY: np.int64(jax.process_index())})
     os.replace(tmp, path)
 
-  def _read_host_state(self, step: int) -> dict[str, np.ndarray]:
-    path = self._host_file(step)
+  def _read_host_state(self, step: int) -> HostState:
+    saved = self._saved_process_count(step)
+    reader = lambda process: self._read_host_file(step, process)  # noqa: E731
+    if saved == jax.process_count():
+      return HostState(reader(jax.process_index()), step=step, saved_process_count=saved, reader=reader)
+    missing = [str(self._host_file(step, p)) for p in range(saved) if not self._host_file(step, p).exists()]
+    if missing:
+      raise CheckpointError(f"checkpoint step {step} was saved by {saved} processes but lacks the host state "
+                            f"files (memory banks) {missing}; resuming on {jax.process_count()} processes needs "
+                            f"all of them, on storage every process can read")
+    return HostState({}, step=step, saved_process_count=saved, reader=reader)
+
+  def _saved_process_count(self, step: int) -> int:
+    """How many processes wrote the host state of `step` (from process 0's file; files
+    written before the count was recorded: the number of process_<i>.npz files)."""
+    first = self._host_file(step, 0)
+    if first.exists():
+      try:
+        with np.load(first, allow_pickle=False) as data:
+          if _PROCESS_COUNT_KEY in data.files:
+            return int(data[_PROCESS_COUNT_KEY])
+      except Exception as e:
+        raise CheckpointError(f"host state {first} is corrupt: {e}") from e
+    folder = self.host_directory / str(step)
+    found = sorted(int(f.stem.split("_")[1]) for f in folder.glob("process_*.npz")
+                   if f.stem.split("_")[1].isdigit()) if folder.exists() else []
+    if not found or found != list(range(len(found))):
+      raise CheckpointError(f"checkpoint step {step} has no host state file {self._host_file(step)} (memory "
+                            f"banks){'' if not found else f'; found only processes {found}'}: it is incomplete")
+    return len(found)
+
+  def _read_host_file(self, step: int, process: int) -> dict[str, np.ndarray]:
+    path = self._host_file(step, process)
     if not path.exists():
       raise CheckpointError(f"checkpoint step {step} has no host state file {path} (memory banks); "
-                            f"it was written by a different number of processes or is incomplete")
+                            f"it is incomplete")
     try:
       with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+        return {k: data[k] for k in data.files if k not in (_PROCESS_COUNT_KEY, _PROCESS_INDEX_KEY)}
     except Exception as e:
       raise CheckpointError(f"host state {path} is corrupt: {e}") from e
 
   def _prune_host_state(self) -> None:
     """Drops this process's host files of steps orbax no longer keeps (the newest
-    step may still be in flight, so only steps below the newest kept one go)."""
+    step may still be in flight, so only steps below the newest kept one go).
+    Process 0 also drops the files of processes this run does not have (a step
+    saved by more processes than resumed it)."""
     if not self.host_directory.exists():
       return
     keep = set(self.manager.all_steps())
     for child in self.host_directory.glob("*"):
       if child.name.isdigit() and int(child.name) not in keep and int(child.name) < max(keep | {0}):
-        for f in child.glob(f"process_{jax.process_index()}.npz"):
-          f.unlink(missing_ok=True)
+        for f in child.glob("process_*.npz"):
+          index = f.stem.split("_")[1]
+          if index == str(jax.process_index()) or (
+              jax.process_index() == 0 and index.isdigit() and int(index) >= jax.process_count()):
+            f.unlink(missing_ok=True)
         try:
           child.rmdir()
         except OSError:

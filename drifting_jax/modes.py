@@ -29,6 +29,7 @@ MODES: dict[str, tuple[str, str]] = {
     "train_mae": ("drifting_jax.train.mae_pretrain", "train_mae"),
     "build_latents": ("drifting_jax.data.latent_jobs", "build_latents"),
     "import_latents": ("drifting_jax.data.latent_jobs", "import_latents"),
+    "compile": ("drifting_jax.scale.compile_mode", "compile_mode"),
 }
 
 

@@ -132,6 +132,15 @@ def constrain(x, mesh: Mesh, logical: Sequence[str | None]):
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def global_batch_sharding(global_shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+  """Where a global batch array lives: rows split over every device when they divide
+  the device count, else replicated (see `host_to_global`; the compile mode lays out
+  its abstract batch with the same rule)."""
+  if len(global_shape) and global_shape[0] % mesh.size == 0:
+    return batch_sharding(mesh, len(global_shape))
+  return replicated(mesh)
+
+
 def host_to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:
   """A global array from this process's rows (multi-host safe).
 
@@ -142,9 +151,10 @@ def host_to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:
   then shard the much larger per-sample arrays it derives from it.
   """
   local = np.asarray(local)
-  global_rows = local.shape[0] * jax.process_count() if local.ndim else 0
-  if local.ndim and global_rows % mesh.size == 0:
-    return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local)
+  global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:]) if local.ndim else ()
+  sharding = global_batch_sharding(global_shape, mesh)
+  if sharding.spec != P():
+    return jax.make_array_from_process_local_data(sharding, local)
   if jax.process_count() > 1:
     local = np.asarray(multihost_utils.process_allgather(local, tiled=True))
   return jax.make_array_from_process_local_data(replicated(mesh), local)

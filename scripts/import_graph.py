@@ -120,17 +120,20 @@ def subpackage(module: str) -> str:
 # the modes table, main, the demo and the benchmarks on top.
 _BASE = ("errors", "writers", "checkpointing", "partitioning", "data", "models")
 LAYERS: dict[str, tuple[str, ...]] = {
+    "drifting_jax": ("platforms",),  # the package's __init__: picks JAX's backends, nothing else
     "errors": (),
     "losses": (),                    # pure JAX; reports bad values as ValueError (errors.as_usage_error)
     "writers": (),
     "host_memory": (),               # glibc settings the entry points apply before JAX starts
+    "platforms": (),                 # which JAX backends start (the package's __init__ applies it)
     "partitioning": ("errors",),
     "checkpointing": ("errors",),
     "models": ("errors", "partitioning"),
     "data": ("errors", "models"),    # the latent cache is built with the SD-VAE
     "eval": _BASE,
     "train": (*_BASE, "losses"),
-    "modes": ("errors", "data", "eval", "train"),
+    "scale": (*_BASE, "train", "losses"),  # TPU slices: compile the run's programs, report
+    "modes": ("errors", "data", "eval", "train", "scale"),
     "main": ("errors", "host_memory", "modes"),
     "demo": (*_BASE, "eval", "train", "losses", "host_memory"),
     "bench": (*_BASE, "eval", "train", "losses", "host_memory"),

@@ -27,7 +27,7 @@ def tiny_config(**train_overrides):
 def _step_on_mesh(config, mesh):
   model_config = generator_lib.model_config_from_run(config)
   module = trainer.generator_lib.build_module(model_config)
-  feature_apply, feature_params = trainer.build_features(config)
+  feature_apply, feature_params, _ = trainer.build_features(config)
   tx, schedule = trainer.optim.make_optimizer(config.optim, config.train.total_steps, config.train.max_grad_norm)
   state, shardings = trainer.init_state(config, module, tx, mesh, ["pixels"])
   rng = np.random.default_rng(0)

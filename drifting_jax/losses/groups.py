@@ -135,8 +135,9 @@ def _distance_scale(groups: _Groups, refs: _References | None, normalize_distanc
   if len(distances) == 1:
     scale = batch_distance_scale(*distances[0])
   else:  # batch_distance_scale of the blocks side by side, without concatenating them
-    entries = sum(d.size for d, _ in distances)
-    weight_mean = sum(jnp.sum(w) for _, w in distances) / sum(w.size for _, w in distances)
+    # Counts as floats: at pod batches they pass 2^31 (an int would overflow int32 in jit).
+    entries = float(sum(d.size for d, _ in distances))
+    weight_mean = sum(jnp.sum(w) for _, w in distances) / float(sum(w.size for _, w in distances))
     scale = sum(jnp.sum(d * w[:, None, :]) for d, w in distances) / entries / weight_mean
   scale = jnp.maximum(scale, _MIN_DISTANCE_SCALE)
   return jax.lax.stop_gradient(jnp.broadcast_to(scale, (num_groups,)))

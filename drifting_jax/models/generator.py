@@ -488,6 +488,10 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         _MNIST_COMMON, cond_dim=128, hidden_size=128, depth=4, num_heads=4, patch_size=4,
         n_cls_tokens=4, noise_classes=16, noise_coords=8, use_bf16=False),
+    # The same size on 32x32x4 latents in bf16, as the latent DiTs run: the compile
+    # tests compile the release's program shape with it in seconds.
+    "tiny-latent": dict(
+        _latent_dit(128, 4, 4), noise_classes=16, noise_coords=8, n_cls_tokens=4),
 }
 
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(DiTGenerator) if f.name not in ("parent", "name"))

@@ -30,6 +30,11 @@ Two layouts over hosts:
 * sharded (latent caches, ImageNet scale): each host holds its own shard and draws
   its own stream (the release's behaviour); banks differ between hosts.
 
+A checkpoint resumes on another number of processes (`BankSource.load_state_dict`):
+in the replicated layout the run continues exactly (same stream, same banks); in
+the sharded layout the saved banks' samples are dealt to the new processes, whose
+streams are those of a run on the new process count from then on.
+
 A latent cache built with mirror images (`flipped`) gives each drawn sample the
 latent of the image or of its mirror image with probability 1/2 each, as the
 release's loader does. Latents stay in the cache's dtype in host memory (float16
@@ -47,7 +52,7 @@ import numpy as np
 
 from drifting_jax import errors
 from drifting_jax.data import sources
-from drifting_jax.train.memory_bank import MemoryBank
+from drifting_jax.train.memory_bank import BankDealer, MemoryBank
 
 POSITIVE_SAMPLERS = ("bank", "fresh")
 
@@ -230,9 +235,52 @@ class BankSource:
             for key, value in bank.state_dict().items()}
 
   def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+    """Loads the banks of a checkpoint, also one saved by another number of processes.
+
+    `state` is this process's saved state (a plain dict, or a `checkpointing.HostState`
+    of the same process count): loaded as saved. A `HostState` saved by P processes
+    and read by Q != P rebuilds the banks from the saved files:
+
+    * replicated layout: every saved process holds the same banks (each pushed the
+      global batch), so each process loads its own saved file where it had one,
+      else process 0's; a process new to the run keeps its freshly seeded
+      generator (which this layout never draws from: its draws are keyed by the
+      step). The banks, and so the run, continue exactly;
+    * sharded layout: every saved process holds its own banks; their samples are
+      dealt to the Q processes (`BankDealer`), and a process keeps its saved
+      generator if it had one, else its fresh one.
+    """
+    saved = getattr(state, "saved_process_count", None)
+    if saved is None or saved == jax.process_count():
+      for prefix, bank in self._banks.items():
+        bank.load_state_dict(self._bank_part(state, prefix))
+      return
+    index = jax.process_index()
+    if self.data.replicated:
+      source = state.read(index if index < saved else 0)
+      for prefix, bank in self._banks.items():
+        part = self._bank_part(source, prefix)
+        if index >= saved:
+          part["rng_state"] = bank.state_dict()["rng_state"]
+        bank.load_state_dict(part)
+      return
+    dealers = {prefix: BankDealer(bank, saved_processes=saved, index=index, processes=jax.process_count())
+               for prefix, bank in self._banks.items()}
+    generators = {prefix: bank.state_dict()["rng_state"] for prefix, bank in self._banks.items()}
+    for process in range(saved):  # one saved file in memory at a time
+      saved_state = state.read(process)
+      for prefix, dealer in dealers.items():
+        part = self._bank_part(saved_state, prefix)
+        dealer.add(process, part)
+        if process == index and "rng_state" in part:
+          generators[prefix] = part["rng_state"]
+      del saved_state
     for prefix, bank in self._banks.items():
-      bank.load_state_dict({key[len(prefix) + 1:]: value for key, value in state.items()
-                            if key.startswith(prefix + "/")})
+      bank.load_state_dict({**dealers[prefix].state_dict(), "rng_state": generators[prefix]})
+
+  @staticmethod
+  def _bank_part(state: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {key[len(prefix) + 1:]: value for key, value in state.items() if key.startswith(prefix + "/")}
 
 
 class FreshSource:

@@ -19,9 +19,11 @@ array operations with the same semantics:
 
 `MemoryBank` is the host (NumPy) bank the trainer uses; its state (buffers,
 pointers, counts and random-generator state) round-trips through `state_dict()` so
-a resumed run continues with the same bank. `DeviceBank` with `device_bank_push` /
-`device_bank_sample` is the same algorithm as pure functions of a pytree of
-`jax.Array`s, for use inside `jit` when the bank lives on the accelerator.
+a resumed run continues with the same bank; `BankDealer` re-distributes the banks
+of P processes over Q when a run resumes on another number of processes.
+`DeviceBank` with `device_bank_push` / `device_bank_sample` is the same algorithm
+as pure functions of a pytree of `jax.Array`s, for use inside `jit` when the bank
+lives on the accelerator.
 
 Memory: classes x slots x sample bytes. The release's ImageNet ablation (1000
 classes x 128 slots of 32x32x4 float32 latents) is 2.1 GB per host; a bfloat16
@@ -142,13 +144,86 @@ class MemoryBank:
     missing = {"buffer", "ptr", "count", "rng_state"} - set(state)
     if missing:
       raise ValueError(f"memory bank state lacks {sorted(missing)}")
-    if state["buffer"].shape != self.buffer.shape:
-      raise ValueError(f"memory bank state has buffers of shape {state['buffer'].shape}, this bank "
-                       f"{self.buffer.shape} (did num_classes, slots or the sample shape change?)")
-    self.buffer = np.asarray(state["buffer"], self.dtype).copy()
+    self.buffer = _saved_buffer(state, self).astype(self.dtype, copy=True)
     self.ptr = np.asarray(state["ptr"], np.int64).copy()
     self.count = np.asarray(state["count"], np.int64).copy()
     self.rng.bit_generator.state = json.loads(np.asarray(state["rng_state"], np.uint8).tobytes().decode())
+
+
+def _saved_buffer(state: dict[str, np.ndarray], bank: MemoryBank) -> np.ndarray:
+  """A saved state's buffer, checked against `bank`'s shape.
+
+  np.savez writes ml_dtypes' bfloat16 (`train.bank_dtype="bfloat16"`) as raw 2-byte
+  records, which np.load returns as void; they are bfloat16 again here.
+  """
+  buffer = np.asarray(state["buffer"])
+  if buffer.dtype.kind == "V" and buffer.dtype.itemsize == 2:
+    buffer = buffer.view(jnp.bfloat16)
+  if buffer.shape != bank.buffer.shape:
+    raise ValueError(f"memory bank state has buffers of shape {buffer.shape}, this bank "
+                     f"{bank.buffer.shape} (did num_classes, slots or the sample shape change?)")
+  return buffer
+
+
+class BankDealer:
+  """Deals the samples of the banks that P processes saved to the bank of one of Q processes.
+
+  The re-distribution of per-process banks when a run resumes on another number of
+  processes. Number the saved samples of a class by age, newest first, interleaving
+  the saved processes: the j-th newest sample of saved process p is sample
+  g = j * P + p. New process q receives the samples with g mod Q == q, so no sample
+  goes to two processes and, where the new banks have room, none is lost; of its
+  share, each class keeps its `slots` newest (smallest g), stored oldest first so
+  that the next push overwrites the oldest, as the ring buffer would have.
+
+  With Q = P every process gets its own samples back (only their slots move, so a
+  run keeping its process count loads its own file instead). With P a multiple of
+  Q, process q gets the union of the banks of saved processes q, q + Q, ...; with Q
+  a multiple of P, each saved bank is split by age over Q / P new processes.
+
+  Usage: `add(p, saved_state_p)` for every saved process (in any order, one state
+  in memory at a time), then `state_dict()` (buffer, ptr, count; no generator).
+  """
+
+  _EMPTY = np.iinfo(np.int64).max
+
+  def __init__(self, bank: MemoryBank, *, saved_processes: int, index: int, processes: int):
+    if not (saved_processes >= 1 and 0 <= index < processes):
+      raise ValueError(f"need saved_processes >= 1 and 0 <= index < processes, got {saved_processes}, "
+                       f"{index}, {processes}")
+    self.bank, self.saved_processes, self.index, self.processes = bank, saved_processes, index, processes
+    # Per class, the sample numbers g kept so far (ascending, _EMPTY for none) and the samples.
+    self._g = np.full((bank.num_classes, bank.slots), self._EMPTY, np.int64)
+    self._samples = np.zeros_like(bank.buffer)
+    self._added: set[int] = set()
+
+  def add(self, process: int, state: dict[str, np.ndarray]) -> None:
+    """Takes this process's share of the bank that saved process `process` wrote."""
+    if not 0 <= process < self.saved_processes or process in self._added:
+      raise ValueError(f"saved process {process} is not one of {self.saved_processes} not yet added")
+    buffer = _saved_buffer(state, self.bank)
+    slots = self.bank.slots
+    ptr, count = np.asarray(state["ptr"], np.int64), np.asarray(state["count"], np.int64)
+    age = (ptr[:, None] - 1 - np.arange(slots)[None, :]) % slots  # 0: the newest sample of its class
+    g = age * self.saved_processes + process
+    mine = (age < count[:, None]) & (g % self.processes == self.index)
+    for c in np.flatnonzero(mine.any(axis=1)):
+      merged_g = np.concatenate([self._g[c], g[c][mine[c]]])
+      merged = np.concatenate([self._samples[c], buffer[c][mine[c]].astype(self.bank.dtype)])
+      keep = np.argsort(merged_g, kind="stable")[:slots]
+      self._g[c], self._samples[c] = merged_g[keep], merged[keep]
+    self._added.add(process)
+
+  def state_dict(self) -> dict[str, np.ndarray]:
+    """The dealt bank: per class its n kept samples in slots 0..n-1, oldest first."""
+    if len(self._added) != self.saved_processes:
+      missing = sorted(set(range(self.saved_processes)) - self._added)
+      raise ValueError(f"the banks of saved processes {missing} were not added")
+    count = np.sum(self._g != self._EMPTY, axis=1)
+    buffer = np.zeros_like(self._samples)
+    for c in np.flatnonzero(count):
+      buffer[c, :count[c]] = self._samples[c, :count[c]][::-1]
+    return {"buffer": buffer, "ptr": count % self.bank.slots, "count": count}
 
 
 # ----------------------------------------------------------------------- on device

@@ -6,7 +6,8 @@ they do the same things, which live here once:
 
   * `restore_or_init`: the latest checkpoint of the run's folder (and the data
     source's host state), else the parameters of an artifact (`init_from`), else
-    the fresh state;
+    the fresh state; the checkpoint may come from another mesh, device count or
+    process count (elastic resume, `checkpointing`);
   * `record` and `fetch_checked`: losses are fetched only where the host waits for
     the device anyway (log and checkpoint steps), and the first non-finite one
     stops the run, naming the last good checkpoint;
@@ -59,13 +60,23 @@ class Run:
     self.guard.restore_handlers()
 
   def restore_or_init(self, state: Any, params_shardings: Any, *, init_from: str, kind: str,
-                      load_host_state: Optional[Callable[[dict[str, np.ndarray]], None]] = None) -> tuple[int, Any]:
+                      load_host_state: Optional[Callable[[checkpointing.HostState], None]] = None) -> tuple[int, Any]:
     """(first step, state): resumed from the latest checkpoint, else `init_from`'s params, else `state`."""
     start_step = 0
     if self.ckpt.latest_step() is not None:
       start_step, state, host_state = self.ckpt.restore(state, with_host_state=load_host_state is not None)
       if load_host_state is not None:
-        load_host_state(host_state)
+        try:
+          load_host_state(host_state)
+        except checkpointing.CheckpointError:
+          raise
+        except ValueError as e:  # the banks' shapes or keys do not match this run's
+          raise checkpointing.CheckpointError(
+              f"the host state (memory banks) of checkpoint step {start_step} in {self.ckpt.directory} does not "
+              f"fit this run: {e}") from e
+      if host_state is not None and not host_state.same_process_count:
+        logging.warning("%s resumed from step %d, saved by %d processes, on %d: host state re-distributed",
+                        self.name, start_step, host_state.saved_process_count, jax.process_count())
       logging.info("%s resumed from step %d", self.name, start_step)
     elif init_from:
       _, init_params, _ = artifacts.load(init_from, kind=kind)

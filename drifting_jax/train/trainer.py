@@ -73,24 +73,28 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # --------------------------------------------------------------------------- pieces
 
 
-def build_features(config: ml_collections.ConfigDict):
-  """(apply(params, x) -> {name: [N, T, D]}, params) for the configured feature space."""
+def build_features(config: ml_collections.ConfigDict, *, mae_module=None, mae_params=None):
+  """(apply(params, x) -> {name: [N, T, D]}, params, compute dtype) for the configured feature space.
+
+  The MAE comes from `feature.mae_path`, unless a module and params are given (the
+  compile mode passes the architecture with abstract params).
+  """
   if config.feature.kind == "pixels":
     fn = features.pixel_features(patch_stats_sizes=tuple(config.feature.patch_stats_sizes))
-  elif config.feature.kind == "mae":
-    module, params, _ = artifacts.load(config.feature.mae_path, kind="mae")
-    fn = features.mae_features(module, params, include_input=bool(config.feature.get("include_input", True)),
+    return fn.__call__, fn.params, jnp.float32
+  if config.feature.kind == "mae":
+    if mae_module is None:
+      mae_module, mae_params, _ = artifacts.load(config.feature.mae_path, kind="mae")
+    fn = features.mae_features(mae_module, mae_params, include_input=bool(config.feature.get("include_input", True)),
                                **config.feature.activation_kwargs.to_dict())
-  else:
-    raise errors.UsageError(f"feature.kind must be 'pixels' or 'mae', got {config.feature.kind!r}")
-  return fn.__call__, fn.params
+    return fn.__call__, fn.params, mae_module.dtype
+  raise errors.UsageError(f"feature.kind must be 'pixels' or 'mae', got {config.feature.kind!r}")
 
 
-def init_state(config, module, tx, mesh, feature_names: list[str]) -> tuple[TrainState, Any]:
-  """A freshly initialized, sharded TrainState and its shardings."""
+def state_factory(config, module, tx, feature_names: list[str]):
+  """`make() -> TrainState` at step 0: fresh params (EMA equal to them), optimizer, rng, feature scales."""
   args, kwargs = generator_lib.example_inputs(module_config(module), batch_size=1)
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, train_rng = jax.random.split(rng)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
 
   def make():
     params = module.init({"params": init_rng}, *args, **kwargs)["params"]
@@ -99,10 +103,38 @@ def init_state(config, module, tx, mesh, feature_names: list[str]) -> tuple[Trai
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                       opt_state=tx.init(params), rng=train_rng, feature_scale=scales)
 
-  abstract = jax.eval_shape(make)
-  shardings = partitioning.tree_shardings(abstract, mesh)
-  state = jax.jit(make, out_shardings=shardings)()
-  return state, shardings
+  return make
+
+
+def init_state(config, module, tx, mesh, feature_names: list[str]) -> tuple[TrainState, Any]:
+  """A freshly initialized, sharded TrainState and its shardings."""
+  make = state_factory(config, module, tx, feature_names)
+  shardings = partitioning.tree_shardings(jax.eval_shape(make), mesh)
+  return jax.jit(make, out_shardings=shardings)(), shardings
+
+
+def frozen_feature_params(params: Any, feature_dtype) -> Any:
+  """The frozen feature network's params as the trainer stores them on the devices.
+
+  When the network computes in bfloat16, its conv and dense kernels (every leaf of
+  2 or more dimensions) are stored in bfloat16: flax casts them to the compute
+  dtype at each use, so the features are bit-identical and the copy is half the
+  size. Norm scales and biases (1-D) stay float32, as flax reads them in float32.
+  """
+  if feature_dtype != jnp.bfloat16:
+    return params
+  return jax.tree.map(lambda p: p.astype(jnp.bfloat16) if getattr(p, "ndim", 0) >= 2 else p, params)
+
+
+def feature_param_shardings(params: Any, mesh) -> Any:
+  """The frozen params follow the generator's partition rules: split over fsdp, replicated over data."""
+  return partitioning.tree_shardings(params, mesh)
+
+
+def jit_train_step(step, state_shardings, feature_shardings, mesh):
+  """The jitted step, with the state donated and laid out by the partition rules (train and compile share it)."""
+  return jax.jit(step, in_shardings=(state_shardings, feature_shardings, None),
+                 out_shardings=(state_shardings, partitioning.replicated(mesh)), donate_argnums=(0,))
 
 
 def module_config(module) -> dict[str, Any]:
@@ -139,20 +171,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   model_config = generator_lib.model_config_from_run(config)
   module = generator_lib.build_module({**model_config, "remat": bool(config.model.remat)})
-  feature_apply, feature_params = build_features(config)
+  feature_apply, feature_params, feature_dtype = build_features(config)
   data = train_data.load_training_data(config)
   feature_names = sorted(jax.eval_shape(feature_apply, feature_params,
                                         jnp.zeros((1, *data.sample_shape), jnp.float32)))
   tx, schedule = optim.make_optimizer(config.optim, t.total_steps, t.max_grad_norm)
   state, state_shardings = init_state(config, module, tx, mesh, feature_names)
-  feature_params = jax.device_put(feature_params, partitioning.replicated(mesh))
+  feature_params = frozen_feature_params(feature_params, feature_dtype)
+  feature_shardings = feature_param_shardings(feature_params, mesh)
+  feature_params = jax.device_put(feature_params, feature_shardings)
   source = train_data.make_source(config, data)
-  step_fn = jax.jit(
+  step_fn = jit_train_step(
       train_step_lib.make_train_step(generator=module, tx=tx, schedule=schedule, feature_apply=feature_apply,
                                      config=config, mesh=mesh),
-      in_shardings=(state_shardings, partitioning.replicated(mesh), None),
-      out_shardings=(state_shardings, partitioning.replicated(mesh)),
-      donate_argnums=(0,))
+      state_shardings, feature_shardings, mesh)
 
   ckpt = checkpointing.Checkpointer(workdir, keep_last=config.checkpoint.keep_last,
                                     keep_every=config.checkpoint.keep_every,

@@ -1,0 +1,150 @@
+"""What a compiled program says about itself: per-device memory, FLOPs, time estimates, collectives.
+
+Everything here reads a `jax.stages.Compiled` (the TPU compiler's output for a slice
+described by libtpu) and the chip facts of `targets`. Nothing is measured: the
+memory numbers are the compiler's buffer assignment, the times its cost model's and
+a roofline's; the report labels them so.
+
+`optimal_seconds` needs care. In programs with `ConcatBitcast` custom calls libtpu
+0.0.42 has been seen to return a negative value (the release's v6e-64 step:
+-511.86 s with 512 such calls), as if each custom call were costed -1 s. We never
+report the raw value alone: `step_time_estimate` takes it only when it is finite,
+positive and not below the roofline bound (no program can beat max(FLOPs / peak,
+bytes / bandwidth)); otherwise the roofline stands in, and the reason is recorded.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+from drifting_jax.scale import targets as targets_lib
+
+GIB = 2**30
+
+# HLO collective ops (async ones appear as -start/-done pairs; the -start carries the shape).
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
+                "s4": 0.5, "u4": 0.5}
+_SHAPE = re.compile(r"\b(" + "|".join(map(re.escape, _DTYPE_BYTES)) + r")\[([0-9,]*)\]")
+_OP_LINE = re.compile(r"=\s*(?P<shape>\(?[^=]*?\)?)\s+(?P<op>" + "|".join(COLLECTIVES) +
+                      r")(?P<start>-start)?\(")
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def memory(compiled, target: targets_lib.Target) -> dict[str, Any]:
+  """Per-device bytes by kind, their total against the device's HBM, and a verdict."""
+  m = compiled.memory_analysis()
+  parts = {
+      "arguments": int(m.argument_size_in_bytes),
+      "outputs": int(m.output_size_in_bytes),
+      "aliased": int(m.alias_size_in_bytes),
+      "temporaries": int(m.temp_size_in_bytes),
+      "code": int(m.generated_code_size_in_bytes),
+  }
+  # Donated arguments share their buffers with the outputs they alias.
+  total = parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temporaries"] + parts["code"]
+  capacity = int(target.chip.device_hbm_bytes)
+  out = {**{f"{k}_bytes": v for k, v in parts.items()}, "total_bytes": int(total), "capacity_bytes": capacity,
+         "fits": bool(total <= capacity)}
+  out["verdict"] = fit_verdict(total, capacity, target, parts)
+  return out
+
+
+def fit_verdict(total: int, capacity: int, target: targets_lib.Target, parts: dict[str, int]) -> str:
+  """One line: fits with what headroom, or does not fit by how much, naming the largest contributors."""
+  device = "chip" if target.chip.devices_per_chip == 1 else "TensorCore"
+  if total <= capacity:
+    return (f"fits: {total / GIB:.2f} GiB of {capacity / GIB:.0f} GiB per {target.chip.generation} {device} "
+            f"({(capacity - total) / GIB:.2f} GiB free)")
+  shown = {k: v for k, v in parts.items() if k != "aliased"}
+  largest = sorted(shown.items(), key=lambda kv: -kv[1])[:2]
+  return (f"does not fit: needs {total / GIB:.2f} GiB per {target.chip.generation} {device}, which has "
+          f"{capacity / GIB:.0f} GiB ({(total - capacity) / GIB:.2f} GiB over; largest: "
+          + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in largest) + ")")
+
+
+def _cost_dict(compiled) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return {k: float(v) for k, v in (cost or {}).items() if isinstance(v, (int, float, np.floating))}
+
+
+def custom_call_counts(hlo_text: str) -> dict[str, int]:
+  return dict(collections.Counter(_CUSTOM_CALL.findall(hlo_text)))
+
+
+def _shape_bytes(shape_text: str) -> int:
+  total = 0.0
+  for dtype, dims in _SHAPE.findall(shape_text):
+    total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return int(total)
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{op: {"count", "bytes"}} of the compiled program's collectives, per device.
+
+  Bytes are each op's result shape (for a -start op, the tuple's last element is the
+  result; the operands that come first are not counted twice).
+  """
+  out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+  for line in hlo_text.splitlines():
+    match = _OP_LINE.search(line)
+    if not match:
+      continue
+    shape = match.group("shape")
+    if match.group("start") and match.group("op") in ("all-gather", "collective-permute") and shape.startswith("("):
+      # (operand, result, [contexts]): count the result only.
+      shapes = _SHAPE.findall(shape)
+      dtype, dims = shapes[1] if len(shapes) > 1 else shapes[0]
+      nbytes = int(_DTYPE_BYTES[dtype] * math.prod(int(x) for x in dims.split(",") if x))
+    else:
+      nbytes = _shape_bytes(shape)
+    out[match.group("op")]["count"] += 1
+    out[match.group("op")]["bytes"] += nbytes
+  return out
+
+
+def step_time_estimate(cost: dict[str, float], target: targets_lib.Target, custom_calls: dict[str, int]) -> dict:
+  """The compiler's estimated step time, checked against a roofline (see module doc)."""
+  flops = cost.get("flops", 0.0)
+  bytes_accessed = cost.get("bytes accessed", 0.0)
+  compute_s = flops / target.chip.device_peak_flops
+  memory_s = bytes_accessed / target.chip.device_hbm_bytes_per_s
+  roofline = max(compute_s, memory_s)
+  raw = cost.get("optimal_seconds")
+  out = {"optimal_seconds_raw": raw, "roofline_seconds": roofline, "roofline_compute_seconds": compute_s,
+         "roofline_memory_seconds": memory_s, "bound": "compute" if compute_s >= memory_s else "memory"}
+  n_custom = int(sum(custom_calls.values()))
+  if raw is not None and math.isfinite(raw) and raw > 0 and raw >= 0.999 * roofline:
+    out.update(seconds=raw, source="compiler optimal_seconds")
+  elif raw is not None and math.isfinite(raw) and raw < 0 and n_custom and raw + n_custom >= 0.999 * roofline:
+    out.update(seconds=raw + n_custom, source=(
+        f"compiler optimal_seconds {raw:.4g} s corrected by +1 s for each of the {n_custom} custom calls "
+        "(hypothesis: libtpu costs each at -1 s); the roofline bound is below it"))
+  else:
+    why = "missing" if raw is None else ("negative" if raw < 0 else "below the roofline bound")
+    out.update(seconds=roofline, source=f"roofline (compiler optimal_seconds {why}: {raw})")
+  return out
+
+
+def analyze(compiled, target: targets_lib.Target) -> dict[str, Any]:
+  """Memory, cost, estimated time and collectives of one compiled program (per device)."""
+  hlo = compiled.as_text() or ""
+  cost = _cost_dict(compiled)
+  customs = custom_call_counts(hlo)
+  return {
+      "memory": memory(compiled, target),
+      "flops_per_device": cost.get("flops", 0.0),
+      "bytes_accessed_per_device": cost.get("bytes accessed", 0.0),
+      "time": step_time_estimate(cost, target, customs),
+      "collectives": collectives(hlo),
+      "custom_calls": customs,
+      "cost_analysis": {k: v for k, v in cost.items() if not k.startswith("utilization")},
+  }

@@ -1,0 +1,101 @@
+"""Tables of docs/scaling.md from the compile reports in docs/compile/.
+
+    python -m scripts.scaling_report [--reports docs/compile] [--out docs/compile/tables.md]
+
+Each `ours_<name>.json` is a `compile_report.json` of `--mode=compile`
+(launch/compile_check.sh). Everything in them is the TPU compiler's estimate or a
+roofline, never a measurement, and the tables say so.
+
+"Largest classes per step" is extrapolated from one compile, not compiled: the
+per-chip arguments and code (parameters, optimizer state, frozen features, program)
+do not depend on the batch; the temporaries are taken proportional to the classes
+per step (activations of generated, positive and negative samples dominate them).
+Classes per step must divide among the slice's hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+GIB = 2**30
+
+
+def largest_classes(program: dict, hosts: int) -> int | None:
+  mem = program["memory"]
+  classes = program["batch"]["classes_per_step"]
+  fixed = mem["arguments_bytes"] + mem["outputs_bytes"] - mem["aliased_bytes"] + mem["code_bytes"]
+  per_class = mem["temporaries_bytes"] / classes
+  if per_class <= 0:
+    return None
+  room = mem["capacity_bytes"] - fixed
+  if room <= 0:
+    return 0
+  return int(room / per_class) // hosts * hosts  # classes divide among the hosts
+
+
+def rows(reports: dict[str, dict]) -> list[str]:
+  out = ["| run | slice | mesh | program | per-chip memory (GiB) | verdict | compiler TFLOP/chip | analytical "
+         "TFLOP/chip | est. step (ms) | source | est. images/s | est. run (h) | est. MFU | loss share |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for name, r in sorted(reports.items()):
+    target = r["target"]
+    mesh = "x".join(str(v) for v in r["mesh"].values())
+    for program, p in r["programs"].items():
+      mem, time_, proj = p["memory"], p["time"], p.get("projection", {})
+      flops = p.get("flops", {})
+      rate = proj.get("generated_images_per_second") or proj.get("images_per_second")
+      share = p.get("loss_share", {}).get("share")
+      source = "compiler" if time_["source"].startswith("compiler optimal") else (
+          "compiler, corrected" if "corrected" in time_["source"] else "roofline")
+      out.append(
+          f"| {name} | {target['name']} | {mesh} | {program} | {mem['total_bytes'] / GIB:.2f} / "
+          f"{mem['capacity_bytes'] / GIB:.0f} | {'fits' if mem['fits'] else 'does not fit'} | "
+          f"{flops.get('compiler_per_device', 0) / 1e12:.2f} | {flops.get('analytical_per_device', 0) / 1e12:.2f} | "
+          f"{time_['seconds'] * 1e3:.1f} | {source} | {rate:,.0f} | "
+          f"{proj.get('run_hours', float('nan')):.1f} | {100 * (proj.get('mfu') or 0):.0f}% | "
+          f"{'' if share is None else f'{100 * share:.0f}%'} |")
+  return out
+
+
+def memory_rows(reports: dict[str, dict]) -> list[str]:
+  out = ["| run | program | arguments | outputs (aliased) | temporaries | code | total | largest classes/step "
+         "(extrapolated) |", "|---|---|---|---|---|---|---|---|"]
+  for name, r in sorted(reports.items()):
+    for program, p in r["programs"].items():
+      m = p["memory"]
+      largest = (largest_classes(p, r["target"]["hosts"])
+                 if program == "train" else None)
+      out.append(f"| {name} | {program} | {m['arguments_bytes'] / GIB:.2f} | {m['outputs_bytes'] / GIB:.2f} "
+                 f"({m['aliased_bytes'] / GIB:.2f}) | {m['temporaries_bytes'] / GIB:.2f} | {m['code_bytes'] / GIB:.3f} | "
+                 f"{m['total_bytes'] / GIB:.2f} | {'' if largest is None else largest} |")
+  return out
+
+
+def collective_rows(reports: dict[str, dict]) -> list[str]:
+  out = ["| run | program | all-gather | reduce-scatter | all-reduce | all-to-all | collective-permute |",
+         "|---|---|---|---|---|---|---|"]
+  for name, r in sorted(reports.items()):
+    for program, p in r["programs"].items():
+      c = p["collectives"]
+      cells = [f"{c[k]['count']} / {c[k]['bytes'] / GIB:.2f} GiB" for k in
+               ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")]
+      out.append(f"| {name} | {program} | " + " | ".join(cells) + " |")
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--reports", default="docs/compile")
+  parser.add_argument("--out", default="docs/compile/tables.md")
+  args = parser.parse_args(argv)
+  reports = {p.stem[len("ours_"):]: json.loads(p.read_text()) for p in sorted(pathlib.Path(args.reports).glob("ours_*.json"))}
+  text = "\n".join(["All numbers are the TPU compiler's (libtpu) estimates or a roofline, per chip; none is measured.",
+                    "", *rows(reports), "", *memory_rows(reports), "", *collective_rows(reports), ""])
+  pathlib.Path(args.out).write_text(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,105 @@
+"""The compile mode's pieces that need no compiler: slice names, the report's arithmetic, FLOP counts."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from drifting_jax import errors
+from drifting_jax.scale import analysis, flops, targets
+
+
+@pytest.mark.parametrize("name,topology,chips,hosts,bounds", [
+    ("v6e-64", "v6e:8x8", 64, 16, (2, 2, 1)),      # the release's ablation slice
+    ("v6e-128", "v6e:8x16", 128, 32, (2, 2, 1)),   # its SOTA slice
+    ("v6e-8", "v6e:2x4", 8, 1, (2, 4, 1)),         # one host drives 8 v6e chips
+    ("v5p-64", "v5p:2x4x4", 32, 8, (2, 2, 1)),     # v5p names count TensorCores, 2 per chip
+    ("v5e-256", "v5e:16x16", 256, 64, (2, 2, 1)),
+    ("v4-32", "v4:2x2x4", 16, 4, (2, 2, 1)),
+])
+def test_slice_names_map_to_topologies(name, topology, chips, hosts, bounds):
+  t = targets.parse(name)
+  assert (t.topology_name, t.chips, t.hosts, t.chips_per_host_bounds) == (topology, chips, hosts, bounds)
+
+
+def test_chip_facts_are_the_published_ones():
+  v6e, v5p = targets.parse("v6e-64").chip, targets.parse("v5p-64").chip
+  assert v6e.hbm_bytes == 32 * 2**30 and v6e.peak_bf16_flops == 918e12
+  assert v5p.hbm_bytes == 95 * 2**30 and v5p.peak_bf16_flops == 459e12
+  # v4's two TensorCores are two devices in libtpu's description: half the chip each.
+  v4 = targets.parse("v4-8")
+  assert v4.num_devices == 8 and v4.chip.device_hbm_bytes == 16 * 2**30
+
+
+@pytest.mark.parametrize("bad", ["v6e-63", "v7-64", "tpu", "v5p-7", "v6e-512"])
+def test_unknown_slices_are_usage_errors(bad):
+  with pytest.raises(errors.UsageError, match="slice"):
+    targets.parse(bad)
+
+
+HLO = """
+  %all-gather-start.1 = (bf16[128,768]{1,0}, bf16[1024,768]{1,0}) all-gather-start(bf16[128,768]{1,0} %p), dimensions={0}
+  %all-gather-done.1 = bf16[1024,768]{1,0} all-gather-done((bf16[128,768]{1,0}, bf16[1024,768]{1,0}) %all-gather-start.1)
+  %reduce-scatter.2 = f32[96,768]{1,0} reduce-scatter(f32[768,768]{1,0} %g), dimensions={0}
+  %all-reduce.3 = (f32[10]{0}, f32[4,4]{1,0}) all-reduce(f32[10]{0} %a, f32[4,4]{1,0} %b), to_apply=%sum
+  %all-reduce-start.4 = f32[256]{0} all-reduce-start(f32[256]{0} %c), to_apply=%sum
+  %custom-call.5 = f32[8]{0} custom-call(f32[8]{0} %x), custom_call_target="ConcatBitcast"
+  %custom-call.6 = f32[8]{0} custom-call(f32[8]{0} %y), custom_call_target="ConcatBitcast"
+"""
+
+
+def test_collectives_are_counted_with_their_result_bytes():
+  c = analysis.collectives(HLO)
+  assert c["all-gather"] == {"count": 1, "bytes": 1024 * 768 * 2}  # the -done line is not a second op
+  assert c["reduce-scatter"] == {"count": 1, "bytes": 96 * 768 * 4}
+  assert c["all-reduce"] == {"count": 2, "bytes": (10 + 16) * 4 + 256 * 4}
+  assert c["all-to-all"]["count"] == 0
+  assert analysis.custom_call_counts(HLO) == {"ConcatBitcast": 2}
+
+
+def test_step_time_never_reports_a_negative_estimate():
+  target = targets.parse("v6e-64")
+  flops_per_device = 16.5e12
+  roofline = flops_per_device / target.chip.peak_bf16_flops
+  # A plausible compiler estimate above the roofline is taken as is.
+  ok = analysis.step_time_estimate({"flops": flops_per_device, "optimal_seconds": 0.03}, target, {})
+  assert ok["seconds"] == 0.03 and ok["source"] == "compiler optimal_seconds"
+  # The release's -511.86 s with 512 custom calls: the +1 s per call correction, labelled a hypothesis.
+  neg = analysis.step_time_estimate({"flops": flops_per_device, "optimal_seconds": -511.86}, target,
+                                    {"ConcatBitcast": 512})
+  assert neg["seconds"] == pytest.approx(0.14) and "hypothesis" in neg["source"]
+  # Negative with no custom calls to explain it: the roofline stands in.
+  bad = analysis.step_time_estimate({"flops": flops_per_device, "optimal_seconds": -3.0}, target, {})
+  assert bad["seconds"] == pytest.approx(roofline) and bad["source"].startswith("roofline")
+  # Below the roofline bound is impossible: the roofline stands in.
+  fast = analysis.step_time_estimate({"flops": flops_per_device, "optimal_seconds": roofline / 2}, target, {})
+  assert fast["seconds"] == pytest.approx(roofline)
+
+
+def test_fit_verdict_names_chip_need_and_capacity():
+  target = targets.parse("v5e-16")
+  parts = {"arguments": 6 * 2**30, "outputs": 1 * 2**30, "aliased": 1 * 2**30, "temporaries": 14 * 2**30, "code": 0}
+  line = analysis.fit_verdict(20 * 2**30, target.chip.device_hbm_bytes, target, parts)
+  assert line.startswith("does not fit") and "v5e" in line and "20.00 GiB" in line and "16 GiB" in line
+  assert "4.00 GiB over" in line and "temporaries 14.00 GiB" in line and "\n" not in line
+
+
+def test_flop_count_matches_closed_forms():
+  conv = nn.Conv(32, (3, 3), padding=1)
+  x = jnp.ones((4, 16, 16, 8))
+  p = conv.init(jax.random.PRNGKey(0), x)
+  fwd = flops.program_flops(lambda p, x: conv.apply(p, x), p, x)
+  assert fwd == 2 * 4 * 16 * 16 * 32 * 9 * 8
+  # Gradients w.r.t. both input and kernel: two more convolutions of the same size.
+  grad = flops.program_flops(jax.grad(lambda p, x: jnp.sum(conv.apply(p, x) ** 2), argnums=(0, 1)), p, x)
+  assert grad == 3 * fwd
+  dense = nn.Dense(64)
+  y = jnp.ones((10, 7, 32))
+  pd = dense.init(jax.random.PRNGKey(0), y)
+  assert flops.program_flops(lambda p, y: dense.apply(p, y), pd, y) == 2 * 70 * 32 * 64
+  # Batched matmul (attention scores) and a scan, counted length times.
+  q = jnp.ones((2, 4, 16, 8))
+  assert flops.program_flops(lambda q: jnp.einsum("bhqd,bhkd->bhqk", q, q), q) == 2 * 2 * 4 * 16 * 16 * 8
+  m = jnp.ones((8, 8))
+  scanned = flops.program_flops(lambda m: jax.lax.scan(lambda c, _: (c @ m, None), m, None, length=5)[0], m)
+  assert scanned == 5 * 2 * 8 * 8 * 8
