@@ -62,3 +62,26 @@ def test_mae_features_freeze_the_encoder(monkeypatch):
   param_grad, input_grad = jax.grad(loss, argnums=(0, 1))(fn.params, x)
   assert float(param_grad["w"]) == 0.0
   np.testing.assert_allclose(np.asarray(input_grad), 8.0 * np.ones((2, 2, 2, 1)))  # d/dx (2x)^2 = 8x
+
+
+def test_bf16_stored_kernels_give_bit_identical_features():
+  """The trainer stores a bf16 network's kernels in bf16 (half the HBM): flax casts them
+  to bf16 at each use anyway, so the features must not change by a single bit; the
+  float32 norm parameters stay float32."""
+  from drifting_jax.models import mae
+  from drifting_jax.train import trainer
+
+  module = mae.build_module(mae.model_config_for("tiny", use_bf16=True))
+  params = mae.init_params(module, jax.random.PRNGKey(0))
+  stored = trainer.frozen_feature_params(params, module.dtype)
+  kernels = [p for p in jax.tree.leaves(stored) if p.ndim >= 2]
+  assert kernels and all(p.dtype == jnp.bfloat16 for p in kernels)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(stored) if p.ndim < 2)
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 4))
+  fn = features.mae_features(module, params)
+  reference, from_stored = fn(params, x), fn(stored, x)
+  assert reference.keys() == from_stored.keys()
+  for name in reference:
+    np.testing.assert_array_equal(np.asarray(reference[name]), np.asarray(from_stored[name]), err_msg=name)
+  # A float32 network keeps its parameters as they are.
+  assert trainer.frozen_feature_params(params, jnp.float32) is params
