@@ -56,6 +56,7 @@ def get_config(variant: str = ""):
     # The same program at toy sizes, for compile tests on a 4-chip slice: a tiny latent
     # DiT, the tiny MAE (no artifact needed), 8 classes x 8 generated.
     c.model.name = "tiny-latent"
+    c.model.overrides = ml_collections.ConfigDict(dict(depth=1))
     c.compile.mae_model = "tiny"
     c.compile.target = "v5p-8"
     c.mesh.fsdp = 2

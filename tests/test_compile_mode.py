@@ -13,6 +13,7 @@ import sys
 import pytest
 
 pytest.importorskip("libtpu", reason="the compile mode needs libtpu (requirements.txt)")
+pytestmark = pytest.mark.slow  # each case is a TPU compile of tens of seconds
 
 from configs import imagenet_latent_ablation  # noqa: E402
 from drifting_jax.scale import compile_mode, targets  # noqa: E402
@@ -32,7 +33,7 @@ def _smoke(**overrides):
 def single_host(tmp_path_factory):
   """v5p-8 (one host, 4 chips), data 2 x fsdp 2."""
   workdir = tmp_path_factory.mktemp("v5p8")
-  return compile_mode.compile_mode(_smoke(), str(workdir)), workdir
+  return compile_mode.compile_mode(_smoke(compile__programs=("train", "sample")), str(workdir)), workdir
 
 
 def test_report_has_every_field(single_host):
@@ -50,6 +51,23 @@ def test_report_has_every_field(single_host):
                                        "collective-permute"}
   # fsdp 2: parameters are gathered for the forward pass, gradients reduced.
   assert train["collectives"]["all-gather"]["count"] > 0
+
+
+def test_the_sampling_step_is_compiled_on_the_same_mesh(single_host):
+  sample = single_host[0]["programs"]["sample"]
+  assert sample["memory"]["fits"] and sample["batch"] == {"samples_per_step": 64}
+  assert 0.85 <= sample["flops"]["compiler_over_analytical"] <= 1.3
+  assert sample["projection"]["generated_images_per_second"] > 0
+
+
+def test_the_mae_pretraining_step_compiles(tmp_path):
+  from configs import imagenet_mae_latent_256
+  config = imagenet_mae_latent_256.get_config("smoke")
+  config.compile.target = "v5p-8"
+  mae = compile_mode.compile_mode(config, str(tmp_path))["programs"]["mae"]
+  assert mae["memory"]["fits"] and mae["batch"] == {"batch_size": 8}
+  assert 0.85 <= mae["flops"]["compiler_over_analytical"] <= 1.3
+  assert mae["projection"]["total_steps"] == config.mae.total_steps
 
 
 def test_compiler_flops_agree_with_the_analytical_count(single_host):

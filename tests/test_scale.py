@@ -103,3 +103,24 @@ def test_flop_count_matches_closed_forms():
   m = jnp.ones((8, 8))
   scanned = flops.program_flops(lambda m: jax.lax.scan(lambda c, _: (c @ m, None), m, None, length=5)[0], m)
   assert scanned == 5 * 2 * 8 * 8 * 8
+
+
+def test_a_machine_without_tpus_never_starts_libtpu():
+  """With libtpu installed, importing the package keeps JAX off the TPU backend when no
+  chip is present: no libtpu warnings in a CPU job's output, no libtpu lock taken."""
+  import os
+  import subprocess
+  import sys
+
+  from drifting_jax import platforms
+  if platforms._has_tpu_chips():
+    pytest.skip("this machine has TPU chips")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  # Without the package's choice libtpu would start (and warn) even while another
+  # process holds its lock: let it, so the test sees the difference on any machine.
+  env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+  code = "import drifting_jax, jax; print(jax.default_backend(), len(jax.devices()))"
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split()[0] in ("cpu", "gpu")
+  assert "TPU" not in proc.stderr and "libtpu" not in proc.stderr, proc.stderr[-2000:]
