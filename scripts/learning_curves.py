@@ -129,6 +129,35 @@ def run_curve(root: pathlib.Path, name: str, width: float, seed: int, batch: str
   return result
 
 
+def evaluate_partial(root: pathlib.Path, classifier_path: pathlib.Path) -> dict[str, dict]:
+  """Evaluates the checkpoints at EVAL_STEPS that unfinished runs have already saved.
+
+  The files land where `run_curve` looks for them (eval/step_N.json), so a run that
+  finishes later reuses them; partial results answer something before the runs end.
+  """
+  from drifting_jax import checkpointing
+  from drifting_jax.eval import evaluation, sampling
+  out = {}
+  for stage in STAGE_ORDER:
+    for cell in STAGES[stage]:
+      workdir = root / curve_name(*cell)
+      if (workdir / "curve.json").exists() or not (workdir / "checkpoints").exists():
+        continue
+      config = curve_config(*cell)
+      config.eval.classifier_path = str(classifier_path)
+      saved = set(checkpointing.Checkpointer(workdir, async_save=False).all_steps())
+      for step in EVAL_STEPS:
+        path = workdir / "eval" / f"step_{step}.json"
+        if step not in saved:
+          continue
+        if not path.exists():
+          module, params, _ = sampling.load_generator(config, str(workdir), step=step)
+          evaluation.evaluate_generator(config, str(workdir), module, params, step)
+        metrics = json.loads(path.read_text())["cfg"]["1"]
+        out.setdefault(workdir.name, {})[str(step)] = {m: metrics.get(m) for m in CURVE_METRICS}
+  return out
+
+
 def _short_reference(comparison_root: pathlib.Path, name: str, width: float) -> dict:
   """The grid's 800-step runs of this cell (all seeds), the short-schedule reference."""
   out = {}
@@ -312,6 +341,8 @@ def main(argv=None):
   parser.add_argument("--stage", default="all", choices=(*STAGE_ORDER, "all"))
   parser.add_argument("--docs", default="docs")
   parser.add_argument("--aggregate-only", action="store_true")
+  parser.add_argument("--partial", action="store_true",
+                      help="evaluate the EVAL_STEPS checkpoints that unfinished runs have saved, print them")
   parser.add_argument("--prepare", action="store_true",
                       help="only train the evaluation classifier (before starting shards side by side)")
   parser.add_argument("--shard", default="0/1",
@@ -327,6 +358,10 @@ def main(argv=None):
   if args.prepare:
     experiments.ensure_classifier(root)
     return []
+  if args.partial:
+    partial = evaluate_partial(root, experiments.ensure_classifier(root))
+    print(json.dumps(partial, indent=2))
+    return partial
   if not args.aggregate_only:
     stages = STAGE_ORDER if args.stage == "all" else (args.stage,)
     classifier_path = experiments.ensure_classifier(root)
