@@ -59,21 +59,24 @@ def test_collectives_are_counted_with_their_result_bytes():
 
 def test_step_time_never_reports_a_negative_estimate():
   target = targets.parse("v6e-64")
-  flops_per_device = 16.5e12
-  roofline = flops_per_device / target.chip.peak_bf16_flops
-  # A plausible compiler estimate above the roofline is taken as is.
-  ok = analysis.step_time_estimate({"flops": flops_per_device, "optimal_seconds": 0.03}, target, {})
-  assert ok["seconds"] == 0.03 and ok["source"] == "compiler optimal_seconds"
-  # The release's -511.86 s with 512 custom calls: the +1 s per call correction, labelled a hypothesis.
-  neg = analysis.step_time_estimate({"flops": flops_per_device, "optimal_seconds": -511.86}, target,
-                                    {"ConcatBitcast": 512})
-  assert neg["seconds"] == pytest.approx(0.14) and "hypothesis" in neg["source"]
-  # Negative with no custom calls to explain it: the roofline stands in.
-  bad = analysis.step_time_estimate({"flops": flops_per_device, "optimal_seconds": -3.0}, target, {})
-  assert bad["seconds"] == pytest.approx(roofline) and bad["source"].startswith("roofline")
-  # Below the roofline bound is impossible: the roofline stands in.
-  fast = analysis.step_time_estimate({"flops": flops_per_device, "optimal_seconds": roofline / 2}, target, {})
-  assert fast["seconds"] == pytest.approx(roofline)
+  flops_per_device = 16.4e12
+  compute = flops_per_device / target.chip.peak_bf16_flops
+  cost = {"flops": flops_per_device, "bytes accessed": 303e9}
+  memory = 303e9 / target.chip.hbm_bytes_per_s
+  # A plausible compiler estimate above the FLOPs bound is taken as is.
+  ok = analysis.step_time_estimate({**cost, "optimal_seconds": 0.12}, target, {})
+  assert ok["seconds"] == 0.12 and ok["source"] == "compiler optimal_seconds"
+  # Our v6e-64 step: -508.83 s with 509 ConcatBitcasts (and other custom calls, which do not count).
+  neg = analysis.step_time_estimate({**cost, "optimal_seconds": -508.834}, target,
+                                    {"ConcatBitcast": 509, "AllocateBuffer": 12, "AssumeGatherIndicesInBound": 33})
+  assert neg["seconds"] == pytest.approx(0.166) and "ConcatBitcast" in neg["source"]
+  assert neg["roofline_memory_seconds"] == pytest.approx(memory) and neg["concat_bitcast_calls"] == 509
+  # Negative with no ConcatBitcast to explain it: the roofline stands in.
+  bad = analysis.step_time_estimate({**cost, "optimal_seconds": -3.0}, target, {"AllocateBuffer": 3})
+  assert bad["seconds"] == pytest.approx(max(compute, memory)) and bad["source"].startswith("roofline")
+  # Below the FLOPs bound is impossible: the roofline stands in.
+  fast = analysis.step_time_estimate({**cost, "optimal_seconds": compute / 2}, target, {})
+  assert fast["seconds"] == pytest.approx(max(compute, memory))
 
 
 def test_fit_verdict_names_chip_need_and_capacity():

@@ -265,6 +265,7 @@ def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target,
     report["loss_share"] = {
         "label": "compiler's estimate, not a measurement",
         "step_seconds_trivial_objective": without,
+        "time_trivial_objective": trivial_report["time"],
         "share": (seconds_per_step - without) / seconds_per_step if seconds_per_step else None,
         "flops_share": ((compiler_flops - trivial_report["flops_per_device"]) / compiler_flops
                         if compiler_flops else None),
