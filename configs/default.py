@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
       patch_mean_size=(2, 4), patch_std_size=(2, 4), use_std=True, use_mean=True, every_k_block=2))
   c.feature.patch_stats_sizes = ()  # extra patch mean/std groups for pixel features
   c.feature.include_input = True    # mae: the raw sample as one more group, "global" (the release's)
+  # The frozen network's params on the mesh: "fsdp" (split like the generator's) or
+  # "replicated" (a whole bf16 copy per device; no gathers). docs/scaling.md compares them.
+  c.feature.param_placement = "fsdp"
 
   # The objective: one field picks it (drifting_jax.losses.OBJECTIVES).
   c.loss = ml_collections.ConfigDict()

@@ -17,7 +17,9 @@ names with `constrain`, at the few places the train step fixes a layout.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+import contextlib
+import contextvars
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -139,6 +141,27 @@ def global_batch_sharding(global_shape: Sequence[int], mesh: Mesh) -> NamedShard
   if len(global_shape) and global_shape[0] % mesh.size == 0:
     return batch_sharding(mesh, len(global_shape))
   return replicated(mesh)
+
+
+# The mesh that models' activation constraints refer to, while a step is traced.
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh) -> Iterator[None]:
+  """Within it, `constrain_activation` lays activations out on `mesh` (outside it, it is
+  a no-op: single-device code, sampling and tests are unchanged)."""
+  token = _ACTIVATION_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _ACTIVATION_MESH.reset(token)
+
+
+def constrain_activation(x, logical: Sequence[str | None]):
+  """`constrain` on the mesh of the enclosing `activation_rules`, if any."""
+  mesh = _ACTIVATION_MESH.get()
+  return x if mesh is None or mesh.size == 1 else constrain(x, mesh, logical)
 
 
 def host_to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:

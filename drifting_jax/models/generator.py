@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drifting_jax import errors
+from drifting_jax import errors, partitioning
 from drifting_jax.models.layers import RMSNorm, TorchLinear, apply_rope, modulate, sincos_2d
 
 Array = jax.Array
@@ -232,11 +232,17 @@ class DiTBackbone(nn.Module):
     # nn.remat recomputes each block's activations in the backward pass; it wraps the
     # class, so names and the parameter tree are unchanged.
     block_cls = nn.remat(DiTBlock, prevent_cse=True) if self.remat else DiTBlock
+    # Activations stay split over the batch between blocks (a no-op outside
+    # partitioning.activation_rules): left to itself, the SPMD partitioner follows the
+    # fsdp-split weights into the activations and pays for it in all-gathers and
+    # all-to-alls inside every block (docs/scaling.md).
+    tokens = partitioning.constrain_activation(tokens, ("batch", None, None))
     for i in range(self.depth):
       tokens = block_cls(
           hidden_size=self.hidden_size, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
           use_qknorm=self.use_qknorm, use_swiglu=self.use_swiglu, use_rmsnorm=self.use_rmsnorm,
           use_rope=self.use_rope, attn_fp32=self.attn_fp32, dtype=self.dtype, name=f"blocks_{i}")(tokens, cond)
+      tokens = partitioning.constrain_activation(tokens, ("batch", None, None))
 
     patches = FinalLayer(
         self.hidden_size, self.patch_size * self.patch_size * self.out_channels,

@@ -104,7 +104,7 @@ class TrainProgram:
     self.tx, self.schedule = optim.make_optimizer(config.optim, t.total_steps, t.max_grad_norm)
     abstract_state = jax.eval_shape(trainer.state_factory(config, self.module, self.tx, self.feature_names))
     self.state_shardings = partitioning.tree_shardings(abstract_state, mesh)
-    feature_shardings = trainer.feature_param_shardings(feature_params, mesh)
+    feature_shardings = trainer.feature_param_shardings(feature_params, mesh, config.feature.get("param_placement", "fsdp"))
     step = train_step_lib.make_train_step(generator=self.module, tx=self.tx, schedule=self.schedule,
                                           feature_apply=self.feature_apply, config=config, mesh=mesh,
                                           objective=objective)

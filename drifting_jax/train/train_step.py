@@ -142,7 +142,8 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
     gen_cfg = jnp.repeat(cfg, gen_per_class)
 
     def loss_fn(params):
-      samples = generator.apply({"params": params}, gen_labels, gen_cfg, rngs={"noise": rng_noise})["samples"]
+      with partitioning.activation_rules(mesh):
+        samples = generator.apply({"params": params}, gen_labels, gen_cfg, rngs={"noise": rng_noise})["samples"]
       samples = partitioning.constrain(samples, mesh, ("batch",))
       gen_features = _split_rows(feature_apply(feature_params, samples), num_classes)
       total, info = 0.0, {}

@@ -126,8 +126,15 @@ def frozen_feature_params(params: Any, feature_dtype) -> Any:
   return jax.tree.map(lambda p: p.astype(jnp.bfloat16) if getattr(p, "ndim", 0) >= 2 else p, params)
 
 
-def feature_param_shardings(params: Any, mesh) -> Any:
-  """The frozen params follow the generator's partition rules: split over fsdp, replicated over data."""
+def feature_param_shardings(params: Any, mesh, placement: str = "fsdp") -> Any:
+  """Where the frozen network's params live: "fsdp" follows the generator's partition
+  rules (split over fsdp, replicated over data: least memory, but gathered for each
+  of the step's three passes through the network), "replicated" keeps a whole copy
+  on every device (no gathers)."""
+  if placement == "replicated":
+    return jax.tree.map(lambda _: partitioning.replicated(mesh), params)
+  if placement != "fsdp":
+    raise errors.UsageError(f"feature.param_placement must be 'fsdp' or 'replicated', got {placement!r}")
   return partitioning.tree_shardings(params, mesh)
 
 
@@ -178,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   tx, schedule = optim.make_optimizer(config.optim, t.total_steps, t.max_grad_norm)
   state, state_shardings = init_state(config, module, tx, mesh, feature_names)
   feature_params = frozen_feature_params(feature_params, feature_dtype)
-  feature_shardings = feature_param_shardings(feature_params, mesh)
+  feature_shardings = feature_param_shardings(feature_params, mesh, config.feature.get("param_placement", "fsdp"))
   feature_params = jax.device_put(feature_params, feature_shardings)
   source = train_data.make_source(config, data)
   step_fn = jit_train_step(
