@@ -30,10 +30,12 @@ DIR/release_compile_report.json has the same layout as our `compile_report.json`
 (`programs.train.memory / flops / time / collectives / projection / batch`), plus
 `placement` (bytes per device of each argument group) and `patches`.
 
-`--small` swaps in a tiny DiT (hidden 128, depth 4: our "tiny-latent"), a tiny MAE (32
-channels, one block a stage: our "tiny") and 8 classes x 8 generated, 8 positives, 4
-negatives on v5p-8 with hsdp_dim 2 (our compile_smoke's sizes and mesh), to check the
-plumbing in minutes.
+`--small` takes the sizes of our compile_smoke (configs/imagenet_latent_ablation.py:
+compile_smoke, read at run time): its tiny DiT's width, depth, heads and noise/class
+tokens, the tiny MAE (32 channels, one block a stage), its batch (8 classes x 8
+generated, 8 positives, 4 negatives), its reduced feature groups and bandwidths
+(activation_kwargs, R_list), its target (v5p-8) and fsdp width (as hsdp_dim), so the
+two small programs match and each compiles in minutes.
 
 What had to be patched to run the release under jax 0.10.2 / flax 0.12.8 on a machine
 with no TPU, data or weights (all at run time, in this process only; each is also
@@ -93,12 +95,10 @@ RELEASE_REPO = "lambertae/drifting"
 # The release's MAE training configs, by the feature path its generator configs name.
 MAE_CONFIGS = {"hf://mae_latent_256": "configs/mae/latent_ablation_256.yaml",
                "hf://mae_latent_640": "configs/mae/latent_640.yaml"}
-# --small: our "tiny-latent" DiT and "tiny" MAE, our compile_smoke's batch, target and mesh.
-SMALL_MODEL = dict(hidden_size=128, depth=4, num_heads=4, cond_dim=128, noise_classes=16, noise_coords=8,
-                   n_cls_tokens=4)
-SMALL_MAE = dict(base_channels=32, layers=[1, 1, 1, 1], use_bf16=False)
-SMALL_TRAIN = dict(train_batch_size=8, pos_per_sample=8, neg_per_sample=4, gen_per_label=8)
-SMALL_TARGET, SMALL_HSDP = "v5p-8", 2
+# --small takes its sizes from our compile_smoke (configs/imagenet_latent_ablation.py:compile_smoke).
+SMALL_CONFIG = ("configs.imagenet_latent_ablation", "compile_smoke")
+# The generator's architecture knobs the release's DitGen shares with ours; the rest stay the release's.
+_SMALL_MODEL_KEYS = ("hidden_size", "depth", "num_heads", "cond_dim", "noise_classes", "noise_coords", "n_cls_tokens")
 # Modules of the release whose view of `jax` is the slice's (patch 3).
 _JAX_VIEWERS = ("train", "utils.hsdp_util", "utils.misc", "utils.model_builder", "utils.logging",
                 "models.generator", "models.mae_model", "drift_loss")
@@ -231,6 +231,29 @@ def import_release(src: pathlib.Path, target, patches: Patches) -> dict[str, Any
   return modules
 
 
+def small_settings() -> dict[str, Any]:
+  """The sizes of our compile_smoke, in the release's config terms (the --small overrides)."""
+  import importlib
+  from drifting_jax.models import generator as generator_lib, mae as mae_lib
+  module, variant = SMALL_CONFIG
+  c = importlib.import_module(module).get_config(variant)
+  model = generator_lib.model_config_from_run(c)
+  mae = mae_lib.model_config_for(c.compile.mae_model)
+  t = c.train
+  kwargs = c.feature.activation_kwargs.to_dict()
+  return {
+      "source": f"{module.replace('.', '/')}.py:{variant}",
+      "model": {k: model[k] for k in _SMALL_MODEL_KEYS},
+      "mae_model": {"base_channels": mae["base_channels"], "layers": list(mae["layers"]), "use_bf16": mae["use_bf16"]},
+      "train": {"train_batch_size": int(t.classes_per_step), "pos_per_sample": int(t.pos_per_class),
+                "neg_per_sample": int(t.neg_per_class)},
+      "gen_per_label": int(t.gen_per_class),
+      "activation_kwargs": {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in kwargs.items()},
+      "R_list": [float(r) for r in c.loss.bandwidths],
+      "target": str(c.compile.target), "hsdp_dim": int(c.mesh.fsdp),
+  }
+
+
 def load_configs(src: pathlib.Path, name: str, misc, small: bool, classes: int | None,
                  hsdp_dim: int | None) -> tuple[Any, Any, str]:
   """(generator config, MAE config, MAE config file) as the release's load_config reads them, with overrides."""
@@ -247,11 +270,14 @@ def load_configs(src: pathlib.Path, name: str, misc, small: bool, classes: int |
   mae_file = MAE_CONFIGS[mae_path]
   mae_config = misc.load_config(str(src / mae_file))
   if small:
-    config.model.update(SMALL_MODEL)
-    mae_config.model.update(SMALL_MAE)
-    for key, value in SMALL_TRAIN.items():
-      (config.train.forward_dict if key == "gen_per_label" else config.train)[key] = value
-    config.hsdp_dim = SMALL_HSDP
+    s = small_settings()
+    config.model.update(s["model"])
+    mae_config.model.update(s["mae_model"])
+    config.train.update(s["train"])
+    config.train.forward_dict["gen_per_label"] = s["gen_per_label"]
+    config.train.activation_kwargs = misc.EasyDict(s["activation_kwargs"])
+    config.train.loss_kwargs["R_list"] = s["R_list"]
+    config.hsdp_dim = s["hsdp_dim"]
   if classes:
     config.train.train_batch_size = int(classes)
   if hsdp_dim:
@@ -313,7 +339,7 @@ def build(args, patches: Patches) -> dict[str, Any]:
   # The libtpu that compiles is the one loaded now (by target.devices() below): read its version before,
   # and again at the end, should the package be replaced on disk while this runs.
   libtpu_loaded = _libtpu_version()
-  target = targets_lib.parse(args.target or (SMALL_TARGET if small else "v6e-64"))
+  target = targets_lib.parse(args.target or (small_settings()["target"] if small else "v6e-64"))
   src = pathlib.Path(args.release_src).resolve()
   m = import_release(src, target, patches)
   train, hsdp_util, mae_model = m["train"], m["hsdp_util"], m["mae_model"]
@@ -435,7 +461,8 @@ def build(args, patches: Patches) -> dict[str, Any]:
   report_train.update(
       compile_seconds=compile_seconds, generator_params=_count(state.params),
       feature_params=_count(feature_params), feature_param_bytes=_global_bytes(feature_params),
-      mae_architecture=f"model: section of the release's {mae_file}" + (" with --small overrides" if small else ""),
+      mae_architecture=(f"model: section of the release's {mae_file}"
+                        + (f" with the --small sizes of {small_settings()['source']}" if small else "")),
       batch={"classes_per_step": b, "gen_per_class": gen, "pos_per_class": pos, "neg_per_class": neg,
              "generated_per_step": images})
 
@@ -488,7 +515,7 @@ def main(argv=None) -> dict[str, Any]:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--release-src", required=True, help="checkout of lambertae/drifting (outside this repo)")
   parser.add_argument("--target", default=None, help="TPU slice, e.g. v6e-64, v5p-64 (default v6e-64; "
-                                                     f"{SMALL_TARGET} with --small)")
+                                                     "compile_smoke's with --small)")
   parser.add_argument("--config", default="latent_ablation", help="release config: configs/gen/<NAME>.yaml")
   parser.add_argument("--classes", type=int, default=None, help="classes per step (train.train_batch_size)")
   parser.add_argument("--hsdp-dim", type=int, default=None, help="the release's hsdp_dim (fsdp axis size)")

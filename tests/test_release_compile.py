@@ -151,6 +151,16 @@ def test_the_releases_configs_are_read_with_its_loader():
   t = config.train
   assert (t.train_batch_size, t.forward_dict.gen_per_label, t.pos_per_sample, t.neg_per_sample) == (64, 64, 64, 16)
   assert config.hsdp_dim == 8 and mae_file.endswith("latent_ablation_256.yaml") and mae.model.base_channels == 256
+  # --small: our compile_smoke's sizes, in the release's terms; --classes still wins.
+  s = release_compile.small_settings()
   small, mae, _ = release_compile.load_configs(RELEASE_SRC, "latent_ablation", misc, True, 16, None)
-  assert small.train.train_batch_size == 16 and small.model.hidden_size == 128 and small.hsdp_dim == 2
-  assert mae.model.base_channels == 32
+  assert small.train.train_batch_size == 16 and small.hsdp_dim == s["hsdp_dim"]
+  assert {k: small.model[k] for k in s["model"]} == s["model"] and small.model.input_size == 32
+  assert small.train.forward_dict.gen_per_label == s["gen_per_label"] and small.train.loss_kwargs.R_list == s["R_list"]
+  assert mae.model.base_channels == s["mae_model"]["base_channels"] and mae.model.patch_size == 2
+
+
+def test_small_settings_are_our_compile_smoke():
+  s = release_compile.small_settings()
+  assert s["target"] == "v5p-8" and s["train"]["train_batch_size"] == 8 and s["mae_model"]["base_channels"] == 32
+  assert s["model"]["hidden_size"] == 128 and set(s["model"]) == set(release_compile._SMALL_MODEL_KEYS)
