@@ -345,6 +345,9 @@ def main(argv=None):
                       help="evaluate the EVAL_STEPS checkpoints that unfinished runs have saved, print them")
   parser.add_argument("--prepare", action="store_true",
                       help="only train the evaluation classifier (before starting shards side by side)")
+  parser.add_argument("--only", default="",
+                      help="comma-separated run names (e.g. log_kde_gauss_w0.2_s0_paperbatch): train these, "
+                           "in this order, instead of the stages' order")
   parser.add_argument("--shard", default="0/1",
                       help="i/n: train every n-th run starting at the i-th (n processes side by side)")
   args = parser.parse_args(argv)
@@ -366,6 +369,12 @@ def main(argv=None):
     stages = STAGE_ORDER if args.stage == "all" else (args.stage,)
     classifier_path = experiments.ensure_classifier(root)
     cells = [cell for stage in stages for cell in STAGES[stage]]
+    if args.only:
+      by_name = {curve_name(*cell): cell for stage in STAGE_ORDER for cell in STAGES[stage]}
+      unknown = [n for n in args.only.split(",") if n not in by_name]
+      if unknown:
+        parser.error(f"--only: unknown run(s) {unknown}; known: {sorted(by_name)}")
+      cells = [by_name[n] for n in args.only.split(",")]
     for cell in cells[shard::num_shards]:
       r = run_curve(root, *cell, classifier_path)
       print(json.dumps({"run": curve_name(*cell), "status": r["status"],
