@@ -9,7 +9,7 @@
 # Writes WORKDIR/compile_report.json (default runs/compile/<config>_<target>) and
 # prints per-chip memory with a fits / does-not-fit verdict, FLOPs (compiler and
 # analytical), the compiler's estimated step time and run length, the loss's share
-# and the collectives. Needs libtpu (pip install 'libtpu==0.0.42.*'), no TPU.
+# and the collectives. Needs libtpu (requirements.txt pins 0.0.52; 0.0.42 crashes on v6e at small per-chip batches, docs/scaling.md), no TPU.
 # A DiT-B/2 step with the 431M-parameter MAE takes 10-25 minutes and ~13 GB of RAM
 # on a 2-core machine; --config.compile.loss_share=false halves that.
 #

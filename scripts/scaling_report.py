@@ -88,7 +88,8 @@ def rows(reports: dict[str, dict]) -> list[str]:
           f"{mem['capacity_bytes'] / GIB:.0f} | {'fits' if mem['fits'] else 'does not fit'} | "
           f"{flops.get('compiler_per_device', 0) / 1e12:.2f} | {flops.get('analytical_per_device', 0) / 1e12:.2f} | "
           f"{time_['seconds'] * 1e3:.1f} | {source} | {rate:,.0f} | "
-          f"{proj.get('run_hours', float('nan')):.1f} | {100 * (proj.get('mfu') or 0):.0f}% | "
+          f"{'' if proj.get('run_hours') is None else format(proj['run_hours'], '.1f')} | "
+          f"{100 * (proj.get('mfu') or 0):.0f}% | "
           f"{'' if share is None else f'time {100 * share:.0f}%'}"
           f"{'' if flops_share is None else f' FLOPs {100 * flops_share:.1f}%'} |")
   return out
