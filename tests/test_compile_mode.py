@@ -100,17 +100,22 @@ def test_four_host_v6e_slice_compiles(tmp_path):
 
 
 def test_a_config_that_cannot_fit_gets_a_one_line_verdict(tmp_path):
-  """Thousands of samples per v5e chip (16 GiB): the compiler refuses the program for
-  lack of HBM, and the verdict names the chip, the need and the capacity."""
+  """Hundreds of thousands of samples per v5e chip (16 GiB): the compiler refuses the
+  program for lack of HBM, and the verdict names the chip, the need and the capacity.
+
+  The sampling step, not the training step: the refusal and its verdict are the same
+  machinery for every program (`compile_mode._compile`), and the sampling step is
+  refused in seconds where the training step takes a minute and a half of libtpu."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(
       [sys.executable, "-m", "drifting_jax.main", "--mode=compile",
        "--config=configs/imagenet_latent_ablation.py:compile_smoke", f"--workdir={tmp_path}",
-       "--config.compile.target=v5e-4", "--config.mesh.fsdp=1", "--config.train.classes_per_step=8",
-       "--config.train.gen_per_class=2048"],
+       "--config.compile.target=v5e-4", "--config.mesh.fsdp=1", "--config.compile.programs=('sample',)",
+       "--config.eval.batch_size=200000"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 2, proc.stderr[-2000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1, proc.stderr[-2000:]
   line = errors[0]
   assert "does not fit" in line and "v5e" in line and "16 GiB" in line and "Traceback" not in proc.stderr
+  assert line.startswith("error: the sampling step does not fit: needs ") and "GiB over" in line, line
