@@ -21,8 +21,8 @@ The workdir must then be on storage every process sees, as orbax needs anyway.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import pathlib
 import signal
 import threading
 from typing import Any
@@ -30,9 +30,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
-from drifting_jax import errors
+from drifting_jax import errors, paths
 
 
 class CheckpointError(errors.UsageError):
@@ -70,12 +71,28 @@ class HostState(dict):
     return self._reader(process)
 
 
+def _check_storage_client(workdir) -> None:
+  """Orbax reaches gs:// through google-cloud-storage, which it does not install itself."""
+  if not os.fspath(workdir).startswith("gs://"):
+    return
+  try:
+    found = importlib.util.find_spec("google.cloud.storage") is not None
+  except ImportError:  # no google.cloud package at all
+    found = False
+  if not found:
+    raise CheckpointError(
+        f"the workdir {os.fspath(workdir)} is in Google Cloud Storage, and orbax needs the "
+        f"google-cloud-storage package to checkpoint there: pip install google-cloud-storage "
+        f"(on every host; Cloud TPU VM images usually have it)")
+
+
 class Checkpointer:
   """Saves and restores (train state, per-host numpy state) at a step."""
 
   def __init__(self, workdir: str | os.PathLike, *, keep_last: int = 2, keep_every: int = 0,
                async_save: bool = True):
-    self.workdir = pathlib.Path(workdir).absolute()
+    self.workdir = paths.as_path(workdir)  # a local folder or a bucket URL every host reads
+    _check_storage_client(self.workdir)
     self.directory = self.workdir / "checkpoints"
     self.host_directory = self.workdir / "host_state"
     options = ocp.CheckpointManagerOptions(
@@ -150,17 +167,13 @@ class Checkpointer:
 
   # -- per-host state ------------------------------------------------------------
 
-  def _host_file(self, step: int, process: int | None = None) -> pathlib.Path:
+  def _host_file(self, step: int, process: int | None = None) -> epath.Path:
     process = jax.process_index() if process is None else process
     return self.host_directory / str(step) / f"process_{process}.npz"
 
   def _write_host_state(self, step: int, host_state: dict[str, np.ndarray]) -> None:
-    path = self._host_file(step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **host_state, **{_PROCESS_COUNT_KEY: np.int64(jax.process_count()),
-                                   _PROCESS_INDEX_KEY: np.int64(jax.process_index())})
-    os.replace(tmp, path)
+    paths.save_npz(self._host_file(step), {**host_state, _PROCESS_COUNT_KEY: np.int64(jax.process_count()),
+                                           _PROCESS_INDEX_KEY: np.int64(jax.process_index())})
 
   def _read_host_state(self, step: int) -> HostState:
     saved = self._saved_process_count(step)
@@ -180,9 +193,9 @@ class Checkpointer:
     first = self._host_file(step, 0)
     if first.exists():
       try:
-        with np.load(first, allow_pickle=False) as data:
-          if _PROCESS_COUNT_KEY in data.files:
-            return int(data[_PROCESS_COUNT_KEY])
+        data = paths.load_npz(first)
+        if _PROCESS_COUNT_KEY in data:
+          return int(data[_PROCESS_COUNT_KEY])
       except Exception as e:
         raise CheckpointError(f"host state {first} is corrupt: {e}") from e
     folder = self.host_directory / str(step)
@@ -199,10 +212,10 @@ class Checkpointer:
       raise CheckpointError(f"checkpoint step {step} has no host state file {path} (memory banks); "
                             f"it is incomplete")
     try:
-      with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files if k not in (_PROCESS_COUNT_KEY, _PROCESS_INDEX_KEY)}
+      data = paths.load_npz(path)
     except Exception as e:
       raise CheckpointError(f"host state {path} is corrupt: {e}") from e
+    return {k: v for k, v in data.items() if k not in (_PROCESS_COUNT_KEY, _PROCESS_INDEX_KEY)}
 
   def _prune_host_state(self) -> None:
     """Drops this process's host files of steps orbax no longer keeps (the newest
@@ -221,8 +234,8 @@ class Checkpointer:
             f.unlink(missing_ok=True)
         try:
           child.rmdir()
-        except OSError:
-          pass  # other processes' files still there
+        except Exception:  # other processes' files still there (a bucket's "folder" may refuse otherwise)
+          pass
 
 
 class PreemptionGuard:

@@ -9,22 +9,36 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 
 import jax
 from clu import metric_writers
 
+from drifting_jax import paths
+
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """Appends {"step": s, name: value, ...} lines to metrics.jsonl (process 0 only)."""
+  """Appends {"step": s, name: value, ...} lines to metrics.jsonl (process 0 only).
+
+  A bucket cannot append to an object: there the file is kept in memory (read once,
+  when a resumed run opens it) and written whole at each write, which at one line
+  per logging step is a few kilobytes.
+  """
 
   def __init__(self, path: str | os.PathLike):
-    self.path = pathlib.Path(path)
+    self.path = paths.as_path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._remote_text = None
+    if paths.is_url(self.path):
+      self._remote_text = self.path.read_text() if self.path.exists() else ""
 
   def write_scalars(self, step, scalars):
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+    line = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n"
+    if self._remote_text is not None:
+      self._remote_text += line
+      self.path.write_text(self._remote_text)
+      return
+    with self.path.open("a") as f:
+      f.write(line)
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -59,5 +73,5 @@ def make_writer(workdir: str) -> metric_writers.MetricWriter:
     return metric_writers.create_default_writer(workdir, just_logging=True)
   return metric_writers.MultiWriter([
       metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(pathlib.Path(workdir) / "metrics.jsonl"),
+      JsonlWriter(paths.as_path(workdir) / "metrics.jsonl"),
   ])

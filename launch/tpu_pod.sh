@@ -14,8 +14,9 @@
 #   SETUP=0     skip copy + install (rerun on an already prepared pod)
 #   JAX_TPU_PIN jax[tpu] version spec (default: the pinned jax version)
 #   DRY_RUN=1   print the gcloud commands instead of running them
-# WORKDIR should be a gs:// path (orbax and clu write there directly) so that all
-# workers and the eval job see the same checkpoints.
+# WORKDIR should be a gs:// path so that all workers, a resumed (possibly resized)
+# slice and the eval job see the same checkpoints: orbax writes there through
+# google-cloud-storage (installed below), clu and our own files through etils.epath.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -39,7 +40,7 @@ if [[ "${SETUP:-1}" == "1" ]]; then
     --zone="$ZONE" "${project_flag[@]}" --worker=all
   run_cmd "${ssh[@]}" --command="mkdir -p $remote_dir && tar -xzf /tmp/drifting_jax.tgz -C $remote_dir && \
     cd $remote_dir && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt && \
-    .venv/bin/pip install -q 'jax[tpu]==${JAX_TPU_PIN:-$jax_version}'"
+    .venv/bin/pip install -q 'jax[tpu]==${JAX_TPU_PIN:-$jax_version}' google-cloud-storage"
 fi
 run_cmd "${ssh[@]}" --command="cd $remote_dir && JAX_PLATFORMS=tpu .venv/bin/python -m drifting_jax.main \
   --config=$config --workdir=$workdir --tpu_pod $*"

@@ -118,18 +118,19 @@ def subpackage(module: str) -> str:
 # loss library stand on nothing; models on errors; data, checkpoints and meshes on
 # those; training and evaluation side by side on all of it (never on each other);
 # the modes table, main, the demo and the benchmarks on top.
-_BASE = ("errors", "writers", "checkpointing", "partitioning", "data", "models")
+_BASE = ("errors", "paths", "writers", "checkpointing", "partitioning", "data", "models")
 LAYERS: dict[str, tuple[str, ...]] = {
     "drifting_jax": ("platforms",),  # the package's __init__: picks JAX's backends, nothing else
     "errors": (),
     "losses": (),                    # pure JAX; reports bad values as ValueError (errors.as_usage_error)
-    "writers": (),
+    "paths": (),                     # local folders and bucket URLs (etils.epath), for every writer
+    "writers": ("paths",),
     "host_memory": (),               # glibc settings the entry points apply before JAX starts
     "platforms": (),                 # which JAX backends start (the package's __init__ applies it)
     "partitioning": ("errors",),
-    "checkpointing": ("errors",),
-    "models": ("errors", "partitioning"),
-    "data": ("errors", "models"),    # the latent cache is built with the SD-VAE
+    "checkpointing": ("errors", "paths"),
+    "models": ("errors", "partitioning", "paths"),
+    "data": ("errors", "models", "paths"),    # the latent cache is built with the SD-VAE
     "eval": _BASE,
     "train": (*_BASE, "losses"),
     "scale": (*_BASE, "train", "losses"),  # TPU slices: compile the run's programs, report

@@ -10,6 +10,7 @@ import types
 
 import flax.linen as nn
 import huggingface_hub
+import huggingface_hub.constants  # a submodule its lazy __getattr__ does not list: imported, not looked up
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
-import pathlib
 
 import numpy as np
 from PIL import Image
+
+from drifting_jax import paths
 
 
 def uint8_to_model(images: np.ndarray) -> np.ndarray:
@@ -31,15 +33,13 @@ def grid(images: np.ndarray, rows: int) -> np.ndarray:
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray, scale: int = 2) -> None:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   img = image[..., 0] if image.shape[-1] == 1 else image
   pil = Image.fromarray(img)
   if scale > 1:
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-  tmp = path.with_suffix(".tmp.png")
-  pil.save(tmp)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  pil.save(buffer, format="PNG")
+  paths.write_atomically(path, buffer.getvalue())  # a local file or a bucket URL
 
 
 def pad_images(images: np.ndarray, pad_to: int, black: float = -1.0) -> np.ndarray:

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from drifting_jax import checkpointing, writers
+from drifting_jax import checkpointing, paths, writers
 from drifting_jax.data import images
 from drifting_jax.eval import evaluators, sampling
 
@@ -63,7 +63,7 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
   suite = suite or evaluators.Suite(config, workdir)
   all_labels, host_labels = _host_labels(config)
   counts = [len(x) for x in np.array_split(all_labels, jax.process_count())]
-  eval_dir = pathlib.Path(workdir) / "eval"
+  eval_dir = paths.as_path(workdir) / "eval"
   tag = f"step_{step}" if step is not None else "source"
   sample_temperature = float(config.sample.temperature)
   sample_cfg = float(config.sample.cfg_scale)
@@ -165,7 +165,7 @@ def watch(config, workdir: str) -> list[int]:
   final step (train.total_steps) or when no new checkpoint appears for
   eval.watch_timeout_s seconds.
   """
-  record = pathlib.Path(workdir) / "eval" / "evaluated.json"
+  record = paths.as_path(workdir) / "eval" / "evaluated.json"
   done = set(json.loads(record.read_text())) if record.exists() else set()
   ckpt = checkpointing.Checkpointer(workdir, async_save=False)
   suite = None

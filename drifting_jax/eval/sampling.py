@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from drifting_jax import checkpointing, partitioning
+from drifting_jax import checkpointing, partitioning, paths
 from drifting_jax.data import images
 from drifting_jax.models import artifacts, generator as generator_lib
 
@@ -30,7 +30,7 @@ def load_generator(config: ml_collections.ConfigDict, workdir: str, step: int | 
     module, params, _ = artifacts.load(source, kind="gen")
     return module, params, None
   step = config.eval.step if step is None and config.eval.step >= 0 else step
-  directory = pathlib.Path(workdir).absolute() / "checkpoints"
+  directory = paths.as_path(workdir) / "checkpoints"
   # Checked first: opening a Checkpointer creates the folder, and a mistyped
   # workdir should not be left behind as an empty run.
   ckpt = checkpointing.Checkpointer(workdir, async_save=False) if directory.is_dir() else None
@@ -77,16 +77,17 @@ def sample_to_files(config: ml_collections.ConfigDict, workdir: str) -> pathlib.
   samples = generate(module, params, labels, float(config.sample.cfg_scale), int(config.sample.seed),
                      batch_size=min(int(config.eval.batch_size), len(labels)),
                      temperature=float(config.sample.temperature))
-  out = pathlib.Path(workdir)
+  out = paths.as_path(workdir)
   if jax.process_index() == 0:
     if samples.shape[-1] in (1, 3):
       pixels = images.model_to_uint8(samples)
-      np.savez(out / "samples.npz", images=pixels[..., 0] if pixels.shape[-1] == 1 else pixels, labels=labels)
+      paths.save_npz(out / "samples.npz", {"images": pixels[..., 0] if pixels.shape[-1] == 1 else pixels,
+                                           "labels": labels})
       per_row = min(config.sample.per_class, 20)
       shown = np.concatenate([pixels[labels == c][:per_row] for c in classes])
       images.save_png(out / "samples.png", images.grid(shown, rows=len(classes)))
     else:
-      np.savez(out / "samples.npz", latents=samples, labels=labels)
+      paths.save_npz(out / "samples.npz", {"latents": samples, "labels": labels})
   return out
 
 

@@ -29,7 +29,6 @@ import importlib
 import json
 import os
 import pathlib
-import tempfile
 import types
 from typing import Any, Mapping, Optional, Union
 
@@ -39,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
-from drifting_jax import errors
+from drifting_jax import errors, paths
 
 PARAMS_FILE = "ema_params.msgpack"
 METADATA_FILE = "metadata.json"
@@ -330,21 +329,6 @@ def model_config_of(kind: str, module: nn.Module) -> dict[str, Any]:
   return config
 
 
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-  """Write to a temporary file in the same folder, then rename over `path`."""
-  with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-    tmp = pathlib.Path(f.name)
-    try:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    except BaseException:
-      f.close()
-      tmp.unlink(missing_ok=True)
-      raise
-  os.replace(tmp, path)
-
-
 def save(
     path: PathLike,
     module: nn.Module,
@@ -362,7 +346,8 @@ def save(
   """
   _check_kind(kind)
   model_config = model_config_of(kind, module)
-  folder = pathlib.Path(path).expanduser()
+  # A bucket URL (a pod run's workdir) stays one; a local path is expanded.
+  folder = paths.as_path(path) if paths.is_url(path) else pathlib.Path(path).expanduser()
   _check_params(params, kind, model_config, f"given to save({folder})")
   metadata = {"format": "flax.msgpack", "kind": kind, "backend": "jax", **dict(extra_metadata or {}),
               "model_config": model_config}
@@ -372,6 +357,6 @@ def save(
     raise ArtifactError(f"extra_metadata is not JSON-serialisable: {e}") from e
   folder.mkdir(parents=True, exist_ok=True)
   host_params = jax.tree.map(np.asarray, jax.device_get(params))
-  _write_atomically(folder / PARAMS_FILE, serialization.msgpack_serialize(host_params))
-  _write_atomically(folder / METADATA_FILE, metadata_bytes)
+  paths.write_atomically(folder / PARAMS_FILE, serialization.msgpack_serialize(host_params))
+  paths.write_atomically(folder / METADATA_FILE, metadata_bytes)
   return folder

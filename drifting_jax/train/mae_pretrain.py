@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from drifting_jax import checkpointing, errors, partitioning, writers
+from drifting_jax import checkpointing, errors, partitioning, paths, writers
 from drifting_jax.models import artifacts, mae
 from drifting_jax.train import data as train_data, optim, run as run_lib
 
@@ -163,10 +163,10 @@ def train_mae(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   """Pretrains the MAE to `config.mae.total_steps` (resuming) and returns the artifact folder."""
   validate_config(config)
   m = config.mae
-  workdir_path = pathlib.Path(workdir).absolute()
+  workdir_path = paths.as_path(workdir)  # absolute, or a bucket URL as given
   run_dir = workdir_path / "mae_pretrain"
   run_dir.mkdir(parents=True, exist_ok=True)
-  out_dir = pathlib.Path(m.out_dir).expanduser().absolute() if m.out_dir else workdir_path / "mae"
+  out_dir = paths.as_path(m.out_dir) if m.out_dir else workdir_path / "mae"
 
   module = mae.build_module(model_config(config))
   data = train_data.load_training_data(config)

@@ -17,7 +17,6 @@ metrics), so it measures what the host adds, not what the device takes.
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import jax
@@ -27,7 +26,7 @@ import numpy as np
 from clu import periodic_actions
 from jax.experimental import multihost_utils
 
-from drifting_jax import checkpointing, errors, losses, partitioning, writers
+from drifting_jax import checkpointing, errors, losses, partitioning, paths, writers
 from drifting_jax.data import images, sources
 from drifting_jax.models import artifacts, features, generator as generator_lib
 from drifting_jax.train import data as train_data, optim, run as run_lib
@@ -152,7 +151,7 @@ def write_params_ema_artifact(workdir, module, ema_params) -> None:
   """The release's `params_ema/` folder, so its tools can read our runs (process 0)."""
   host_params = multihost_utils.process_allgather(ema_params, tiled=True)
   if jax.process_index() == 0:
-    artifacts.save(pathlib.Path(workdir) / "params_ema", module, host_params, kind="gen")
+    artifacts.save(paths.as_path(workdir) / "params_ema", module, host_params, kind="gen")
 
 
 def write_sample_grid(path, module, ema_params, num_classes: int, per_class: int, seed: int) -> None:
@@ -171,8 +170,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   (The name is flax's; evaluation runs beside training, in the evaluate and watch modes.)
   """
   validate_config(config)
-  workdir = str(pathlib.Path(workdir).absolute())
-  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+  workdir = str(paths.as_path(workdir))  # absolute, or a bucket URL as given
+  paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp)
   t = config.train
 
@@ -224,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         scalars = run.fetch_checked(metrics)  # waits for the step: not host work either
         run.writer.write_scalars(done, {**scalars, "host_fraction": host_time.end_window()})
       if config.log.sample_grid_every and done % config.log.sample_grid_every == 0:  # device work
-        write_sample_grid(pathlib.Path(workdir) / "samples" / f"step_{done}.png", module, state.ema_params,
+        write_sample_grid(paths.as_path(workdir) / "samples" / f"step_{done}.png", module, state.ema_params,
                           min(config.data.num_classes, 10), 10, config.seed)
       with host_time.measure():
         if done % config.checkpoint.every_steps == 0 or done == t.total_steps:
