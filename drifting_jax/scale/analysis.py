@@ -1,9 +1,20 @@
 """What a compiled program says about itself: per-device memory, FLOPs, time estimates, collectives.
 
 Everything here reads a `jax.stages.Compiled` (the TPU compiler's output for a slice
-described by libtpu) and the chip facts of `targets`. Nothing is measured: the
-memory numbers are the compiler's buffer assignment, the times its cost model's and
-a roofline's; the report labels them so.
+described by libtpu, or the GPU compiler's for GPUs described by the CUDA plugin) and
+the chip facts of `targets`. Nothing is measured: the memory numbers are the
+compiler's buffer assignment, the times its cost model's and a roofline's; the
+report labels them so.
+
+GPU programs differ in two ways (`gpu_cost`). The CUDA plugin's compile-only
+executable has no cost analysis, so XLA's generic HLO cost analysis is run through
+the CPU client on the GPU-optimized module; it knows nothing of the cuBLAS and cuDNN
+library calls that do the matmuls and convolutions (it marks each custom call's
+FLOPs, bytes and seconds as -1, "unknown"), so their FLOPs and bytes are counted
+here from the calls' shapes and added back. And there is no `optimal_seconds`: the
+step time of a GPU program is the roofline's, labelled so. The GPU compiler never
+refuses a program for lack of memory; the fit verdict is `memory_analysis`'s total
+against the GPU's memory, as on TPU.
 
 `optimal_seconds` needs care. In programs with `ConcatBitcast` custom calls libtpu
 returns a negative value (the release's v6e-64 step: -511.86 s with 512 such calls;
@@ -23,7 +34,9 @@ import math
 import re
 from typing import Any
 
+import jax
 import numpy as np
+from absl import logging
 
 from drifting_jax.scale import targets as targets_lib
 
@@ -63,9 +76,16 @@ def memory(compiled, target: targets_lib.Target) -> dict[str, Any]:
   return out
 
 
+def device_word(target: targets_lib.Target) -> str:
+  """What one device of the target is called in a verdict: chip, TensorCore (v4) or GPU."""
+  if target.chip.platform == "cuda":
+    return "GPU"
+  return "chip" if target.chip.devices_per_chip == 1 else "TensorCore"
+
+
 def fit_verdict(total: int, capacity: int, target: targets_lib.Target, parts: dict[str, int]) -> str:
   """One line: fits with what headroom, or does not fit by how much, naming the largest contributors."""
-  device = "chip" if target.chip.devices_per_chip == 1 else "TensorCore"
+  device = device_word(target)
   if total <= capacity:
     return (f"fits: {total / GIB:.2f} GiB of {capacity / GIB:.0f} GiB per {target.chip.generation} {device} "
             f"({(capacity - total) / GIB:.2f} GiB free)")
@@ -118,6 +138,141 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   return out
 
 
+# --------------------------------------------------------------------------- GPU cost
+
+# cuBLAS GEMMs (__cublas$gemm, __cublas$lt$matmul[$f8]) and cuDNN convolutions.
+_CONV_ROLES = {  # custom call -> which of (result, operand 0, operand 1) is the conv's input, kernel, output
+    "__cudnn$convForward": ("op0", "op1", "result"),
+    "__cudnn$convBiasActivationForward": ("op0", "op1", "result"),
+    "__cudnn$convBackwardInput": ("result", "op1", "op0"),
+    "__cudnn$convBackwardFilter": ("op0", "result", "op1"),
+}
+_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\([^=]*?\)|[^\s(]+)\s+"
+                         r"(?P<op>[a-z][\w\-]*)\(")
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_CONTRACTING = re.compile(r'"lhs_contracting_dimensions"\s*:\s*\[([^\]]*)\]')
+_DIM_LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
+
+
+def _arrays(shape_text: str) -> list[tuple[str, list[int]]]:
+  return [(dtype, [int(d) for d in dims.split(",") if d]) for dtype, dims in _ARRAY.findall(shape_text)]
+
+
+def _array_bytes(dtype: str, dims: list[int]) -> float:
+  return _DTYPE_BYTES.get(dtype, 4) * math.prod(dims)
+
+
+def _operand_text(line: str, op: str) -> str:
+  """The text between `op(` and its closing parenthesis."""
+  start = line.index(op + "(") + len(op) + 1
+  depth = 1
+  for i in range(start, len(line)):
+    depth += {"(": 1, ")": -1}.get(line[i], 0)
+    if depth == 0:
+      return line[start:i]
+  return line[start:]
+
+
+def _result_arrays(shape_text: str) -> list[tuple[str, list[int]]]:
+  """A library call's results without its scratch buffer (a trailing 1-D s8/u8 tuple element)."""
+  arrays = _arrays(shape_text)
+  if shape_text.startswith("(") and len(arrays) > 1 and arrays[-1][0] in ("s8", "u8") and len(arrays[-1][1]) == 1:
+    arrays = arrays[:-1]
+  return arrays
+
+
+def library_calls(hlo_text: str) -> dict[str, Any]:
+  """FLOPs and bytes of the cuBLAS/cuDNN calls of a GPU-optimized HLO module, from their shapes.
+
+  GEMM: 2 x (result elements) x (product of the lhs contracting dimensions). Convolution
+  (forward, or either backward pass of one): 2 x (forward output elements) x (kernel
+  window) x (kernel input features per group). Bytes: operands and results, less the
+  calls' scratch buffers. Other custom calls are listed as not counted.
+  """
+  shapes: dict[str, str] = {}
+  calls = []
+  for line in hlo_text.splitlines():
+    match = _DEFINITION.match(line)
+    if not match:
+      continue
+    shapes[match.group("name")] = match.group("shape")
+    if match.group("op") == "custom-call":
+      calls.append((line, match.group("shape")))
+  by_target: dict[str, dict[str, float]] = {}
+  uncounted: dict[str, int] = collections.Counter()
+  for line, shape in calls:
+    found = _CUSTOM_CALL.search(line)
+    name = found.group(1) if found else "?"
+    operands = []
+    for token in _operand_text(line, "custom-call").split(","):
+      ref = re.search(r"%?([\w.\-]+)\s*$", token.strip())
+      inline = _arrays(token)
+      operands.append(inline[0] if inline else (_arrays(shapes.get(ref.group(1), ""))[:1] or [("f32", [])])[0]
+                      if ref else ("f32", []))
+    results = _result_arrays(shape)
+    if not results:
+      uncounted[name] += 1
+      continue
+    if name.startswith("__cublas"):
+      contracting = _CONTRACTING.search(line)
+      lhs = operands[0][1] if operands else []
+      k = math.prod(lhs[int(d.strip().strip('"'))] for d in contracting.group(1).split(",") if d.strip()) \
+          if contracting and lhs else 0
+      flops = 2.0 * math.prod(results[0][1]) * k
+    elif name in _CONV_ROLES and _DIM_LABELS.search(line) and len(operands) >= 2:
+      roles = {"result": results[0][1], "op0": operands[0][1], "op1": operands[1][1]}
+      _, kernel_role, out_role = _CONV_ROLES[name]
+      kernel, out = roles[kernel_role], roles[out_role]
+      kernel_labels = _DIM_LABELS.search(line).group(2)
+      window = math.prod(kernel[i] for i, c in enumerate(kernel_labels) if c.isdigit())
+      flops = 2.0 * math.prod(out) * window * kernel[kernel_labels.index("i")]
+    else:
+      uncounted[name] += 1
+      continue
+    nbytes = sum(_array_bytes(*a) for a in operands) + sum(_array_bytes(*a) for a in results)
+    entry = by_target.setdefault(name, {"count": 0, "flops": 0.0, "bytes": 0.0})
+    entry["count"] += 1
+    entry["flops"] += flops
+    entry["bytes"] += nbytes
+  return {"by_target": by_target, "flops": float(sum(v["flops"] for v in by_target.values())),
+          "bytes": float(sum(v["bytes"] for v in by_target.values())), "not_counted": dict(uncounted)}
+
+
+def _hlo_cost_analysis_on_cpu(compiled) -> dict[str, float]:
+  """XLA's generic HLO cost analysis of the compiled (GPU-optimized) module, run by the CPU client.
+
+  jax 0.10.2 has no public way to run it on a module another backend optimized: this
+  uses jaxlib's `hlo_module_cost_analysis` (private; an empty dict if it moves)."""
+  try:
+    from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
+    module = compiled.runtime_executable().hlo_modules()[0]
+    cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+  except Exception as e:  # noqa: BLE001
+    logging.warning("compile: no HLO cost analysis of the GPU program (%s); FLOPs from library calls only", e)
+    return {}
+  return {k: float(v) for k, v in cost.items() if isinstance(v, (int, float, np.floating))}
+
+
+def gpu_cost(compiled, hlo_text: str) -> dict[str, float]:
+  """FLOPs and bytes of a GPU program: the HLO cost analysis plus the library calls it cannot see."""
+  raw = _hlo_cost_analysis_on_cpu(compiled)
+  calls = library_calls(hlo_text)
+  unknown = sum(custom_call_counts(hlo_text).values())  # each costed -1 FLOP and -1 byte: undo that
+  correction = unknown if raw else 0
+  # Totals only: not the per-operand "bytes accessed0{}"..., "utilization..." entries.
+  out = {k: v for k, v in raw.items() if "{" not in k and not k.startswith("utilization") and k != "optimal_seconds"}
+  out.update({
+      "flops": raw.get("flops", 0.0) + correction + calls["flops"],
+      "bytes accessed": raw.get("bytes accessed", 0.0) + correction + calls["bytes"],
+      "hlo_cost_analysis_flops": raw.get("flops", 0.0),
+      "hlo_cost_analysis_bytes_accessed": raw.get("bytes accessed", 0.0),
+      "hlo_cost_analysis_optimal_seconds": raw.get("optimal_seconds"),
+      "library_call_flops": calls["flops"],
+      "library_call_bytes": calls["bytes"],
+  })
+  return out
+
+
 def step_time_estimate(cost: dict[str, float], target: targets_lib.Target, custom_calls: dict[str, int]) -> dict:
   """The compiler's estimated step time, checked against a roofline (see module doc).
 
@@ -142,6 +297,8 @@ def step_time_estimate(cost: dict[str, float], target: targets_lib.Target, custo
     out.update(seconds=raw + n_concat, source=(
         f"compiler optimal_seconds {raw:.4g} s + 1 s for each of its {n_concat} {'/'.join(NEGATIVE_COST_CALLS)} custom calls "
         "(libtpu appears to cost each at -1 s; see docs/scaling.md)"))
+  elif target.chip.platform == "cuda":
+    out.update(seconds=roofline, source="roofline only: the GPU compiler gives no time estimate")
   else:
     why = "missing" if raw is None else ("negative" if raw < 0 else "below the FLOPs bound")
     out.update(seconds=roofline, source=f"roofline (compiler optimal_seconds {why}: {raw})")
@@ -151,9 +308,10 @@ def step_time_estimate(cost: dict[str, float], target: targets_lib.Target, custo
 def analyze(compiled, target: targets_lib.Target) -> dict[str, Any]:
   """Memory, cost, estimated time and collectives of one compiled program (per device)."""
   hlo = compiled.as_text() or ""
-  cost = _cost_dict(compiled)
+  gpu = target.chip.platform == "cuda"
+  cost = gpu_cost(compiled, hlo) if gpu else _cost_dict(compiled)
   customs = custom_call_counts(hlo)
-  return {
+  out = {
       "memory": memory(compiled, target),
       "flops_per_device": cost.get("flops", 0.0),
       "bytes_accessed_per_device": cost.get("bytes accessed", 0.0),
@@ -162,3 +320,8 @@ def analyze(compiled, target: targets_lib.Target) -> dict[str, Any]:
       "custom_calls": customs,
       "cost_analysis": {k: v for k, v in cost.items() if not k.startswith("utilization")},
   }
+  if gpu:
+    out["cost_analysis_source"] = ("XLA's HLO cost analysis of the GPU-optimized module (run by the CPU client), "
+                                   "plus the cuBLAS/cuDNN calls' FLOPs and bytes from their shapes")
+    out["library_calls"] = library_calls(hlo)
+  return out

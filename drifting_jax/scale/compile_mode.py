@@ -1,13 +1,15 @@
-"""`--mode=compile`: the run's programs compiled for a TPU slice, with no TPU, data or weights.
+"""`--mode=compile`: the run's programs compiled for a TPU slice or GPU hosts, with no TPU, GPU, data or weights.
 
     python -m drifting_jax.main --mode=compile --config=configs/imagenet_latent_ablation.py \\
         --config.compile.target=v6e-64 --workdir=runs/compile/ablation_v6e64
 
 The training step is built by the trainer's own functions (`trainer.state_factory`,
 the partition rules, `trainer.jit_train_step`) from the same config, over a mesh of
-the slice's devices as libtpu describes them; its inputs are abstract arrays
-carrying the shardings `train` would give them. The TPU compiler then reports, per
-device, what the step needs (memory) and what it does (FLOPs, bytes, collectives).
+the slice's devices as libtpu describes them (or the GPUs' as the CUDA plugin does:
+`--config.compile.target=h100x8`, scale/targets.py); its inputs are abstract arrays
+carrying the shardings `train` would give them. The TPU (or GPU) compiler then
+reports, per device, what the step needs (memory) and what it does (FLOPs, bytes,
+collectives).
 
 The report (`compile_report.json` and a printed table) labels every time as the
 compiler's estimate or a roofline: nothing here is measured on a chip.
@@ -180,6 +182,12 @@ class TrainProgram:
     return {"pieces": pieces, "sum_of_pieces": float(sum(pieces.values())), "traced_step": whole}
 
 
+def _estimate_label(target: targets_lib.Target) -> str:
+  if target.chip.platform == "cuda":  # the GPU compiler gives no time estimate (scale/analysis.py)
+    return "roofline estimate (FLOPs and bytes from the compiled program), not a measurement"
+  return "compiler's estimate, not a measurement"
+
+
 class DoesNotFit(errors.UsageError):
   """The compiler refused the program for lack of HBM (the message is the one-line verdict)."""
 
@@ -196,14 +204,14 @@ def _compile(jitted, args, what: str, target: targets_lib.Target) -> tuple[Any, 
   start = time.perf_counter()
   logging.info("compile: lowering and compiling %s", what)
   try:
-    compiled = jitted.lower(*args).compile()
+    compiled = jitted.lower(*args).compile(compiler_options=targets_lib.compiler_options(target))
   except Exception as e:  # noqa: BLE001  (XlaRuntimeError; its type moves between jax versions)
     text = str(e)
     if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
       raise
     used, required = (pattern.search(text) for pattern in _HBM_NUMBERS)
     capacity = target.chip.device_hbm_bytes
-    device = "chip" if target.chip.devices_per_chip == 1 else "TensorCore"
+    device = analysis.device_word(target)
     if used or required:
       number, unit = (used.group(1), used.group(2)) if used else (required.group(2), required.group(3))
       need = float(number) * _UNITS[unit.upper()]
@@ -243,7 +251,7 @@ def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target,
   seconds_per_step = report["time"]["seconds"]
   images = t.classes_per_step * t.gen_per_class
   report["projection"] = {
-      "label": "compiler's estimate, not a measurement",
+      "label": _estimate_label(target),
       "step_seconds": seconds_per_step,
       "generated_images_per_second": images / seconds_per_step if seconds_per_step else None,
       "total_steps": int(t.total_steps),
@@ -263,7 +271,7 @@ def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target,
     trivial_report = analysis.analyze(compiled, target)
     without = trivial_report["time"]["seconds"]
     report["loss_share"] = {
-        "label": "compiler's estimate, not a measurement",
+        "label": _estimate_label(target),
         "step_seconds_trivial_objective": without,
         "time_trivial_objective": trivial_report["time"],
         "share": (seconds_per_step - without) / seconds_per_step if seconds_per_step else None,
@@ -301,7 +309,7 @@ def compile_sample(config: ml_collections.ConfigDict, target: targets_lib.Target
   report["flops"] = {"compiler_per_device": report["flops_per_device"], "analytical_per_device": analytical,
                      "compiler_over_analytical": report["flops_per_device"] / analytical if analytical else None}
   s = report["time"]["seconds"]
-  report["projection"] = {"label": "compiler's estimate, not a measurement", "step_seconds": s,
+  report["projection"] = {"label": _estimate_label(target), "step_seconds": s,
                           "generated_images_per_second": n / s if s else None,
                           "mfu": analytical / (target.chip.device_peak_flops * s) if s else None}
   report.update(compile_seconds=seconds, batch={"samples_per_step": n})
@@ -333,7 +341,7 @@ def compile_mae(config: ml_collections.ConfigDict, target: targets_lib.Target, m
   report["flops"] = {"compiler_per_device": report["flops_per_device"], "analytical_per_device": analytical,
                      "compiler_over_analytical": report["flops_per_device"] / analytical if analytical else None}
   s = report["time"]["seconds"]
-  report["projection"] = {"label": "compiler's estimate, not a measurement", "step_seconds": s,
+  report["projection"] = {"label": _estimate_label(target), "step_seconds": s,
                           "images_per_second": b / s if s else None, "total_steps": int(m.total_steps),
                           "run_hours": s * m.total_steps / 3600.0,
                           "mfu": analytical / (target.chip.device_peak_flops * s) if s else None}
@@ -370,7 +378,7 @@ def _row(name: str, r: dict[str, Any]) -> list[str]:
       f"{mem['code_bytes'] / GIB:.3f}; total {mem['total_bytes'] / GIB:.2f} of {mem['capacity_bytes'] / GIB:.0f} GiB",
       f"  FLOPs per device: compiler {flops.get('compiler_per_device', 0) / 1e12:.3f} T, analytical "
       f"{flops.get('analytical_per_device', 0) / 1e12:.3f} T" + (f" (ratio {ratio:.3f})" if ratio else ""),
-      f"  step time (compiler's estimate): {time_['seconds'] * 1e3:.1f} ms [{time_['source']}]; roofline "
+      f"  step time (estimate): {time_['seconds'] * 1e3:.1f} ms [{time_['source']}]; roofline "
       f"{time_['roofline_seconds'] * 1e3:.1f} ms ({time_['bound']}-bound)",
   ]
   if proj.get("run_hours") is not None:
@@ -393,18 +401,22 @@ def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   mesh = make_mesh(config, target)
   report: dict[str, Any] = {
       "target": target.to_dict(), "mesh": dict(mesh.shape), "jax": jax.__version__,
-      "libtpu": _libtpu_version(), "config": {"model": config.model.name, "loss": config.loss.objective,
+      "libtpu": _package_version("libtpu"), "config": {"model": config.model.name, "loss": config.loss.objective,
                                              "kernel": config.loss.kernel, "remat": bool(config.model.remat)},
-      "label": "every time and rate is the TPU compiler's estimate or a roofline, not a measurement",
+      "label": "every time and rate is the compiler's estimate or a roofline, not a measurement",
       "programs": {},
   }
+  if target.chip.platform == "cuda":
+    report["jax_cuda12_plugin"] = _package_version("jax-cuda12-plugin")
   out = pathlib.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
   for name in config.compile.programs:
     report["programs"][name] = COMPILERS[name](config, target, mesh)
     (out / "compile_report.json").write_text(json.dumps(report, indent=2, default=float))
+  compiler = (f"jax-cuda12-plugin {report['jax_cuda12_plugin']}" if target.chip.platform == "cuda"
+              else f"libtpu {report['libtpu']}")
   lines = [f"{target.name} ({target.topology_name}, {target.hosts} hosts, {mesh.size} devices, mesh "
-           f"{dict(mesh.shape)}); jax {report['jax']}, libtpu {report['libtpu']}"]
+           f"{dict(mesh.shape)}); jax {report['jax']}, {compiler}"]
   for name, r in report["programs"].items():
     lines += _row(name, r)
   print("\n".join(lines), flush=True)
@@ -414,8 +426,8 @@ def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   return report
 
 
-def _libtpu_version() -> str:
+def _package_version(name: str) -> str:
   try:
-    return importlib_metadata.version("libtpu")
+    return importlib_metadata.version(name)
   except importlib_metadata.PackageNotFoundError:
     return "not installed"
