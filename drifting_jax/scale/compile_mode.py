@@ -431,3 +431,7 @@ def _package_version(name: str) -> str:
     return importlib_metadata.version(name)
   except importlib_metadata.PackageNotFoundError:
     return "not installed"
+
+
+def _libtpu_version() -> str:  # scripts/release_compile.py
+  return _package_version("libtpu")
