@@ -144,7 +144,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
 # use so a job that does not need them does not pay for them). Any other import
 # inside a function is a violation, package modules included.
 FUNCTION_LEVEL_IMPORTS = ("tensorflow", "tensorflow_datasets", "huggingface_hub", "diffusers", "safetensors", "ott",
-                          "torch", "matplotlib")
+                          "torch", "matplotlib", "jax_cuda12_plugin")
 
 
 def _part(module: str) -> str:
