@@ -24,12 +24,14 @@ from drifting_jax.train import mae_pretrain, train_step, trainer
 def smoke():
   config = mnist_mae.get_config("smoke")
   mae_module = mae.build_module(mae_pretrain.model_config(config))
-  mae_params = mae.init_params(mae_module, jax.random.key(0), (28, 28, 1))
+  # Both initialisations jitted: one compiled program each, not op-by-op dispatch (~15 s less).
+  mae_params = jax.jit(lambda key: mae.init_params(mae_module, key, (28, 28, 1)))(jax.random.key(0))
   feature_fn = features.mae_features(mae_module, mae_params, include_input=config.feature.include_input,
                                      **config.feature.activation_kwargs.to_dict())
   gen_module = generator_lib.build_module(generator_lib.model_config_from_run(config))
   args, kwargs = generator_lib.example_inputs(generator_lib.model_config_from_run(config), batch_size=2)
-  gen_params = gen_module.init({"params": jax.random.key(1), "noise": jax.random.key(2)}, *args, **kwargs)["params"]
+  gen_params = jax.jit(lambda rngs, a, kw: gen_module.init(rngs, *a, **kw))(
+      {"params": jax.random.key(1), "noise": jax.random.key(2)}, args, kwargs)["params"]
   return config, mae_module, mae_params, feature_fn, gen_module, gen_params
 
 
@@ -51,8 +53,9 @@ def test_every_feature_group_passes_gradient_to_the_generator(smoke):
   alpha = jnp.asarray([1.5, 3.0])
   weight_neg = jnp.repeat(train_step.unconditional_weight(alpha, cg, cn)[:, None], cn, axis=1)
   split = lambda f, k: {n: rearrange(v, "(b k) t d -> b k t d", k=k) for n, v in f.items()}
-  pos_feats = split(feature_fn(feature_fn.params, positives), cp)
-  neg_feats = split(feature_fn(feature_fn.params, negatives), cn)
+  extract = jax.jit(feature_fn.apply)  # compiled once per batch size, not op by op (~20 s less)
+  pos_feats = split(extract(feature_fn.params, positives), cp)
+  neg_feats = split(extract(feature_fn.params, negatives), cn)
   names = sorted(pos_feats)
   # The release's groups: the raw sample, the input RMS, and stem/stage maps with their statistics.
   assert {"global", "norm_x", "conv1", "layer1", "layer4_mean", "layer2_std_2"} <= set(names)
@@ -84,7 +87,7 @@ def test_every_feature_group_passes_gradient_to_the_generator(smoke):
   assert np.all(np.isfinite(np.asarray(values))) and np.all(np.isfinite(np.asarray(norms)))
   # Groups that do not depend on the input carry nothing: the std over a 1x1 map.
   x1, x2 = (jnp.asarray(rng.uniform(-1, 1, (2, 28, 28, 1)), jnp.float32) for _ in range(2))
-  f1, f2 = feature_fn(feature_fn.params, x1), feature_fn(feature_fn.params, x2)
+  f1, f2 = extract(feature_fn.params, x1), extract(feature_fn.params, x2)
   constant = sorted(n for n in names if np.array_equal(np.asarray(f1[n]), np.asarray(f2[n])))
   assert constant == ["layer4_std"]  # layer4 is 1x1 here: 28 / 4 (input patches) / 2 / 2 / 2
   dead = [n for n, v in zip(names, np.asarray(norms)) if n not in constant and not v > 1e-8]
