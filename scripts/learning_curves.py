@@ -93,7 +93,10 @@ def run_curve(root: pathlib.Path, name: str, width: float, seed: int, batch: str
   config.eval.classifier_path = str(classifier_path)
   timing_path = workdir / "timing.json"
   timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"segments": []}
-  segment = {"load_start": os.getloadavg()[0], "threads": _threads(), "start": time.time()}
+  from drifting_jax import checkpointing
+  saved = checkpointing.Checkpointer(workdir, async_save=False).latest_step() if (workdir / "checkpoints").exists() else None
+  segment = {"load_start": os.getloadavg()[0], "threads": _threads(), "start": time.time(),
+             "start_step": int(saved or 0)}
   status = "ok"
   start = time.perf_counter()
   try:
@@ -101,6 +104,8 @@ def run_curve(root: pathlib.Path, name: str, width: float, seed: int, batch: str
   except run_lib.NonFiniteLossError as e:
     status = f"diverged: {e}"
   segment.update(train_seconds=time.perf_counter() - start, load_end=os.getloadavg()[0])
+  if status == "ok":
+    segment["end_step"] = int(state.step)
   timing["segments"].append(segment)
   workdir.mkdir(parents=True, exist_ok=True)
   timing_path.write_text(json.dumps(timing, indent=2))
@@ -226,14 +231,20 @@ def write_markdown(results: list[dict], reference: dict, path: pathlib.Path, com
   lines += ["", "Run cost (training wall time of the whole run; `threads` the CPU threads it had; load is the "
             "1-minute load average at start/end of each training segment: above ~1 per thread means the run "
             "shared the machine):", "",
-            "| run | batch (classes × gen / pos) | train s | s / step | eval s | threads | load start/end |",
+            "| run | batch (classes × gen / pos) | train s (timed steps) | s / step | eval s | threads | load start/end |",
             "|---|---|---|---|---|---|---|"]
   for r in results:
     b = r["batch_sizes"]
     loads = "; ".join(f"{s['load_start']:.1f}/{s['load_end']:.1f}" for s in r["segments"])
     threads = ",".join(sorted({s["threads"] for s in r["segments"]}))
+    # Segments a session's end killed were never recorded: s / step is over the timed
+    # segments' own steps (segments without step records: the run's whole length).
+    timed = [(s["train_seconds"], s["end_step"] - s["start_step"]) for s in r["segments"] if "end_step" in s]
+    if not timed:
+      timed = [(r["train_seconds"], r["steps"])]
+    seconds, steps = sum(t for t, _ in timed), sum(n for _, n in timed)
     lines.append(f"| {_label(r)} s{r['seed']} | {b['classes']} × {b['gen']} / {b['pos']} | "
-                 f"{r['train_seconds']:.0f} | {r['train_seconds'] / r['steps']:.3f} | {r['eval_seconds']:.0f} | "
+                 f"{seconds:.0f} ({steps} steps) | {seconds / max(steps, 1):.3f} | {r['eval_seconds']:.0f} | "
                  f"{threads} | {loads} |")
   path.write_text("\n".join(lines) + "\n")
 
