@@ -53,15 +53,25 @@ def test_reports_list_every_finished_run_with_its_cost(tmp_path):
   for (name, width, seed, batch), fds in zip(lc.STAGES["a"][:2], ([900, 500, 200, 100], [400, 300, 200, 150])):
     workdir = root / lc.curve_name(name, width, seed, batch)
     workdir.mkdir(parents=True)
+    # log-KDE: two recorded segments with their steps plus the time of an unrecorded start
+    # (a session's end); Drifting: one segment without step records (older runs).
+    segments = ([{"load_start": 1.0, "load_end": 2.5, "threads": "1", "train_seconds": 600.0,
+                  "start_step": 2000, "end_step": 2400},
+                 {"load_start": 2.5, "load_end": 2.0, "threads": "1", "train_seconds": 2000.0,
+                  "start_step": 2400, "end_step": 3200}]
+                if name == "log_kde_gauss" else
+                [{"load_start": 1.0, "load_end": 2.5, "threads": "1", "train_seconds": 3200.0}])
     (workdir / "curve.json").write_text(json.dumps({
         "objective": name, "width": width, "seed": seed, "batch": batch, "steps": lc.CURVE_STEPS, "status": "ok",
-        "curve": _curve(fds), "eval_seconds": 3.0, "train_seconds": 3200.0,
-        "segments": [{"load_start": 1.0, "load_end": 2.5, "threads": "1", "train_seconds": 3200.0}],
+        "curve": _curve(fds), "eval_seconds": 3.0, "train_seconds": sum(x["train_seconds"] for x in segments),
+        "segments": segments,
         "batch_sizes": {"classes": 5, "gen": 32, "pos": 64}}))
   results = lc.write_outputs(root, docs, tmp_path / "no_comparison", "cmd")
   assert [r["objective"] for r in results] == ["log_kde_gauss", "drifting_gauss"]
   md = (docs / "learning_curves.md").read_text()
   assert "| log_kde_gauss | 0.2 | 0 | comparison | 3200 | 100.0 |" in md
-  assert "| drifting_gauss 0.25 s0 | 5 × 32 / 64 | 3200 | 1.000 | 3 | 1 | 1.0/2.5 |" in md
+  assert "| drifting_gauss 0.25 s0 | 5 × 32 / 64 | 3200 (3200 steps) | 1.000 | 3 | 1 | 1.0/2.5 |" in md
+  # s / step over the timed steps only: 2,600 s for 1,200 steps, not 2,600 / 3,200.
+  assert "| log_kde_gauss 0.2 s0 | 5 × 32 / 64 | 2600 (1200 steps) | 2.167 | 3 | 1 | 1.0/2.5; 2.5/2.0 |" in md
   assert (docs / "figures" / "learning_curves.png").stat().st_size > 0
   assert json.loads((docs / "learning_curves.json").read_text())[1]["curve"]["3200"]["frechet_distance"] == 150
