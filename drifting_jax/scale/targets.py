@@ -112,7 +112,8 @@ class Target:
     except Exception as e:  # libtpu missing, or a shape it refuses
       raise errors.UsageError(
           f"cannot describe the TPU slice {self.name} ({self.topology_name}): {e}. The compile mode needs "
-          "libtpu: pip install 'libtpu==0.0.42.*' (the version jax[tpu]==0.10.2 pins)") from None
+          "libtpu: pip install 'libtpu==0.0.52' (requirements.txt; 0.0.42, which jax[tpu]==0.10.2 pins, "
+          "crashes compiling our step for v6e at small per-chip batches: docs/scaling.md)") from None
     devices = list(topology.devices)
     if len(devices) != self.num_devices:
       raise errors.UsageError(f"libtpu describes {len(devices)} devices for {self.name}, expected "
