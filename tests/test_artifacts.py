@@ -115,9 +115,14 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
   config = G.model_config_for("tiny", depth=1, remat=True)
   module = G.build_module(config)
   args, kwargs = G.example_inputs(config, 1)
-  params = module.init({"params": jax.random.key(7)}, *args, **kwargs)["params"]
-  # Make every leaf non-trivial (fresh adaLN layers are all zeros).
-  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(p.size), p.shape), params)
+
+  @jax.jit  # one program, not one compile per op and leaf shape
+  def make_params(key):
+    params = module.init({"params": key}, *args, **kwargs)["params"]
+    # Make every leaf non-trivial (fresh adaLN layers are all zeros).
+    return jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(p.size), p.shape), params)
+
+  params = make_params(jax.random.key(7))
 
   folder = artifacts.save(tmp_path / "run" / "artifact", module, params, "gen", extra_metadata={"step": 12})
   assert sorted(p.name for p in folder.iterdir()) == ["ema_params.msgpack", "metadata.json"]  # no temp files

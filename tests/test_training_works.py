@@ -73,7 +73,8 @@ def test_short_training_run_moves_samples_towards_the_data(tmp_path, recipe, sam
 
   module = generator_lib.build_module(generator_lib.model_config_from_run(config))
   args, kwargs = generator_lib.example_inputs(trainer.module_config(module))
-  untrained = module.init({"params": jax.random.PRNGKey(config.seed)}, *args, **kwargs)["params"]
+  untrained = jax.jit(lambda key: module.init({"params": key}, *args, **kwargs)["params"])(
+      jax.random.PRNGKey(config.seed))  # one program, not one compile per op
   before_distance, before_match = _measure(module, untrained, train, train_labels)
 
   trainer.train_and_evaluate(config, str(tmp_path))

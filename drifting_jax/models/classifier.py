@@ -239,10 +239,12 @@ def train_classifier(
   _check_images(module, images)
 
   init_rng, shift_rng = jax.random.split(jax.random.key(seed))
-  params = module.init(init_rng, *example_inputs({"input_size": module.input_size,
-                                                  "in_channels": module.in_channels}, 1)[0])["params"]
+  example = example_inputs({"input_size": module.input_size, "in_channels": module.in_channels}, 1)[0]
   optimizer = _optimizer(float(learning_rate), int(steps))
-  opt_state = optimizer.init(params)
+  # One compiled program for the initial params and optimizer state (op by op, each leaf's
+  # initializer compiles on its own).
+  params, opt_state = jax.jit(lambda key: (lambda p: (p, optimizer.init(p)))(
+      module.init(key, *example)["params"]))(init_rng)
   device_images, device_labels = jnp.asarray(images), jnp.asarray(labels)
   batch_size = min(batch_size, len(images))
   order_rng = np.random.default_rng(seed)

@@ -371,7 +371,8 @@ def init_params(module: MAEResNet, rng: Array, image_shape: Sequence[int] = ()) 
   """Freshly initialised params (the tree does not depend on `image_shape`)."""
   side = _EXAMPLE_SIDE * module.input_patch_size
   shape = tuple(image_shape) or (side, side, module.in_channels)
-  return module.init({"params": rng}, jnp.zeros((1, *shape), jnp.float32))["params"]
+  # One compiled program: op by op, every initializer of every leaf is its own compile.
+  return jax.jit(lambda key: module.init({"params": key}, jnp.zeros((1, *shape), jnp.float32))["params"])(rng)
 
 
 # -----------------------------------------------------------------------------
