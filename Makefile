@@ -14,9 +14,11 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
-# The suite runs on CPU with 8 virtual devices (see tests/conftest.py).
+# The suite runs on CPU with 8 virtual devices (see tests/conftest.py). Whole files go to
+# each worker (--dist loadfile): a module's fixtures (TPU compiles, trained workdirs) are
+# then built once, not once per worker that gets one of its tests.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # The edit-run loop: everything but the tests marked `slow`, with a compilation cache
 # kept between runs in .cache/ (every program, however small: most of the suite's
@@ -26,7 +28,7 @@ test: $(STAMP)
 TEST_FAST_CACHE := $(CURDIR)/.cache/jax-test-fast
 test-fast: $(STAMP)
 	JAX_COMPILATION_CACHE_DIR=$(TEST_FAST_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
-	  $(PY) -m pytest -q -n 2 -m "not slow" tests
+	  $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 demo: $(STAMP)
 	$(PY) -m drifting_jax.demo

@@ -6,6 +6,7 @@ to the generator, the negatives' weights make the negative KDE the guidance mixt
 the release's formula promises, and a few trainer steps run end to end on the digits.
 """
 
+import functools
 import json
 
 import jax
@@ -35,6 +36,7 @@ def smoke():
   return config, mae_module, mae_params, feature_fn, gen_module, gen_params
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))  # one program, not a compile per leaf shape
 def _perturbed(params, scale: float, seed: int):
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
