@@ -183,6 +183,15 @@ def test_resume_on_another_process_and_device_count(straight, tmp_path, monkeypa
     if not key.endswith("rng_state"):
       np.testing.assert_array_equal(host_0[key], host_1[key], err_msg=key)
 
+  # Evaluation on 2 processes: each host samples its share of one label list from the
+  # (global) params, and the shares are the list as one process draws it: the right
+  # labels on each host, and each sample's noise independent of the split.
+  whole = b[0]["eval/whole"]
+  np.testing.assert_array_equal(b[1]["eval/whole"], whole)
+  np.testing.assert_array_equal(np.concatenate([b[0]["eval/share"], b[1]["eval/share"]]), whole)
+  assert len(b[0]["eval/share"]) == 12 and np.ptp(whole, axis=0).max() > 0  # samples differ
+  assert all(bool(r["eval/refuses_global_params"]) for r in b)
+
   # 2 processes x 2 devices -> 1 process x 8 devices, to the end.
   c = elastic_worker.run(two, 2, 4, setattr=monkeypatch.setattr)
   _check_resume([c], a, 4, _state(b[0], "saved/4"), host_0)

@@ -172,6 +172,24 @@ def test_noise_temperature_sweep_at_the_sample_scale(workdir):
   assert classifier.accuracy(clf, clf_params, half, labels) == pytest.approx(warm["cfg"]["1"]["accuracy"])
 
 
+def test_a_label_list_split_over_processes_gets_the_samples_of_the_whole_list(workdir):
+  """Hosts each sample a share of evaluation's label list (`first_index`: where it
+  starts): every sample's noise is that of its place in the whole list, so the metrics do
+  not depend on the process count, and no two hosts draw the same noise."""
+  config = _config()
+  module, params, _ = sampling.load_generator(config, str(workdir))
+  labels = (np.arange(23) % 8).astype(np.int32)  # rows i and i + 8 share a label
+  whole = sampling.generate(module, params, labels, 1.0, seed=3, batch_size=5)
+  parts = np.array_split(labels, 3)  # 8, 8, 7: shares that cross batch boundaries
+  starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+  shares = [sampling.generate(module, params, p, 1.0, seed=3, batch_size=5, first_index=int(s))
+            for p, s in zip(parts, starts)]
+  np.testing.assert_array_equal(np.concatenate(shares), whole)
+  # Each share on its own from index 0 would repeat the first rows' noise (the old rule).
+  assert not np.allclose(whole[8:16], whole[:8])
+  assert sampling.generate(module, params, labels[:0], 1.0, seed=3, batch_size=5).shape == (0, *whole.shape[1:])
+
+
 def test_watch_evaluates_each_checkpoint_once_across_restarts(workdir, monkeypatch):
   config = _config()
   assert evaluation.watch(config, str(workdir)) == [3, 6]  # stops at train.total_steps

@@ -63,6 +63,11 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
   suite = suite or evaluators.Suite(config, workdir)
   all_labels, host_labels = _host_labels(config)
   counts = [len(x) for x in np.array_split(all_labels, jax.process_count())]
+  first_index = sum(counts[:jax.process_index()])
+  # Each host samples its own labels on its own devices; the batch size is the list's,
+  # not the host's share, so that every sample's noise is the same on any process count.
+  params = sampling.host_local_params(params)
+  batch_size = min(int(config.eval.batch_size), max(1, len(all_labels)))
   eval_dir = paths.as_path(workdir) / "eval"
   tag = f"step_{step}" if step is not None else "source"
   sample_temperature = float(config.sample.temperature)
@@ -74,8 +79,7 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
   def metrics_at(cfg: float, temperature: float, grid_name: str) -> dict[str, Any]:
     start = time.perf_counter()
     samples = sampling.generate(module, params, host_labels, cfg, seed=int(config.sample.seed),
-                                batch_size=min(int(config.eval.batch_size), max(1, len(host_labels))),
-                                temperature=temperature)
+                                batch_size=batch_size, temperature=temperature, first_index=first_index)
     pixels = suite.to_pixels(samples)
     features = {space: {k: _gather_rows(v, counts) for k, v in feats.items()}
                 for space, feats in suite.features(pixels).items()}

@@ -12,6 +12,7 @@ import pathlib
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from drifting_jax import checkpointing, partitioning, paths
 from drifting_jax.data import images
@@ -51,27 +52,64 @@ def load_generator(config: ml_collections.ConfigDict, workdir: str, step: int | 
   return module, restored["ema_params"], restored_step
 
 
-def generate(module, params, labels: np.ndarray, cfg_scale: float, seed: int, batch_size: int = 500,
-             temperature: float = 1.0) -> np.ndarray:
-  """fp32 samples for `labels`, in batches of one compiled shape (last batch padded).
+def host_local_params(params):
+  """`params` as arrays this process can use on its own devices, without the other hosts.
 
-  The noise depends on (seed, batch index) only, so samples at different
-  `temperature`s (the Gaussian noise's scale) are the same draws, scaled.
+  A checkpoint restored on several processes holds global arrays (sharded by fsdp
+  over every host's devices). Sampling from them with each host's own labels would be
+  one program over all hosts whose inputs differ between hosts, which jax takes to
+  be one replicated value: each host would get samples for some other host's labels.
+  So with more than one process they are gathered in full (a collective: every
+  process calls this at the same point) and replicated over this host's devices. On
+  one process, or for arrays every device of which this process holds, nothing moves.
   """
-  out = []
+  if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(params)):
+    return params
+  gathered = multihost_utils.process_allgather(params, tiled=True)
+  local = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.local_devices()), ("local",)),
+                                     jax.sharding.PartitionSpec())
+  return jax.device_put(gathered, local)
+
+
+def generate(module, params, labels: np.ndarray, cfg_scale: float, seed: int, batch_size: int = 500,
+             temperature: float = 1.0, *, first_index: int = 0) -> np.ndarray:
+  """fp32 samples for `labels`, in batches of one compiled shape (partial batches padded).
+
+  `labels` are rows `first_index ...` of a longer list that several hosts share out
+  (0: the whole list). Sample g of the list gets row g % batch_size of the noise drawn
+  for batch g // batch_size with (seed, that batch index) alone, so the samples do
+  not depend on how the list was split over processes, and samples at different
+  `temperature`s (the Gaussian noise's scale) are the same draws, scaled. `params`
+  must be usable by this process alone (`host_local_params`).
+  """
+  if not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(params)):
+    raise ValueError("generate() needs parameters on this process's devices; with several processes "
+                     "pass them through host_local_params() first")
+  labels = np.asarray(labels, np.int32)
+  start, end = int(first_index), int(first_index) + len(labels)
   key = jax.random.PRNGKey(seed)
-  for i, start in enumerate(range(0, len(labels), batch_size)):
-    chunk = labels[start:start + batch_size]
-    padded = np.pad(chunk, (0, batch_size - len(chunk)))
-    samples = generator_lib.sample(module, params, padded, cfg_scale, rng=jax.random.fold_in(key, i),
+  out = []
+  for batch in range(start // batch_size, -(-end // batch_size)):
+    lo, hi = max(start, batch * batch_size), min(end, (batch + 1) * batch_size)
+    rows = slice(lo - batch * batch_size, hi - batch * batch_size)
+    padded = np.zeros(batch_size, np.int32)  # rows outside this part of the list: label 0, dropped
+    padded[rows] = labels[lo - start:hi - start]
+    samples = generator_lib.sample(module, params, padded, cfg_scale, rng=jax.random.fold_in(key, batch),
                                    temperature=temperature)
-    out.append(np.asarray(samples)[: len(chunk)])
+    out.append(np.asarray(samples)[rows])
+  if not out:
+    return np.zeros((0, *_sample_shape(module)), np.float32)
   return np.concatenate(out)
+
+
+def _sample_shape(module) -> tuple[int, int, int]:
+  return (module.input_size, module.input_size, module.out_channels)
 
 
 def sample_to_files(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   """Writes samples.npz (images or latents, labels) and a PNG grid; returns the folder."""
   module, params, step = load_generator(config, workdir)
+  params = host_local_params(params)  # every host draws the same samples; process 0 writes them
   classes = np.asarray(config.sample.classes or range(config.data.num_classes), np.int32)
   labels = np.repeat(classes, config.sample.per_class)
   samples = generate(module, params, labels, float(config.sample.cfg_scale), int(config.sample.seed),
