@@ -96,7 +96,7 @@ def _params(workdir):
 def test_two_processes_on_loopback_agree_with_one_process(tmp_path):
   """2 processes x 2 CPU devices run 3 steps of mnist_tiny and match 1 process x 4 devices."""
   import jax
-  flags = ["--config.train.total_steps=3", "--config.checkpoint.every_steps=3"]
+  flags = ["--config.train.total_steps=3", "--config.checkpoint.every_steps=3", "--config.log.sample_grid_every=3"]
   config = "configs/mnist_tiny.py:smoke"
   multi = subprocess.run(
       ["bash", str(LAUNCH / "multiprocess_cpu.sh"), config, str(tmp_path / "multi"), *flags],
@@ -107,7 +107,7 @@ def test_two_processes_on_loopback_agree_with_one_process(tmp_path):
       ["bash", str(LAUNCH / "local.sh"), config, str(tmp_path / "single"), *flags],
       env=_env(CPU_DEVICES="4"), cwd=ROOT, capture_output=True, text=True, timeout=400)
   assert single.returncode == 0, single.stderr[-3000:]
-  for name in ("checkpoints", "params_ema", "metrics.jsonl"):
+  for name in ("checkpoints", "params_ema", "metrics.jsonl", "samples/step_3.png"):
     assert (tmp_path / "multi" / name).exists()
   logs = sorted((tmp_path / "multi" / "logs").glob("process_*.log"))
   assert len(logs) == 2

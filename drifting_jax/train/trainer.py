@@ -156,7 +156,11 @@ def write_params_ema_artifact(workdir, module, ema_params) -> None:
 
 def write_sample_grid(path, module, ema_params, num_classes: int, per_class: int, seed: int) -> None:
   labels = np.repeat(np.arange(num_classes), per_class)
-  samples = np.asarray(generator_lib.sample(module, ema_params, labels, 1.0, rng=jax.random.PRNGKey(seed)))
+  # The same labels and key on every host: one program over the global params is right
+  # here, but its output may be split over hosts, and every host takes part in the gather.
+  samples = generator_lib.sample(module, ema_params, labels, 1.0, rng=jax.random.PRNGKey(seed))
+  samples = np.asarray(samples if samples.is_fully_addressable
+                       else multihost_utils.process_allgather(samples, tiled=True))
   if jax.process_index() == 0 and samples.shape[-1] in (1, 3):
     images.save_png(path, images.grid(images.model_to_uint8(samples), rows=num_classes))
 
