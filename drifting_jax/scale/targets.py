@@ -106,19 +106,15 @@ class Target:
     if self.chip.platform == "cuda":
       return gpu_devices(self)
     compile_environment()  # libtpu is loaded by the first description asked for
-    try:
-      topology = topologies.get_topology_desc(topology_name=self.topology_name, platform="tpu",
-                                              chips_per_host_bounds=self.chips_per_host_bounds, num_slices=1)
-    except Exception as e:  # libtpu missing, or a shape it refuses
-      raise errors.UsageError(
-          f"cannot describe the TPU slice {self.name} ({self.topology_name}): {e}. The compile mode needs "
-          "libtpu: pip install 'libtpu==0.0.52' (requirements.txt; 0.0.42, which jax[tpu]==0.10.2 pins, "
-          "crashes compiling our step for v6e at small per-chip batches: docs/scaling.md)") from None
-    devices = list(topology.devices)
-    if len(devices) != self.num_devices:
-      raise errors.UsageError(f"libtpu describes {len(devices)} devices for {self.name}, expected "
-                              f"{self.num_devices} ({self.chip.devices_per_chip} per chip)")
-    return devices
+    return _described_devices(
+        self, "libtpu", lambda: topologies.get_topology_desc(
+            topology_name=self.topology_name, platform="tpu", chips_per_host_bounds=self.chips_per_host_bounds,
+            num_slices=1),
+        lambda e: (f"cannot describe the TPU slice {self.name} ({self.topology_name}): {e}. The compile mode "
+                   "needs libtpu: pip install 'libtpu==0.0.52' (requirements.txt; 0.0.42, which "
+                   "jax[tpu]==0.10.2 pins, crashes compiling our step for v6e at small per-chip batches: "
+                   "docs/scaling.md)"),
+        per_chip=f" ({self.chip.devices_per_chip} per chip)")
 
   def to_dict(self) -> dict:
     return {"name": self.name, "topology": self.topology_name, "chips": self.chips, "devices": self.num_devices, "hosts": self.hosts,
@@ -271,18 +267,25 @@ def gpu_devices(target: Target) -> list:
     # takes effect if no backend has started yet (launch/compile_check.sh sets it anyway).
     jax.config.update("jax_platforms", "cpu")
   spec = GPU_SPECS[target.chip.generation]
+  return _described_devices(
+      target, "the CUDA plugin", lambda: topologies.get_topology_desc(
+          platform="cuda", target_config=gpu_target_config(spec), topology=target.topology_name),
+      lambda e: (f"the CUDA plugin cannot describe {target.name} ({target.topology_name}): "
+                 f"{str(e).splitlines()[0]}. Run with JAX_PLATFORMS=cpu (launch/compile_check.sh sets it): "
+                 "the plugin describes GPUs it cannot see only when JAX itself runs on the CPU"))
+
+
+def _described_devices(target: Target, describer: str, describe, failure, per_chip: str = "") -> list:
+  """The devices of `describe()` (a compiler plugin's topology description), checked
+  against the target's count; a description that fails is a one-line `failure(error)`."""
   try:
-    topology = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(spec),
-                                            topology=target.topology_name)
-  except Exception as e:  # noqa: BLE001
-    raise errors.UsageError(
-        f"the CUDA plugin cannot describe {target.name} ({target.topology_name}): {str(e).splitlines()[0]}. "
-        "Run with JAX_PLATFORMS=cpu (launch/compile_check.sh sets it): the plugin describes GPUs it "
-        "cannot see only when JAX itself runs on the CPU") from None
+    topology = describe()
+  except Exception as e:  # noqa: BLE001  (plugin missing, or a shape it refuses)
+    raise errors.UsageError(failure(e)) from None
   devices = list(topology.devices)
   if len(devices) != target.num_devices:
-    raise errors.UsageError(f"the CUDA plugin describes {len(devices)} devices for {target.name}, "
-                            f"expected {target.num_devices}")
+    raise errors.UsageError(f"{describer} describes {len(devices)} devices for {target.name}, "
+                            f"expected {target.num_devices}{per_chip}")
   return devices
 
 
