@@ -10,6 +10,7 @@ from __future__ import annotations
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -66,9 +67,24 @@ def host_local_params(params):
   if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(params)):
     return params
   gathered = multihost_utils.process_allgather(params, tiled=True)
-  local = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.local_devices()), ("local",)),
+  local = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.local_devices()), (_HOST_AXIS,)),
                                      jax.sharding.PartitionSpec())
   return jax.device_put(gathered, local)
+
+
+# The mesh axis of `host_local_params`: this host's devices, over which `generate`
+# splits each batch (replicated params and an unsplit batch would have every device
+# compute the whole batch).
+_HOST_AXIS = "host_devices"
+
+
+def _host_batch_sharding(params):
+  """The batch split over this host's devices, for params from `host_local_params`; else None."""
+  leaves = jax.tree.leaves(params)
+  sharding = getattr(leaves[0], "sharding", None) if leaves else None
+  if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.axis_names != (_HOST_AXIS,):
+    return None
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(_HOST_AXIS))
 
 
 def generate(module, params, labels: np.ndarray, cfg_scale: float, seed: int, batch_size: int = 500,
@@ -88,14 +104,22 @@ def generate(module, params, labels: np.ndarray, cfg_scale: float, seed: int, ba
   labels = np.asarray(labels, np.int32)
   start, end = int(first_index), int(first_index) + len(labels)
   key = jax.random.PRNGKey(seed)
+  split = _host_batch_sharding(params)
+  # Split over this host's devices, a batch is padded to a multiple of their number;
+  # the noise is drawn for `batch_size` rows all the same, so padding changes no sample.
+  rows_per_call = batch_size if split is None else -(-batch_size // split.mesh.size) * split.mesh.size
   out = []
   for batch in range(start // batch_size, -(-end // batch_size)):
     lo, hi = max(start, batch * batch_size), min(end, (batch + 1) * batch_size)
     rows = slice(lo - batch * batch_size, hi - batch * batch_size)
-    padded = np.zeros(batch_size, np.int32)  # rows outside this part of the list: label 0, dropped
+    padded = np.zeros(rows_per_call, np.int32)  # rows outside this part of the list: label 0, dropped
     padded[rows] = labels[lo - start:hi - start]
-    samples = generator_lib.sample(module, params, padded, cfg_scale, rng=jax.random.fold_in(key, batch),
-                                   temperature=temperature)
+    noise = generator_lib.draw_noise(module, jax.random.fold_in(key, batch), batch_size, temperature)
+    if split is not None:
+      noise = jax.tree.map(lambda x: jax.device_put(
+          jnp.pad(x, [(0, rows_per_call - batch_size)] + [(0, 0)] * (x.ndim - 1)), split), noise)
+      padded = jax.device_put(padded, split)
+    samples = generator_lib.sample(module, params, padded, cfg_scale, noise=noise)
     out.append(np.asarray(samples)[rows])
   if not out:
     return np.zeros((0, *_sample_shape(module)), np.float32)
