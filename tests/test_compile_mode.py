@@ -47,9 +47,10 @@ def single_host(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def four_hosts(tmp_path_factory):
-  """v6e-16 (4 hosts x 4 chips), data 4 x fsdp 4, 16 classes: the training step."""
+  """v6e-16 (4 hosts x 4 chips), data 4 x fsdp 4, 16 classes: the training and the sampling step."""
   workdir = tmp_path_factory.mktemp("v6e16")
-  config = _smoke(compile__target="v6e-16", mesh__fsdp=4, train__classes_per_step=16)
+  config = _smoke(compile__target="v6e-16", mesh__fsdp=4, train__classes_per_step=16,
+                  compile__programs=("train", "sample"), eval__batch_size=30)
   return compile_mode.compile_mode(config, str(workdir))
 
 
@@ -85,6 +86,18 @@ def test_the_mae_pretraining_step_compiles(tmp_path):
   assert mae["memory"]["fits"] and mae["batch"] == {"batch_size": 8}
   assert 0.85 <= mae["flops"]["compiler_over_analytical"] <= 1.3
   assert mae["projection"]["total_steps"] == config.mae.total_steps
+
+
+def test_on_several_hosts_each_host_samples_on_its_own_chips(four_hosts):
+  """As evaluation samples (eval/sampling.py): one host's program, params replicated over
+  its 4 chips, the batch (30, padded to 32) split over them, no collective between hosts."""
+  sample = four_hosts["programs"]["sample"]
+  assert sample["devices_per_program"] == 4 and sample["batch"] == {"samples_per_step": 32}
+  assert sample["layout"].startswith("per host") and sample["memory"]["fits"]
+  assert 0.85 <= sample["flops"]["compiler_over_analytical"] <= 1.3
+  assert sample["collectives"]["all-gather"]["count"] == 0  # nothing sharded to gather
+  projection = sample["projection"]
+  assert projection["generated_images_per_second"] == pytest.approx(4 * 32 / projection["step_seconds"])
 
 
 def test_compiler_flops_agree_with_the_analytical_count(single_host):

@@ -287,32 +287,55 @@ def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target,
 
 
 def compile_sample(config: ml_collections.ConfigDict, target: targets_lib.Target, mesh) -> dict[str, Any]:
-  """The evaluation's sampling step: `eval.batch_size` samples from the EMA params, laid out as in training."""
+  """The evaluation's sampling step: `eval.batch_size` samples from the EMA params, laid out
+  as evaluation lays them out (eval/sampling.py).
+
+  On one host: the params as in training, the batch split over the mesh. On several:
+  each host samples its own share on its own devices, from params gathered to it and
+  replicated over its devices, each batch split over them (`host_local_params`,
+  `generate`); one host's program is compiled, and the slice's rate is the hosts'.
+  """
   module = generator_lib.build_module(generator_lib.model_config_from_run(config))
   params = artifacts.abstract_params("gen", generator_lib.model_config_from_run(config))
-  shardings = partitioning.tree_shardings(params, mesh)
   n = int(config.eval.batch_size)
-  batch = partitioning.global_batch_sharding((n,), mesh)
+  if target.hosts > 1:
+    first_host = mesh.devices.flat[0].process_index
+    host_mesh = jax.sharding.Mesh(np.asarray([d for d in mesh.devices.flat if d.process_index == first_host]),
+                                  ("host_devices",))
+    shardings = jax.tree.map(lambda _: partitioning.replicated(host_mesh), params)
+    n = -(-n // host_mesh.size) * host_mesh.size  # generate pads each batch to a multiple of the devices
+    batch = jax.sharding.NamedSharding(host_mesh, jax.sharding.PartitionSpec("host_devices"))
+    out = jax.sharding.NamedSharding(host_mesh, jax.sharding.PartitionSpec("host_devices", None, None, None))
+    program_mesh, samplers = host_mesh, target.hosts
+    layout = (f"per host: params replicated over the host's {host_mesh.size} devices, each batch split over "
+              f"them; {target.hosts} hosts sample at once")
+  else:
+    shardings = partitioning.tree_shardings(params, mesh)
+    batch = partitioning.global_batch_sharding((n,), mesh)
+    out = partitioning.global_batch_sharding((n, 1, 1, 1), mesh)
+    program_mesh, samplers = mesh, 1
+    layout = "one host: params as in training, the batch split over the mesh"
 
   def sample(p, labels, cfg, rng):
     return module.apply({"params": p}, labels, cfg, rngs={"noise": rng})["samples"].astype(jnp.float32)
 
-  jitted = jax.jit(sample, in_shardings=(shardings, batch, batch, partitioning.replicated(mesh)),
-                   out_shardings=partitioning.global_batch_sharding((n, 1, 1, 1), mesh))
+  rng_sharding = partitioning.replicated(program_mesh)
+  jitted = jax.jit(sample, in_shardings=(shardings, batch, batch, rng_sharding), out_shardings=out)
   args = (_abstract(params, shardings), jax.ShapeDtypeStruct((n,), jnp.int32, sharding=batch),
           jax.ShapeDtypeStruct((n,), jnp.float32, sharding=batch),
-          jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=partitioning.replicated(mesh)))
+          jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rng_sharding))
   compiled, seconds = _compile(jitted, args, "the sampling step", target)
   report = analysis.analyze(compiled, target)
   analytical = flops_lib.program_flops(sample, *[jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x)
-                                                 for x in args]) / mesh.size
+                                                 for x in args]) / program_mesh.size
   report["flops"] = {"compiler_per_device": report["flops_per_device"], "analytical_per_device": analytical,
                      "compiler_over_analytical": report["flops_per_device"] / analytical if analytical else None}
   s = report["time"]["seconds"]
   report["projection"] = {"label": _estimate_label(target), "step_seconds": s,
-                          "generated_images_per_second": n / s if s else None,
+                          "generated_images_per_second": samplers * n / s if s else None,
                           "mfu": analytical / (target.chip.device_peak_flops * s) if s else None}
-  report.update(compile_seconds=seconds, batch={"samples_per_step": n})
+  report.update(compile_seconds=seconds, batch={"samples_per_step": n}, layout=layout,
+                devices_per_program=program_mesh.size)
   return report
 
 
