@@ -53,6 +53,17 @@ def load_generator(config: ml_collections.ConfigDict, workdir: str, step: int | 
   return module, restored["ema_params"], restored_step
 
 
+# The mesh axis of `host_local_params`: this host's devices, over which `generate`
+# splits each batch (replicated params and an unsplit batch would have every device
+# compute the whole batch).
+_HOST_AXIS = "host_devices"
+
+
+def _on_this_host(params) -> bool:
+  """Whether this process holds every device of every array (numpy arrays: yes)."""
+  return all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(params))
+
+
 def host_local_params(params):
   """`params` as arrays this process can use on its own devices, without the other hosts.
 
@@ -64,18 +75,12 @@ def host_local_params(params):
   process calls this at the same point) and replicated over this host's devices. On
   one process, or for arrays every device of which this process holds, nothing moves.
   """
-  if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(params)):
+  if _on_this_host(params):
     return params
   gathered = multihost_utils.process_allgather(params, tiled=True)
   local = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.local_devices()), (_HOST_AXIS,)),
                                      jax.sharding.PartitionSpec())
   return jax.device_put(gathered, local)
-
-
-# The mesh axis of `host_local_params`: this host's devices, over which `generate`
-# splits each batch (replicated params and an unsplit batch would have every device
-# compute the whole batch).
-_HOST_AXIS = "host_devices"
 
 
 def _host_batch_sharding(params):
@@ -98,10 +103,12 @@ def generate(module, params, labels: np.ndarray, cfg_scale: float, seed: int, ba
   `temperature`s (the Gaussian noise's scale) are the same draws, scaled. `params`
   must be usable by this process alone (`host_local_params`).
   """
-  if not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(params)):
+  if not _on_this_host(params):
     raise ValueError("generate() needs parameters on this process's devices; with several processes "
                      "pass them through host_local_params() first")
   labels = np.asarray(labels, np.int32)
+  if not len(labels):  # a host with no share of the list
+    return np.zeros((0, module.input_size, module.input_size, module.out_channels), np.float32)
   start, end = int(first_index), int(first_index) + len(labels)
   key = jax.random.PRNGKey(seed)
   split = _host_batch_sharding(params)
@@ -121,13 +128,7 @@ def generate(module, params, labels: np.ndarray, cfg_scale: float, seed: int, ba
       padded = jax.device_put(padded, split)
     samples = generator_lib.sample(module, params, padded, cfg_scale, noise=noise)
     out.append(np.asarray(samples)[rows])
-  if not out:
-    return np.zeros((0, *_sample_shape(module)), np.float32)
   return np.concatenate(out)
-
-
-def _sample_shape(module) -> tuple[int, int, int]:
-  return (module.input_size, module.input_size, module.out_channels)
 
 
 def sample_to_files(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
