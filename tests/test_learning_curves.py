@@ -75,3 +75,15 @@ def test_reports_list_every_finished_run_with_its_cost(tmp_path):
   assert "| log_kde_gauss 0.2 s0 | 5 × 32 / 64 | 2600 (1200 steps) | 2.167 | 3 | 1 | 1.0/2.5; 2.5/2.0 |" in md
   assert (docs / "figures" / "learning_curves.png").stat().st_size > 0
   assert json.loads((docs / "learning_curves.json").read_text())[1]["curve"]["3200"]["frechet_distance"] == 150
+
+
+def test_the_topk_scale_shrinks_with_more_positives_per_class():
+  """The measurement behind the top-k reading: nearest positives are nearer among more of them."""
+  from scripts import topk_scale_by_batch
+  result = topk_scale_by_batch.measure(draws=2)
+  means = [result["scale_mean"][str(p)] for p in topk_scale_by_batch.POSITIVES_PER_CLASS]
+  assert all(a > b for a, b in zip(means, means[1:])), means
+  ratio = result["ratio_96_over_64"]
+  # k-NN distances in ~10 intrinsic dimensions shrink like P^(-1/10): (64/96)^0.1 = 0.96.
+  assert 0.9 < ratio["min"] <= ratio["mean"] <= ratio["max"] < 1.0
+  assert len(result["scale_per_class"]["64"]) == 10
