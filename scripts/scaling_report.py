@@ -48,6 +48,8 @@ def refresh(report: dict) -> dict:
       continue
     images = (p["batch"].get("generated_per_step") or p["batch"].get("samples_per_step")
               or p["batch"].get("batch_size"))
+    if "devices_per_program" in p:  # per-host sampling: every host runs the program at once
+      images *= report["target"]["devices"] // p["devices_per_program"]
     key = "images_per_second" if "images_per_second" in proj else "generated_images_per_second"
     proj.update(step_seconds=s, **{key: images / s})
     if "total_steps" in proj:

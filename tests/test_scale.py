@@ -92,8 +92,9 @@ def test_flop_count_matches_closed_forms():
   x = jnp.ones((4, 16, 16, 8))
   p = conv.init(jax.random.PRNGKey(0), x)
   fwd = flops.program_flops(lambda p, x: conv.apply(p, x), p, x)
-  assert fwd == 2 * 4 * 16 * 16 * 32 * 9 * 8
-  # Gradients w.r.t. both input and kernel: two more convolutions of the same size.
+  # Taps on the zero padding are not work: per dimension 3 x 16 - 2 real (output, tap) pairs, not 3 x 16.
+  assert fwd == 2 * 4 * 32 * 8 * (3 * 16 - 2) ** 2
+  # Gradients w.r.t. both input and kernel: two more convolutions over the same (output, tap) pairs.
   grad = flops.program_flops(jax.grad(lambda p, x: jnp.sum(conv.apply(p, x) ** 2), argnums=(0, 1)), p, x)
   assert grad == 3 * fwd
   dense = nn.Dense(64)
@@ -106,6 +107,24 @@ def test_flop_count_matches_closed_forms():
   m = jnp.ones((8, 8))
   scanned = flops.program_flops(lambda m: jax.lax.scan(lambda c, _: (c @ m, None), m, None, length=5)[0], m)
   assert scanned == 5 * 2 * 8 * 8 * 8
+
+
+@pytest.mark.parametrize("side,stride", [(2, 1), (4, 1), (7, 2), (8, 2)])
+def test_conv_flop_count_agrees_with_the_compilers(side, stride):
+  """XLA's cost analysis counts a convolution's real taps; so does ours, forward and backward
+  (a strided convolution's input gradient is a convolution over a dilated input)."""
+  conv = nn.Conv(24, (3, 3), strides=stride, padding="SAME", use_bias=False)
+  x = jnp.ones((2, side, side, 16))
+  p = conv.init(jax.random.PRNGKey(0), x)
+  fns = {"forward": lambda p, x: conv.apply(p, x),
+         # value_and_grad: with grad alone XLA drops the unused forward convolution.
+         "backward": jax.value_and_grad(lambda p, x: jnp.sum(conv.apply(p, x)), argnums=(0, 1))}
+  for name, fn in fns.items():
+    ours = flops.program_flops(fn, p, x)
+    cost = jax.jit(fn).lower(p, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    # The compiler adds the elementwise work (the sum's ones, the grad's broadcast): a few percent.
+    assert ours <= cost["flops"] <= 1.05 * ours, (name, ours, cost["flops"])
 
 
 def test_a_machine_without_tpus_never_starts_libtpu():
@@ -127,3 +146,15 @@ def test_a_machine_without_tpus_never_starts_libtpu():
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.split()[0] in ("cpu", "gpu")
   assert "TPU" not in proc.stderr and "libtpu" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_scaling_report_counts_every_host_of_a_per_host_program():
+  """The per-host sampling program runs on every host at once: the slice's rate is the hosts' sum."""
+  from scripts import scaling_report
+  target = targets.parse("v6e-16")
+  cost = {"flops": 1e12, "bytes accessed": 1e10, "optimal_seconds": 0.05}
+  program = {"cost_analysis": cost, "custom_calls": {}, "batch": {"samples_per_step": 32}, "devices_per_program": 4,
+             "projection": {"label": "compiler's estimate", "step_seconds": 1.0, "generated_images_per_second": 1.0}}
+  report = scaling_report.refresh({"target": target.to_dict(), "programs": {"sample": program}})
+  seconds = analysis.step_time_estimate(cost, target, {})["seconds"]
+  assert report["programs"]["sample"]["projection"]["generated_images_per_second"] == pytest.approx(4 * 32 / seconds)

@@ -229,25 +229,31 @@ def _compile(jitted, args, what: str, target: targets_lib.Target) -> tuple[Any, 
   return compiled, seconds
 
 
-def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target, mesh) -> dict[str, Any]:
-  t = config.train
-  program = TrainProgram(config, mesh)
-  compiled, seconds = _compile(program.jitted, program.args(), "the training step", target)
-  report = analysis.analyze(compiled, target)
+def train_flops(program: TrainProgram, devices: int, compiler_flops: float) -> dict[str, Any]:
+  """The report's FLOP section of the training step: the compiler's count beside the analytical one."""
   counts = program.analytical_flops()
-  devices = mesh.size
-  compiler_flops = report["flops_per_device"]
   analytical = counts["traced_step"] / devices
-  report["flops"] = {
+  return {
       "compiler_per_device": compiler_flops,
       "analytical_per_device": analytical,
       "analytical_pieces_global": counts["pieces"],
       "analytical_sum_of_pieces_global": counts["sum_of_pieces"],
       "analytical_traced_step_global": counts["traced_step"],
       "compiler_over_analytical": compiler_flops / analytical if analytical else None,
-      "note": ("analytical = matmul and convolution FLOPs of the traced step (2 per multiply-add), "
-               "divided over the devices; the compiler also counts elementwise work"),
+      "note": ("analytical = matmul and convolution FLOPs of the traced step (2 per multiply-add; "
+               "a convolution's taps on padding not counted, as XLA does not), divided over the devices; "
+               "the compiler also counts elementwise work"),
   }
+
+
+def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target, mesh) -> dict[str, Any]:
+  t = config.train
+  program = TrainProgram(config, mesh)
+  compiled, seconds = _compile(program.jitted, program.args(), "the training step", target)
+  report = analysis.analyze(compiled, target)
+  compiler_flops = report["flops_per_device"]
+  report["flops"] = train_flops(program, mesh.size, compiler_flops)
+  analytical = report["flops"]["analytical_per_device"]
   seconds_per_step = report["time"]["seconds"]
   images = t.classes_per_step * t.gen_per_class
   report["projection"] = {
@@ -344,6 +350,24 @@ def compile_mae(config: ml_collections.ConfigDict, target: targets_lib.Target, m
   if "mae" not in config:
     raise errors.UsageError("compile.programs names 'mae' but the config has no `mae` section "
                             "(use configs/imagenet_mae_latent_256.py)")
+  step, jitted, args, abstract_state = mae_program(config, mesh)
+  m, b = config.mae, int(config.mae.batch_size)
+  compiled, seconds = _compile(jitted, args, "the MAE pretraining step", target)
+  report = analysis.analyze(compiled, target)
+  analytical = flops_lib.program_flops(step, *args) / mesh.size
+  report["flops"] = {"compiler_per_device": report["flops_per_device"], "analytical_per_device": analytical,
+                     "compiler_over_analytical": report["flops_per_device"] / analytical if analytical else None}
+  s = report["time"]["seconds"]
+  report["projection"] = {"label": _estimate_label(target), "step_seconds": s,
+                          "images_per_second": b / s if s else None, "total_steps": int(m.total_steps),
+                          "run_hours": s * m.total_steps / 3600.0,
+                          "mfu": analytical / (target.chip.device_peak_flops * s) if s else None}
+  report.update(compile_seconds=seconds, mae_params=_count(abstract_state.params), batch={"batch_size": b})
+  return report
+
+
+def mae_program(config: ml_collections.ConfigDict, mesh) -> tuple[Any, Any, tuple, Any]:
+  """(step, jitted step, abstract args, abstract state) of the MAE pretraining step on `mesh`."""
   m = config.mae
   module = mae_lib.build_module(mae_pretrain.model_config(config))
   tx, schedule = mae_pretrain.make_optimizer(m)
@@ -358,18 +382,7 @@ def compile_mae(config: ml_collections.ConfigDict, target: targets_lib.Target, m
                                           sharding=partitioning.global_batch_sharding((b, *shape), mesh)),
            "labels": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=partitioning.global_batch_sharding((b,), mesh))}
   args = (_abstract(abstract_state, shardings), batch, jax.ShapeDtypeStruct((), jnp.float32))
-  compiled, seconds = _compile(jitted, args, "the MAE pretraining step", target)
-  report = analysis.analyze(compiled, target)
-  analytical = flops_lib.program_flops(step, *args) / mesh.size
-  report["flops"] = {"compiler_per_device": report["flops_per_device"], "analytical_per_device": analytical,
-                     "compiler_over_analytical": report["flops_per_device"] / analytical if analytical else None}
-  s = report["time"]["seconds"]
-  report["projection"] = {"label": _estimate_label(target), "step_seconds": s,
-                          "images_per_second": b / s if s else None, "total_steps": int(m.total_steps),
-                          "run_hours": s * m.total_steps / 3600.0,
-                          "mfu": analytical / (target.chip.device_peak_flops * s) if s else None}
-  report.update(compile_seconds=seconds, mae_params=_count(abstract_state.params), batch={"batch_size": b})
-  return report
+  return step, jitted, args, abstract_state
 
 
 COMPILERS = {"train": compile_train, "sample": compile_sample, "mae": compile_mae}
@@ -417,6 +430,11 @@ def _row(name: str, r: dict[str, Any]) -> list[str]:
   return lines
 
 
+# libtpu's refusal of a program over part of a slice (found compiling the ablation's
+# per-host sampling step for v5e-256; v5e-16, v6e and v5p slices accept it).
+_LIMITED_ROUTING = "On platforms with limited ICI routing device assignment should include all slice devices"
+
+
 def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Compiles `compile.programs` for `compile.target`; writes <workdir>/compile_report.json, prints a table."""
   target = targets_lib.parse(config.compile.target)
@@ -433,8 +451,18 @@ def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     report["jax_cuda12_plugin"] = _package_version("jax-cuda12-plugin")
   out = pathlib.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
+  refused = {}
   for name in config.compile.programs:
-    report["programs"][name] = COMPILERS[name](config, target, mesh)
+    try:
+      report["programs"][name] = COMPILERS[name](config, target, mesh)
+    except Exception as e:  # noqa: BLE001  (XlaRuntimeError; its type moves between jax versions)
+      if _LIMITED_ROUTING not in str(e):
+        raise
+      # The other programs' reports stand; this one cannot run as laid out on this slice.
+      refused[name] = (f"the compiler refuses this program's device assignment on {target.name}: "
+                       f"{_LIMITED_ROUTING} (a program over a subset of the slice's chips, as "
+                       "evaluation's per-host sampling is)")
+      report.setdefault("refused", {})[name] = refused[name]
     (out / "compile_report.json").write_text(json.dumps(report, indent=2, default=float))
   compiler = (f"jax-cuda12-plugin {report['jax_cuda12_plugin']}" if target.chip.platform == "cuda"
               else f"libtpu {report['libtpu']}")
@@ -442,10 +470,14 @@ def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
            f"{dict(mesh.shape)}); jax {report['jax']}, {compiler}"]
   for name, r in report["programs"].items():
     lines += _row(name, r)
+  lines += [f"{name}: not compiled: {why}" for name, why in refused.items()]
   print("\n".join(lines), flush=True)
   too_big = [f"{name}: {r['memory']['verdict']}" for name, r in report["programs"].items() if not r["memory"]["fits"]]
   if too_big:  # the report is written; the exit status tells a launch script not to rent the slice
     raise DoesNotFit("; ".join(too_big) + f" (report: {out / 'compile_report.json'})")
+  if refused:
+    raise errors.UsageError("; ".join(f"{name}: {why}" for name, why in refused.items())
+                            + f" (the other programs' report: {out / 'compile_report.json'})")
   return report
 
 
