@@ -372,7 +372,8 @@ def sample_montage(results: list[dict], root: pathlib.Path, path: pathlib.Path) 
   for ax in axes.flat:
     ax.axis("off")
   for ax, (name, (r, grid)) in zip(axes.flat, chosen.items()):
-    ax.imshow(matplotlib.image.imread(grid), cmap="gray", interpolation="nearest")
+    # Fixed range: a flat grid (a run that never trains) keeps its grey instead of turning black.
+    ax.imshow(matplotlib.image.imread(grid), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_title(f"{name} (w={r['width']:g}, seed {r['seed']})\nFD {r['frechet_distance']:.0f}, "
                  f"accuracy {r['accuracy']:.2f}", fontsize=9)
   fig.tight_layout()

@@ -287,7 +287,9 @@ def plot(results: list[dict], reference: dict, path: pathlib.Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(EVAL_STEPS), [str(s) for s in EVAL_STEPS])
     ax.set_xlabel("training step")
-    if metric == "frechet_distance":
+    plotted = [y for line in ax.get_lines() for y in np.asarray(line.get_ydata(), float) if np.isfinite(y)]
+    # Log scale: a run that never trains sits orders of magnitude above the others.
+    if metric in ("frechet_distance", "stray_ink_ratio") and plotted and min(plotted) > 0:
       ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
   legend_ax = axes.flat[-1]
@@ -316,7 +318,8 @@ def sample_montage(results: list[dict], root: pathlib.Path, path: pathlib.Path, 
       ax.axis("off")
       grid = root / curve_name(r["objective"], r["width"], r["seed"], r["batch"]) / "eval" / f"step_{step}_cfg1.png"
       if grid.exists():
-        ax.imshow(matplotlib.image.imread(grid), cmap="gray", interpolation="nearest")
+        # Fixed range: a flat grid (a run that never trains) keeps its grey instead of turning black.
+        ax.imshow(matplotlib.image.imread(grid), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         fd = r["curve"].get(str(step), {}).get("frechet_distance")
         ax.set_title(f"{_label(r)} seed {r['seed']}, step {step}" + (f"\nFD {fd:.0f}" if fd is not None else ""),
                      fontsize=9)

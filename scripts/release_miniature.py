@@ -248,7 +248,8 @@ def montage(root: pathlib.Path, alphas: list[str], sweep: dict, pixels: dict, pa
   for ax in axes.flat:
     ax.axis("off")
   for ax, (grid, title, metrics) in zip(axes.flat, panels):
-    ax.imshow(matplotlib.image.imread(grid), cmap="gray", interpolation="nearest")
+    # Fixed range: a flat grid (a run that never trains) keeps its grey instead of turning black.
+    ax.imshow(matplotlib.image.imread(grid), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_title(f"{title}\naccuracy {metrics['accuracy']:.2f}, FD {metrics['frechet_distance']:.0f}", fontsize=9)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
