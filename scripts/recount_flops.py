@@ -27,7 +27,7 @@ flags.mark_flags_as_required(["config", "report"])
 
 
 def recount(report: dict, config) -> dict:
-  from drifting_jax.scale import compile_mode, flops as flops_lib, targets
+  from drifting_jax.scale import compile_mode, targets
 
   target = targets.parse(report["target"]["name"])
   config.compile.target = target.name
@@ -42,8 +42,7 @@ def recount(report: dict, config) -> dict:
       program["flops"] = compile_mode.train_flops(compile_mode.TrainProgram(config, mesh), mesh.size, compiler)
     elif name == "mae":
       step, _, args, _ = compile_mode.mae_program(config, mesh)
-      analytical = flops_lib.program_flops(step, *args) / mesh.size
-      program["flops"].update(analytical_per_device=analytical, compiler_over_analytical=compiler / analytical)
+      program["flops"] = compile_mode.mae_flops(step, args, mesh.size, compiler)
     else:  # the sampling step has no padded convolution (the DiT's patch embedding is unpadded)
       continue
     seconds = program["projection"]["step_seconds"]
