@@ -122,6 +122,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.cfg_scales = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5)  # each at sample.temperature
   c.eval.temperatures = ()           # noise temperatures also evaluated, each at sample.cfg_scale
   c.eval.batch_size = 500
+  # With several hosts: "per_host" (each host samples its share in a program over its own
+  # chips), "global" (one program over every chip, each host's rows on its own chips), or
+  # "auto" (per_host; global on multi-host TPU v5e, whose compiler refuses per-host programs).
+  c.eval.sampling_layout = "auto"
   c.eval.reference_stats = ""        # .npz with mu/sigma
   c.eval.classifier_path = ""        # MNIST-like offline metrics ("" = <workdir>/classifier)
   c.eval.reference_features = ""     # .npz with real `features` for precision/recall

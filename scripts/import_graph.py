@@ -133,7 +133,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "data": ("errors", "models", "paths"),    # the latent cache is built with the SD-VAE
     "eval": _BASE,
     "train": (*_BASE, "losses"),
-    "scale": (*_BASE, "train", "losses"),  # TPU slices: compile the run's programs, report
+    "scale": (*_BASE, "train", "eval", "losses"),  # TPU slices: compile the run's programs, report
     "modes": ("errors", "data", "eval", "train", "scale"),
     "main": ("errors", "host_memory", "modes"),
     "demo": (*_BASE, "eval", "train", "losses", "host_memory"),

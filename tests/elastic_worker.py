@@ -121,6 +121,8 @@ def evaluation_samples(config, params) -> dict:
 
   eval/share   this process's share of a 23-label list (`np.array_split` over processes)
   eval/whole   the whole list, drawn by this process alone (the same labels on every host)
+  eval/global_share   this process's share, drawn by one program over every host's devices
+              (`global_params`: the layout of slices that refuse per-host programs)
   eval/refuses_global_params   whether `generate` refused the params as they are
   """
   import jax
@@ -136,6 +138,9 @@ def evaluation_samples(config, params) -> dict:
   local = sampling.host_local_params(params)
   share = sampling.generate(module, local, parts[jax.process_index()], 1.0, seed=5, batch_size=4, first_index=first)
   whole = sampling.generate(module, local, labels, 1.0, seed=5, batch_size=4)
+  everywhere = sampling.global_params(params)
+  global_share = sampling.generate(module, everywhere, parts[jax.process_index()], 1.0, seed=5, batch_size=4,
+                                   first_index=first)
   # The global params themselves are refused on several processes: fed each host's own
   # labels, one program over all hosts mixes them up wherever the partitioner splits the
   # batch over hosts (a 2-host evaluation of mnist_tiny scored 0.41 accuracy for 0.93).
@@ -144,7 +149,8 @@ def evaluation_samples(config, params) -> dict:
     refused = False
   except ValueError:
     refused = True
-  return {"eval/share": share, "eval/whole": whole, "eval/refuses_global_params": np.asarray(refused)}
+  return {"eval/share": share, "eval/whole": whole, "eval/global_share": global_share,
+          "eval/refuses_global_params": np.asarray(refused)}
 
 
 def main() -> None:

@@ -161,9 +161,21 @@ def test_a_slice_that_refuses_the_per_host_program_says_so(tmp_path):
   """A v5e-256 (a whole v5e pod) accepts only programs over the whole slice (libtpu:
   "limited ICI routing"; a v5e-16 accepts the per-host program): evaluation's per-host
   sampling step is refused there. The report names it in one line and keeps the other
-  programs; the command exits as a usage error, not a traceback."""
-  config = _smoke(compile__target="v5e-256", mesh__fsdp=4, compile__programs=("sample",), eval__batch_size=30)
+  programs; the command exits as a usage error, not a traceback. The layout evaluation
+  picks there by default ("auto": global) is one program over all 256 chips: accepted."""
+  config = _smoke(compile__target="v5e-256", mesh__fsdp=4, compile__programs=("sample",), eval__batch_size=30,
+                  eval__sampling_layout="per_host")
   with pytest.raises(errors.UsageError, match="sample: the compiler refuses .* v5e-256: .*limited ICI routing"):
-    compile_mode.compile_mode(config, str(tmp_path))
-  report = json.loads((tmp_path / "compile_report.json").read_text())
+    compile_mode.compile_mode(config, str(tmp_path / "per_host"))
+  report = json.loads((tmp_path / "per_host" / "compile_report.json").read_text())
   assert report["programs"] == {} and "limited ICI routing" in report["refused"]["sample"]
+  assert "eval.sampling_layout='global'" in report["refused"]["sample"]
+
+  config.eval.sampling_layout = "auto"
+  sample = compile_mode.compile_mode(config, str(tmp_path / "auto"))["programs"]["sample"]
+  # 64 hosts, each its 30 rows padded to its 4 chips' multiple: 64 x 32 rows per call.
+  assert sample["layout"].startswith("global") and sample["devices_per_program"] == 256
+  assert sample["batch"] == {"samples_per_step": 64 * 32} and sample["memory"]["fits"]
+  assert all(c["count"] == 0 for c in sample["collectives"].values())  # each host's rows stay on its chips
+  projection = sample["projection"]
+  assert projection["generated_images_per_second"] == pytest.approx(64 * 32 / projection["step_seconds"])

@@ -191,6 +191,9 @@ def test_resume_on_another_process_and_device_count(straight, tmp_path, monkeypa
   np.testing.assert_array_equal(np.concatenate([b[0]["eval/share"], b[1]["eval/share"]]), whole)
   assert len(b[0]["eval/share"]) == 12 and np.ptp(whole, axis=0).max() > 0  # samples differ
   assert all(bool(r["eval/refuses_global_params"]) for r in b)
+  # The same shares from one program over both hosts' devices (the global layout),
+  # each host's labels on its own rows: 12 and 11 rows, so host 1 pads its last call.
+  np.testing.assert_array_equal(np.concatenate([b[0]["eval/global_share"], b[1]["eval/global_share"]]), whole)
 
   # 2 processes x 2 devices -> 1 process x 8 devices, to the end.
   c = elastic_worker.run(two, 2, 4, setattr=monkeypatch.setattr)

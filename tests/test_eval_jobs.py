@@ -188,6 +188,32 @@ def test_a_label_list_split_over_processes_gets_the_samples_of_the_whole_list(wo
   # Each share on its own from index 0 would repeat the first rows' noise (the old rule).
   assert not np.allclose(whole[8:16], whole[:8])
   assert sampling.generate(module, params, labels[:0], 1.0, seed=3, batch_size=5).shape == (0, *whole.shape[1:])
+  # The global layout (one program over every device, each host's rows on its own
+  # devices; here one host of 8): the same samples up to rounding (other per-device
+  # shapes: each call's 5 rows padded to 8, one per device), the shares' noise rows
+  # taken from the draws of the batches they cross.
+  everywhere = sampling.global_params(params)
+  assert sampling._batch_sharding(everywhere)[0] == "global"
+  global_shares = [sampling.generate(module, everywhere, p, 1.0, seed=3, batch_size=5, first_index=int(s))
+                   for p, s in zip(parts, starts)]
+  np.testing.assert_allclose(np.concatenate(global_shares), whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout, device_kind, processes, expected", [
+    ("auto", "TPU v5 lite", 64, "global"),   # libtpu refuses per-host programs on a v5e pod
+    ("auto", "TPU v5 lite", 1, "per_host"),
+    ("auto", "TPU v6 lite", 16, "per_host"),
+    ("auto", "NVIDIA H100 80GB HBM3", 2, "per_host"),
+    ("global", "cpu", 1, "global"),
+    ("per_host", "TPU v5 lite", 64, "per_host"),
+])
+def test_the_sampling_layout_auto_is_global_only_on_multi_host_v5e(layout, device_kind, processes, expected):
+  assert sampling.resolve_layout(layout, device_kind, processes) == expected
+
+
+def test_an_unknown_sampling_layout_is_a_usage_error():
+  with pytest.raises(errors.UsageError, match="eval.sampling_layout must be one of"):
+    sampling.resolve_layout("per_chip", "cpu", 1)
 
 
 def test_watch_evaluates_each_checkpoint_once_across_restarts(workdir, monkeypatch):

@@ -64,9 +64,10 @@ def evaluate_generator(config, workdir: str, module, params, step: Optional[int]
   all_labels, host_labels = _host_labels(config)
   counts = [len(x) for x in np.array_split(all_labels, jax.process_count())]
   first_index = sum(counts[:jax.process_index()])
-  # Each host samples its own labels on its own devices; the batch size is the list's,
-  # not the host's share, so that every sample's noise is the same on any process count.
-  params = sampling.host_local_params(params)
+  # Each host samples its own labels on its own devices (alone, or in one program over
+  # every host's chips: eval.sampling_layout); the batch size is the list's, not the
+  # host's share, so that every sample's noise is the same on any process count.
+  params = sampling.layout_params(params, config.eval.sampling_layout)
   batch_size = min(int(config.eval.batch_size), max(1, len(all_labels)))
   eval_dir = paths.as_path(workdir) / "eval"
   tag = f"step_{step}" if step is not None else "source"

@@ -7,6 +7,7 @@ built from the generator model alone: no optimizer, train state or feature netwo
 
 from __future__ import annotations
 
+import collections
 import pathlib
 
 import jax
@@ -15,7 +16,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from drifting_jax import checkpointing, partitioning, paths
+from drifting_jax import checkpointing, errors, partitioning, paths
 from drifting_jax.data import images
 from drifting_jax.models import artifacts, generator as generator_lib
 
@@ -53,15 +54,50 @@ def load_generator(config: ml_collections.ConfigDict, workdir: str, step: int | 
   return module, restored["ema_params"], restored_step
 
 
-# The mesh axis of `host_local_params`: this host's devices, over which `generate`
-# splits each batch (replicated params and an unsplit batch would have every device
-# compute the whole batch).
+# The mesh axes of the two sampling layouts. `host_local_params`: this host's devices,
+# over which `generate` splits each batch (replicated params and an unsplit batch
+# would have every device compute the whole batch). `global_params`: every device of
+# every host, ordered by host, so that one program samples all hosts' batches at once.
 _HOST_AXIS = "host_devices"
+_GLOBAL_AXIS = "all_devices"
+
+# `eval.sampling_layout`, and the layout "auto" picks where per-host programs are refused.
+LAYOUTS = ("auto", "per_host", "global")
 
 
 def _on_this_host(params) -> bool:
   """Whether this process holds every device of every array (numpy arrays: yes)."""
   return all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(params))
+
+
+def resolve_layout(layout: str, device_kind: str, process_count: int) -> str:
+  """"per_host" or "global" for `eval.sampling_layout`.
+
+  "auto" is per-host, except on a multi-host TPU v5e (v5 lite) slice: libtpu refuses
+  a program over part of such a slice ("limited ICI routing ... should include all
+  slice devices", found compiling for v5e-256, docs/scaling.md), so there every host
+  joins one program over all chips.
+  """
+  if layout not in LAYOUTS:
+    raise errors.UsageError(f"eval.sampling_layout must be one of {LAYOUTS}, got {layout!r}")
+  if layout != "auto":
+    return layout
+  v5e = "v5 lite" in device_kind.lower() or "v5e" in device_kind.lower()
+  return "global" if v5e and process_count > 1 else "per_host"
+
+
+def layout_params(params, layout: str):
+  """`params` placed for `generate` in `layout` (see `resolve_layout`); a collective with
+  several processes: every process calls it at the same point."""
+  layout = resolve_layout(layout, jax.devices()[0].device_kind, jax.process_count())
+  return global_params(params) if layout == "global" else host_local_params(params)
+
+
+def _whole_on_this_host(params):
+  """Every array in full on this process (gathered from the others where it is split)."""
+  if _on_this_host(params):
+    return params
+  return multihost_utils.process_allgather(params, tiled=True)
 
 
 def host_local_params(params):
@@ -77,19 +113,59 @@ def host_local_params(params):
   """
   if _on_this_host(params):
     return params
-  gathered = multihost_utils.process_allgather(params, tiled=True)
   local = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.local_devices()), (_HOST_AXIS,)),
                                      jax.sharding.PartitionSpec())
-  return jax.device_put(gathered, local)
+  return jax.device_put(_whole_on_this_host(params), local)
 
 
-def _host_batch_sharding(params):
-  """The batch split over this host's devices, for params from `host_local_params`; else None."""
+def global_mesh(devices=None) -> jax.sharding.Mesh:
+  """Every device (default: `jax.devices()`), ordered by host: host p's devices hold
+  block p of a batch split over the mesh."""
+  devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
+  per_host = collections.Counter(d.process_index for d in devices)
+  if len(set(per_host.values())) > 1:
+    raise ValueError(f"the global sampling layout needs as many devices on every host, got {dict(per_host)}")
+  return jax.sharding.Mesh(np.asarray(devices), (_GLOBAL_AXIS,))
+
+
+def global_params(params):
+  """`params` replicated on every device of every host, for the global sampling layout.
+
+  The same placement as `host_local_params`, but as global arrays: one program over all
+  chips then samples every host's batch at once, each host's rows on its own chips (no
+  collective inside it). This is the layout for slices whose compiler refuses a program
+  over one host's chips (`resolve_layout`). A collective with several processes.
+  """
+  whole = _whole_on_this_host(params)
+  replicated = jax.sharding.NamedSharding(global_mesh(), jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), replicated,
+                                                             lambda index, x=np.asarray(x): x[index]), whole)
+
+
+def _batch_sharding(params):
+  """(layout, sharding that splits a batch) for params from `host_local_params` or
+  `global_params`; ("plain", None) for params used as they are."""
   leaves = jax.tree.leaves(params)
   sharding = getattr(leaves[0], "sharding", None) if leaves else None
-  if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.axis_names != (_HOST_AXIS,):
-    return None
-  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(_HOST_AXIS))
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    for layout, axis in (("per_host", _HOST_AXIS), ("global", _GLOBAL_AXIS)):
+      if sharding.mesh.axis_names == (axis,):
+        return layout, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(axis))
+  return "plain", None
+
+
+def _noise_rows(module, key, batch_size: int, temperature: float, rows: np.ndarray, cache: dict) -> dict:
+  """The noise of list rows `rows` (global indices): row g is row g % batch_size of the
+  draw for batch g // batch_size, drawn with (seed, that batch index) alone."""
+  parts = []
+  for batch in np.unique(rows // batch_size):
+    if batch not in cache:
+      cache.clear()  # rows come in order: only the current draw is used again
+      cache[batch] = jax.tree.map(np.asarray, generator_lib.draw_noise(
+          module, jax.random.fold_in(key, int(batch)), batch_size, temperature))
+    picked = rows[rows // batch_size == batch] % batch_size
+    parts.append(jax.tree.map(lambda x: x[picked], cache[batch]))
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
 def generate(module, params, labels: np.ndarray, cfg_scale: float, seed: int, batch_size: int = 500,
@@ -99,19 +175,23 @@ def generate(module, params, labels: np.ndarray, cfg_scale: float, seed: int, ba
   `labels` are rows `first_index ...` of a longer list that several hosts share out
   (0: the whole list). Sample g of the list gets row g % batch_size of the noise drawn
   for batch g // batch_size with (seed, that batch index) alone, so the samples do
-  not depend on how the list was split over processes, and samples at different
-  `temperature`s (the Gaussian noise's scale) are the same draws, scaled. `params`
-  must be usable by this process alone (`host_local_params`).
+  not depend on how the list was split over processes or on the layout, and samples
+  at different `temperature`s (the Gaussian noise's scale) are the same draws, scaled.
+  `params` must be usable by this process alone (`host_local_params`), or be laid
+  out over every host (`global_params`: then every process calls this together).
   """
+  layout, split = _batch_sharding(params)
+  if layout == "global":
+    return _generate_global(module, params, split, labels, cfg_scale, seed, batch_size, temperature,
+                            first_index=first_index)
   if not _on_this_host(params):
     raise ValueError("generate() needs parameters on this process's devices; with several processes "
-                     "pass them through host_local_params() first")
+                     "pass them through host_local_params() or global_params() first")
   labels = np.asarray(labels, np.int32)
   if not len(labels):  # a host with no share of the list
     return np.zeros((0, module.input_size, module.input_size, module.out_channels), np.float32)
   start, end = int(first_index), int(first_index) + len(labels)
   key = jax.random.PRNGKey(seed)
-  split = _host_batch_sharding(params)
   # Split over this host's devices, a batch is padded to a multiple of their number;
   # the noise is drawn for `batch_size` rows all the same, so padding changes no sample.
   rows_per_call = batch_size if split is None else -(-batch_size // split.mesh.size) * split.mesh.size
@@ -131,10 +211,45 @@ def generate(module, params, labels: np.ndarray, cfg_scale: float, seed: int, ba
   return np.concatenate(out)
 
 
+def _generate_global(module, params, split, labels, cfg_scale, seed, batch_size, temperature, *,
+                     first_index: int) -> np.ndarray:
+  """`generate` in the global layout: one program over every host's chips per call, in
+  which each host samples up to `batch_size` rows of its own share on its own chips.
+
+  Every process makes the same number of calls (the most any host needs; a host with
+  fewer rows pads), and each host's inputs become its block of the global batch
+  (`make_array_from_process_local_data`), so no host's labels reach another's rows.
+  """
+  labels = np.asarray(labels, np.int32)
+  local_devices = split.mesh.size // jax.process_count()
+  rows_per_call = -(-batch_size // local_devices) * local_devices
+  most = int(np.max(multihost_utils.process_allgather(np.int32(len(labels)))))
+  start, key, cache, out = int(first_index), jax.random.PRNGKey(seed), {}, []
+  for call in range(-(-most // batch_size)):
+    lo, hi = min(len(labels), call * batch_size), min(len(labels), (call + 1) * batch_size)
+    rows = np.arange(start + lo, start + hi)
+    padded = np.zeros(rows_per_call, np.int32)  # padding: label 0, noise of the first row, dropped
+    padded[:hi - lo] = labels[lo:hi]
+    noise = _noise_rows(module, key, batch_size, temperature, rows if len(rows) else np.zeros(1, int), cache)
+    noise = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], rows_per_call - len(x), 0)]), noise)
+    generator_lib.check_labels(padded, module.num_classes)  # here: `sample` cannot read the global array
+    cfg = np.full(rows_per_call, cfg_scale, np.float32)
+    global_labels, global_cfg, global_noise = jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(split, x), (padded, cfg, noise))
+    samples = generator_lib.sample(module, params, global_labels, global_cfg, noise=global_noise)
+    shards = sorted(samples.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    out.append(np.concatenate([np.asarray(shard.data) for shard in shards])[:hi - lo])
+  if not out:
+    return np.zeros((0, module.input_size, module.input_size, module.out_channels), np.float32)
+  return np.concatenate(out)
+
+
 def sample_to_files(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   """Writes samples.npz (images or latents, labels) and a PNG grid; returns the folder."""
   module, params, step = load_generator(config, workdir)
-  params = host_local_params(params)  # every host draws the same samples; process 0 writes them
+  # Every host draws the same samples (in the global layout, one program over all
+  # chips draws them once for every host); process 0 writes them.
+  params = layout_params(params, config.eval.sampling_layout)
   classes = np.asarray(config.sample.classes or range(config.data.num_classes), np.int32)
   labels = np.repeat(classes, config.sample.per_class)
   samples = generate(module, params, labels, float(config.sample.cfg_scale), int(config.sample.seed),

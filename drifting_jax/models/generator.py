@@ -372,7 +372,7 @@ class DiTGenerator(nn.Module):
       noise: Optional[Mapping[str, Array]] = None,
       temperature: float = 1.0,
   ) -> dict[str, Any]:
-    labels = _check_labels(labels, self.num_classes)
+    labels = check_labels(labels, self.num_classes)
     batch_size = labels.shape[0]
     cfg_scale = _broadcast_cfg_scale(cfg_scale, batch_size)
     if noise is None:
@@ -413,10 +413,12 @@ def _check_config(module: DiTGenerator) -> None:
 
 
 def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
+  """A value this process can read: not a tracer, and not an array spread over other hosts."""
+  return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
 
 
-def _check_labels(labels: Any, num_classes: int) -> Array:
+def check_labels(labels: Any, num_classes: int) -> Array:
+  """`labels` as an array, its shape, dtype and (where readable here) range checked."""
   labels = jnp.asarray(labels)
   if labels.ndim != 1:
     raise ValueError(f"labels must be a 1-D array of class ids [batch], got shape {labels.shape}")
@@ -595,7 +597,7 @@ def sample(
     raise ValueError("temperature= scales drawn noise; with noise= given, scale its 'x' yourself")
   if not (np.isfinite(temperature) and temperature >= 0):
     raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-  labels = _check_labels(labels, module.num_classes)
+  labels = check_labels(labels, module.num_classes)
   cfg_scale = _broadcast_cfg_scale(cfg_scale, labels.shape[0])
   if noise is None:
     noise = draw_noise(module, rng, labels.shape[0], temperature)

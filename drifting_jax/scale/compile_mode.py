@@ -37,6 +37,7 @@ import numpy as np
 from absl import logging
 
 from drifting_jax import errors, partitioning
+from drifting_jax.eval import sampling
 from drifting_jax.models import artifacts, generator as generator_lib, mae as mae_lib
 from drifting_jax.scale import analysis, flops as flops_lib, targets as targets_lib
 from drifting_jax.train import mae_pretrain, optim, train_step as train_step_lib, trainer
@@ -296,31 +297,42 @@ def compile_sample(config: ml_collections.ConfigDict, target: targets_lib.Target
   """The evaluation's sampling step: `eval.batch_size` samples from the EMA params, laid out
   as evaluation lays them out (eval/sampling.py).
 
-  On one host: the params as in training, the batch split over the mesh. On several:
-  each host samples its own share on its own devices, from params gathered to it and
-  replicated over its devices, each batch split over them (`host_local_params`,
-  `generate`); one host's program is compiled, and the slice's rate is the hosts'.
+  On one host: the params as in training, the batch split over the mesh. On several,
+  in `eval.sampling_layout` (`sampling.resolve_layout`): per host, each host samples
+  its own share on its own devices, from params gathered to it and replicated over its
+  devices, each batch split over them (one host's program is compiled, and the slice's
+  rate is the hosts'); global, the same placement in one program over every chip, each
+  host's batch on its own chips.
   """
   module = generator_lib.build_module(generator_lib.model_config_from_run(config))
   params = artifacts.abstract_params("gen", generator_lib.model_config_from_run(config))
   n = int(config.eval.batch_size)
+  layout = sampling.resolve_layout(config.eval.sampling_layout, mesh.devices.flat[0].device_kind, target.hosts)
   if target.hosts > 1:
-    first_host = mesh.devices.flat[0].process_index
-    host_mesh = jax.sharding.Mesh(np.asarray([d for d in mesh.devices.flat if d.process_index == first_host]),
-                                  ("host_devices",))
-    shardings = jax.tree.map(lambda _: partitioning.replicated(host_mesh), params)
-    n = -(-n // host_mesh.size) * host_mesh.size  # generate pads each batch to a multiple of the devices
-    batch = jax.sharding.NamedSharding(host_mesh, jax.sharding.PartitionSpec("host_devices"))
-    out = jax.sharding.NamedSharding(host_mesh, jax.sharding.PartitionSpec("host_devices", None, None, None))
-    program_mesh, samplers = host_mesh, target.hosts
-    layout = (f"per host: params replicated over the host's {host_mesh.size} devices, each batch split over "
-              f"them; {target.hosts} hosts sample at once")
+    if layout == "global":
+      program_mesh, samplers = sampling.global_mesh(list(mesh.devices.flat)), 1
+      per_host = program_mesh.size // target.hosts
+      n = target.hosts * (-(-n // per_host) * per_host)
+      description = (f"global: params replicated over all {program_mesh.size} devices, each of the "
+                     f"{target.hosts} hosts' batches split over its own devices, in one program")
+    else:
+      first_host = mesh.devices.flat[0].process_index
+      program_mesh = jax.sharding.Mesh(
+          np.asarray([d for d in mesh.devices.flat if d.process_index == first_host]), ("host_devices",))
+      n = -(-n // program_mesh.size) * program_mesh.size  # generate pads each batch to a multiple of the devices
+      samplers = target.hosts
+      description = (f"per host: params replicated over the host's {program_mesh.size} devices, each batch "
+                     f"split over them; {target.hosts} hosts sample at once")
+    axis = program_mesh.axis_names[0]
+    shardings = jax.tree.map(lambda _: partitioning.replicated(program_mesh), params)
+    batch = jax.sharding.NamedSharding(program_mesh, jax.sharding.PartitionSpec(axis))
+    out = jax.sharding.NamedSharding(program_mesh, jax.sharding.PartitionSpec(axis, None, None, None))
   else:
     shardings = partitioning.tree_shardings(params, mesh)
     batch = partitioning.global_batch_sharding((n,), mesh)
     out = partitioning.global_batch_sharding((n, 1, 1, 1), mesh)
     program_mesh, samplers = mesh, 1
-    layout = "one host: params as in training, the batch split over the mesh"
+    description = "one host: params as in training, the batch split over the mesh"
 
   def sample(p, labels, cfg, rng):
     return module.apply({"params": p}, labels, cfg, rngs={"noise": rng})["samples"].astype(jnp.float32)
@@ -340,7 +352,7 @@ def compile_sample(config: ml_collections.ConfigDict, target: targets_lib.Target
   report["projection"] = {"label": _estimate_label(target), "step_seconds": s,
                           "generated_images_per_second": samplers * n / s if s else None,
                           "mfu": analytical / (target.chip.device_peak_flops * s) if s else None}
-  report.update(compile_seconds=seconds, batch={"samples_per_step": n}, layout=layout,
+  report.update(compile_seconds=seconds, batch={"samples_per_step": n}, layout=description,
                 devices_per_program=program_mesh.size)
   return report
 
@@ -467,7 +479,8 @@ def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
       # The other programs' reports stand; this one cannot run as laid out on this slice.
       refused[name] = (f"the compiler refuses this program's device assignment on {target.name}: "
                        f"{_LIMITED_ROUTING} (a program over a subset of the slice's chips, as "
-                       "evaluation's per-host sampling is)")
+                       "evaluation's per-host sampling is; eval.sampling_layout='global' or 'auto' "
+                       "samples in one program over every chip)")
       report["refused"] = refused
     (out / "compile_report.json").write_text(json.dumps(report, indent=2, default=float))
   compiler = (f"jax-cuda12-plugin {report['jax_cuda12_plugin']}" if target.chip.platform == "cuda"
