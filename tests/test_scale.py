@@ -57,6 +57,30 @@ def test_collectives_are_counted_with_their_result_bytes():
   assert analysis.custom_call_counts(HLO) == {"ConcatBitcast": 2}
 
 
+# libtpu's v5e programs: one all-gather split into a chain of async collective fusions
+# (the same channel and chain on each copy, each with the whole result's shape), and two
+# different all-reduces that share a channel id in its all-reduce-scatter computations.
+CHAINED_HLO = """
+  %all-gather.611 = bf16[3,3,256,256]{3,2,1,0} all-gather(%p0), channel_id=135, dimensions={2}, frontend_attributes={chain_id="24"}, metadata={op_name="feature_params['encoder']['conv2']['kernel']"}
+  %all-gather.613 = bf16[3,3,256,256]{3,2,1,0} all-gather(%p1), channel_id=135, dimensions={2}, frontend_attributes={chain_id="24"}, metadata={op_name="feature_params['encoder']['conv2']['kernel']"}
+  %all-gather.625 = bf16[3,3,256,256]{3,2,1,0} all-gather(%p2), channel_id=135, dimensions={2}, frontend_attributes={chain_id="24"}, metadata={op_name="feature_params['encoder']['conv2']['kernel']"}
+  %all-gather.700 = bf16[3,3,256,256]{3,2,1,0} all-gather(%p3), channel_id=135, dimensions={2}, frontend_attributes={chain_id="31"}, metadata={op_name="feature_params['encoder']['conv2']['kernel']"}
+  %all-reduce.141 = (f32[128,256]{0,1}, f32[128,768]{0,1}) all-reduce(%a, %b), channel_id=1, to_apply=%sum
+  %all-reduce.142 = f32[128,128]{1,0} all-reduce(%c), channel_id=1, to_apply=%sum, metadata={op_name="jit(train_step)/jvp()/reduce_sum"}
+"""
+
+
+def test_a_collective_split_into_a_chain_of_fusions_counts_once():
+  c = analysis.collectives(CHAINED_HLO)
+  kernel = 3 * 3 * 256 * 256 * 2
+  assert c["all-gather"] == {"count": 2, "bytes": 2 * kernel}  # chains 24 and 31
+  assert c["all-reduce"] == {"count": 2, "bytes": (128 * 256 + 128 * 768 + 128 * 128) * 4}
+  sources = analysis.collective_sources(CHAINED_HLO)
+  assert sources[0] == {"op": "all-gather", "source": "feature_params['encoder']['conv2']['kernel']",
+                        "count": 2, "bytes": 2 * kernel}
+  assert {"op": "all-reduce", "source": "jvp()/reduce_sum", "count": 1, "bytes": 128 * 128 * 4} in sources
+
+
 def test_step_time_never_reports_a_negative_estimate():
   target = targets.parse("v6e-64")
   flops_per_device = 16.4e12
