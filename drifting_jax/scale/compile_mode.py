@@ -445,6 +445,8 @@ def _row(name: str, r: dict[str, Any]) -> list[str]:
   coll = {k: v for k, v in r["collectives"].items() if v["count"]}
   lines.append("  collectives per step: " + (", ".join(f"{k} {v['count']}x {v['bytes'] / GIB:.3f} GiB"
                                                       for k, v in coll.items()) or "none"))
+  for source in r.get("collective_sources", [])[:3]:  # the rest: compile_report.json
+    lines.append(f"    {source['op']} {source['count']}x {source['bytes'] / GIB:.3f} GiB from {source['source'][:90]}")
   return lines
 
 
