@@ -70,6 +70,10 @@ def test_report_has_every_field(single_host):
                                        "collective-permute"}
   # fsdp 2: parameters are gathered for the forward pass, gradients reduced.
   assert train["collectives"]["all-gather"]["count"] > 0
+  # Where they come from, largest first; every one attributed (parameters by their path).
+  sources = train["collective_sources"]
+  assert sources and [s["bytes"] for s in sources] == sorted((s["bytes"] for s in sources), reverse=True)
+  assert any("params" in s["source"] and s["op"] == "all-gather" for s in sources)
 
 
 def test_the_sampling_step_is_compiled_on_the_same_mesh(single_host):
