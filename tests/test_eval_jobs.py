@@ -132,7 +132,15 @@ def test_evaluate_latest_a_params_ema_source_and_a_chosen_step(workdir):
   assert from_source["step"] is None
   assert _results_without_timings(from_source) == _results_without_timings(report)
 
+  # The global sampling layout (a v5e pod's): one program over every device, the same
+  # samples up to rounding, so the same metrics.
   config.eval.source = ""
+  config.eval.sampling_layout = "global"
+  global_metrics = evaluation.evaluate(config, str(workdir))["cfg"]["1"]
+  assert global_metrics["accuracy"] == metrics["accuracy"]
+  assert global_metrics["frechet_distance"] == pytest.approx(metrics["frechet_distance"], rel=1e-4)
+  config.eval.sampling_layout = "auto"
+
   config.eval.step = 3  # --config.eval.step=3
   assert evaluation.evaluate(config, str(workdir))["step"] == 3
   earlier = json.loads((workdir / "eval" / "step_3.json").read_text())
