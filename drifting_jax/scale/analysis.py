@@ -125,7 +125,7 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 def _collective_ops(hlo_text: str):
-  """(op, key, result bytes, op_name) of every collective line; lines with one key are one collective.
+  """(op, result bytes, op_name) of each collective of the program, once.
 
   libtpu (seen on v5e, not on v6e or v5p) splits one collective into a chain of async
   collective fusions, each holding a copy of the collective with the whole result's
@@ -134,6 +134,7 @@ def _collective_ops(hlo_text: str):
   own collective (a channel id alone is not unique: libtpu reuses it across its
   all-reduce-scatter computations).
   """
+  seen = set()
   for index, line in enumerate(hlo_text.splitlines()):
     match = _OP_LINE.search(line)
     if not match:
@@ -147,9 +148,12 @@ def _collective_ops(hlo_text: str):
     else:
       nbytes = _shape_bytes(shape)
     channel, chain = _CHANNEL.search(line), _CHAIN.search(line)
-    key = ("chain", channel.group(1), chain.group(1)) if channel and chain else ("line", index)
+    key = (op, "chain", channel.group(1), chain.group(1)) if channel and chain else ("line", index)
+    if key in seen:
+      continue
+    seen.add(key)
     name = _OP_NAME.search(line)
-    yield op, key, nbytes, (name.group(1) if name else "")
+    yield op, nbytes, (name.group(1) if name else "")
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
@@ -160,11 +164,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   libtpu split into a chain of fusions counts once (`_collective_ops`).
   """
   out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
-  seen = set()
-  for op, key, nbytes, _ in _collective_ops(hlo_text):
-    if (op, key) in seen:
-      continue
-    seen.add((op, key))
+  for op, nbytes, _ in _collective_ops(hlo_text):
     out[op]["count"] += 1
     out[op]["bytes"] += nbytes
   return out
@@ -175,11 +175,7 @@ def collective_sources(hlo_text: str, top: int = 15) -> list[dict[str, Any]]:
   come from. The source is the op_name jax records (the function's path and the
   primitive; for a parameter's gathers, its path in the argument tree)."""
   groups: dict[tuple[str, str], list[int]] = {}
-  seen = set()
-  for op, key, nbytes, name in _collective_ops(hlo_text):
-    if (op, key) in seen:
-      continue
-    seen.add((op, key))
+  for op, nbytes, name in _collective_ops(hlo_text):
     source = re.sub(r"jit\([^)]*\)/", "", name) or "(no op_name)"
     group = groups.setdefault((op, source), [0, 0])
     group[0] += 1
