@@ -353,11 +353,18 @@ def plot(table: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def show_grid(ax, grid: pathlib.Path) -> None:
+  """A run's sample grid PNG on `ax`, grey values 0-1 as saved."""
+  import matplotlib.image
+
+  # Fixed range: a flat grid (a run that never trains) keeps its grey instead of turning black.
+  ax.imshow(matplotlib.image.imread(grid), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+
+
 def sample_montage(results: list[dict], root: pathlib.Path, path: pathlib.Path) -> None:
   """The final EMA sample grid of each objective's first finished run (lowest seed, first width) side by side."""
   import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.image
   import matplotlib.pyplot as plt
   chosen = {}
   for r in sorted(results, key=lambda r: r["seed"]):
@@ -372,8 +379,7 @@ def sample_montage(results: list[dict], root: pathlib.Path, path: pathlib.Path) 
   for ax in axes.flat:
     ax.axis("off")
   for ax, (name, (r, grid)) in zip(axes.flat, chosen.items()):
-    # Fixed range: a flat grid (a run that never trains) keeps its grey instead of turning black.
-    ax.imshow(matplotlib.image.imread(grid), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    show_grid(ax, grid)
     ax.set_title(f"{name} (w={r['width']:g}, seed {r['seed']})\nFD {r['frechet_distance']:.0f}, "
                  f"accuracy {r['accuracy']:.2f}", fontsize=9)
   fig.tight_layout()

@@ -307,7 +307,6 @@ def sample_montage(results: list[dict], root: pathlib.Path, path: pathlib.Path, 
   """Each finished run's evaluation grid (CFG 1, 10 per class) at `steps`: one row per run, one column per step."""
   import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.image
   import matplotlib.pyplot as plt
   rows = [r for r in results if r["status"] == "ok"]
   if not rows:
@@ -318,8 +317,7 @@ def sample_montage(results: list[dict], root: pathlib.Path, path: pathlib.Path, 
       ax.axis("off")
       grid = root / curve_name(r["objective"], r["width"], r["seed"], r["batch"]) / "eval" / f"step_{step}_cfg1.png"
       if grid.exists():
-        # Fixed range: a flat grid (a run that never trains) keeps its grey instead of turning black.
-        ax.imshow(matplotlib.image.imread(grid), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        experiments.show_grid(ax, grid)
         fd = r["curve"].get(str(step), {}).get("frechet_distance")
         ax.set_title(f"{_label(r)} seed {r['seed']}, step {step}" + (f"\nFD {fd:.0f}" if fd is not None else ""),
                      fontsize=9)

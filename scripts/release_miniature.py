@@ -235,7 +235,6 @@ def plot(report: dict, path: pathlib.Path) -> None:
 def montage(root: pathlib.Path, alphas: list[str], sweep: dict, pixels: dict, path: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.image
   import matplotlib.pyplot as plt
   panels = [(root / "mae_generator" / "eval" / f"step_{sweep['step']}_cfg{a}.png", f"MAE + CFG, alpha {a}",
              sweep["cfg"][a]) for a in alphas]
@@ -248,8 +247,7 @@ def montage(root: pathlib.Path, alphas: list[str], sweep: dict, pixels: dict, pa
   for ax in axes.flat:
     ax.axis("off")
   for ax, (grid, title, metrics) in zip(axes.flat, panels):
-    # Fixed range: a flat grid (a run that never trains) keeps its grey instead of turning black.
-    ax.imshow(matplotlib.image.imread(grid), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    experiments.show_grid(ax, grid)
     ax.set_title(f"{title}\naccuracy {metrics['accuracy']:.2f}, FD {metrics['frechet_distance']:.0f}", fontsize=9)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
