@@ -48,7 +48,7 @@ def refresh(report: dict) -> dict:
       continue
     images = (p["batch"].get("generated_per_step") or p["batch"].get("samples_per_step")
               or p["batch"].get("batch_size"))
-    if "devices_per_program" in p:  # per-host sampling: every host runs the program at once
+    if "devices_per_program" in p:  # per-host sampling runs on every host at once; global, once (x 1)
       images *= report["target"]["devices"] // p["devices_per_program"]
     key = "images_per_second" if "images_per_second" in proj else "generated_images_per_second"
     proj.update(step_seconds=s, **{key: images / s})
