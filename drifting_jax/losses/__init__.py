@@ -5,10 +5,6 @@ objectives with the official release's signature (`objectives`, gathered from `k
 `drift_objectives` and their shared input handling in `groups`), the Sinkhorn-divergence
 objective built on ott-jax (`sinkhorn`), feature-space distance normalizations
 (`normalization`) and the table of objectives with their config options (`registry`). This package imports nothing from the rest of drifting_jax.
-
-The objectives and the point-wise fields are jitted at their entry (`_common.compiled_entry_point`,
-as jax.numpy's functions are): called eagerly, each is one compiled program per shape and option
-set, not an XLA compile per primitive; inside a caller's jit they are traced into its program.
 """
 
 from drifting_jax.losses.fields import NORMALIZATIONS, curl, drift_field, log_kde_potential

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
-from typing import Callable, Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -97,60 +95,3 @@ def as_bandwidth_tuple(bandwidths) -> tuple[float, ...]:
     if not np.isfinite(b) or b <= 0:
       raise ValueError(f"bandwidths must be finite and > 0, got {bandwidths!r}")
   return out
-
-
-def _static_value(value):
-  """A keyword option as a hashable jit static argument (lists and arrays become tuples)."""
-  if isinstance(value, (list, np.ndarray)) or (isinstance(value, jax.Array) and is_concrete(value)):
-    listed = np.asarray(value).tolist()
-    return tuple(listed) if isinstance(listed, list) else listed
-  return value
-
-
-def _check_weight_values(name: str, w, require_positive_total: bool) -> None:
-  """`check_weights`' value checks alone, for a concrete [.., C] array or a dict of them."""
-  if isinstance(w, Mapping):
-    for group, value in w.items():
-      _check_weight_values(f"{name}[{group!r}]", value, require_positive_total)
-    return
-  if w is not None and jnp.ndim(w) and is_concrete(w):
-    check_weights(name, w, jnp.shape(w), require_positive_total=require_positive_total)
-
-
-def compiled_entry_point(*, traced_options: Sequence[str] = (), weights: Mapping[str, bool]) -> Callable:
-  """Decorator: the public function, jitted once per shape and option set.
-
-  Called eagerly, a function of this library would otherwise dispatch its hundreds of
-  primitives one by one, and XLA compiles each new (primitive, shape) on first use:
-  ~50 ms apiece on a CPU, seconds per call, against well under a second for the one
-  compiled program. Inside a caller's jit the inner jit is inlined: the same program.
-
-  Keyword-only options are static (hashable: lists and arrays are turned into tuples),
-  except `traced_options`, which are arrays. `weights` names the weight arguments, each
-  with whether its rows must have a positive total: their values are checked here,
-  before tracing, where an eager caller passes concrete arrays, so bad values still
-  raise a ValueError (under jit they cannot be read; the objectives then return NaN).
-  """
-
-  def decorate(fn: Callable) -> Callable:
-    signature = inspect.signature(fn)
-    static = tuple(name for name, param in signature.parameters.items()
-                   if param.kind is param.KEYWORD_ONLY and name not in traced_options)
-    jitted = jax.jit(fn, static_argnames=static)
-
-    @functools.wraps(fn)
-    def entry(*args, **kwargs):
-      for name in static:
-        if isinstance(kwargs.get(name), jax.core.Tracer):
-          raise ValueError(f"{fn.__name__}: {name} must be a concrete Python value, not a traced value "
-                           f"(options other than {', '.join(traced_options) or 'the arrays'} are static)")
-      kwargs = {k: _static_value(v) if k in static else v for k, v in kwargs.items()}
-      bound = signature.bind(*args, **kwargs)
-      for name, positive_total in weights.items():
-        _check_weight_values(name, bound.arguments.get(name), positive_total)
-      return jitted(*args, **kwargs)
-
-    entry.jitted = jitted
-    return entry
-
-  return decorate

@@ -77,10 +77,6 @@ def _self_mask(n: int, k: int, exclude_self: bool) -> Array:
   return jnp.where(jnp.eye(n, k, dtype=bool), -jnp.inf, 0.0)
 
 
-_POINT_WEIGHTS = {"weight_pos": True, "weight_neg": True}
-
-
-@_common.compiled_entry_point(weights=_POINT_WEIGHTS)
 def drift_field(
     x: Array,
     y_pos: Array,
@@ -146,7 +142,6 @@ def _joint_coefficients(log_k_pos, log_k_neg, weight_pos, weight_neg):
   return (a_pos * jnp.sum(a_neg, -1, keepdims=True), a_neg * jnp.sum(a_pos, -1, keepdims=True))
 
 
-@_common.compiled_entry_point(weights=_POINT_WEIGHTS)
 def log_kde_potential(
     x: Array,
     y_pos: Array,

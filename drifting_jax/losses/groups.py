@@ -195,9 +195,7 @@ def per_feature_group(objective: Callable[..., tuple[Array, Info]]) -> Callable[
   """Lets a one-group objective also take dicts of feature groups: then it is `sum_over_feature_groups` of itself.
 
   The public objectives are written for one group `[B, C, S]` (or `[B, C, T, S]`);
-  this decorator gives each of them the dict form with the same arguments, and
-  compiles them for eager callers (`_common.compiled_entry_point`: the options but
-  `distance_scale` are static; weight values are checked before tracing).
+  this decorator gives each of them the dict form with the same arguments.
   """
 
   @functools.wraps(objective)
@@ -207,9 +205,5 @@ def per_feature_group(objective: Callable[..., tuple[Array, Info]]) -> Callable[
                                      **options)
     return objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, **options)
 
-  return _common.compiled_entry_point(traced_options=("distance_scale",), weights=_OBJECTIVE_WEIGHTS)(dispatch)
-
-
-# The grouped objectives' weight arguments, with whether each row needs a positive total.
-_OBJECTIVE_WEIGHTS = {"weight_gen": True, "weight_pos": True, "weight_neg": False}
+  return dispatch
 
