@@ -346,7 +346,8 @@ def plot(table: dict, path: pathlib.Path) -> None:
     fig.suptitle(f"kernel width {width}: mean ± std over seeds (bars), each seed (dots)", fontsize=10)
   else:
     axes[0].set_yscale("log")
-    axes[-1].legend(fontsize=7)
+    if axes[-1].get_legend_handles_labels()[0]:  # no line when no run has finished yet
+      axes[-1].legend(fontsize=7)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)

@@ -276,7 +276,10 @@ def plot(results: list[dict], reference: dict, path: pathlib.Path) -> None:
       style = "-" if batch == "comparison" else "--"
       label = f"FHM #{rank.get(name, '?')} {name} {width:g}" + (" FHM batch" if batch == "paper" else "") \
           + f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
-      ax.plot(steps, np.nanmean(per_seed, 0), style, marker="o", color=colors.get(name), label=label)
+      # The mean over the seeds that reached each step (NaN, without numpy's warning, where none has).
+      reached = np.sum(~np.isnan(per_seed), 0)
+      mean = np.where(reached > 0, np.nansum(per_seed, 0) / np.maximum(reached, 1), np.nan)
+      ax.plot(steps, mean, style, marker="o", color=colors.get(name), label=label)
       if len(runs) > 1:
         for row in per_seed:
           ax.plot(steps, row, ".", color=colors.get(name), alpha=0.5)
