@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: venv test test-fast demo bench figures experiments curves miniature device-check-smoke clean
+.PHONY: venv test test-e2e test-all test-fast demo bench figures experiments curves miniature device-check-smoke clean
 
 venv: $(STAMP)
 
@@ -17,8 +17,22 @@ $(STAMP): requirements.txt
 # The suite runs on CPU with 8 virtual devices (see tests/conftest.py). Whole files go to
 # each worker (--dist loadfile): a module's fixtures (TPU compiles, trained workdirs) are
 # then built once, not once per worker that gets one of its tests.
+#
+# Two tiers, both in CI (.ci/run): `make test`, every test but the whole-job ones
+# (marked e2e), under 10 minutes on a 2-core machine; `make test-e2e`, the whole jobs:
+# training runs and their processes, two processes on loopback, TPU compiles of whole
+# steps through libtpu, the accelerator check's CPU smoke, the README's examples (about
+# 18 minutes there: nearly all of it XLA and libtpu compiling; docs/benchmarks.md,
+# "Test suite time"). `make test-all` runs both in one session.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(PYTEST) -m "not e2e" tests
+
+test-e2e: $(STAMP)
+	$(PYTEST) -m e2e tests
+
+test-all: $(STAMP)
+	$(PYTEST) tests
 
 # The edit-run loop: everything but the tests marked `slow`, with a compilation cache
 # kept between runs in .cache/ (every program, however small: most of the suite's

@@ -1,9 +1,11 @@
 """Test session setup: eight virtual CPU devices, and one compilation cache per run.
 
-The suite runs toy sizes, where XLA's compilation, not the computation, is much of
-the time, and many tests build the same programs (the trainer's step above all, and
-each resumed run again). One persistent compilation cache, shared by the xdist
-workers of a run and the subprocesses they start, compiles each program once. The
+The suite runs toy sizes, where XLA's compilation, not the computation, is most of
+the time (about 80% of its CPU: docs/benchmarks.md, "Test suite time"), and some tests
+build the same programs again (a resumed run's step, above all). One persistent
+compilation cache, shared by the xdist workers of a run and the subprocesses they
+start, compiles each such program once (41 hits over the whole suite when profiled:
+most of the tests' programs are distinct). The
 cache lives in a temporary folder made for the run and removed at its end, so every
 run starts cold and measures the same thing; set JAX_COMPILATION_CACHE_DIR to keep
 one. A cached program is the program compiled, so results are bit for bit the same.

@@ -16,7 +16,7 @@ from drifting_jax.data import latent_jobs  # noqa: E402
 from drifting_jax.models import vae as vae_lib  # noqa: E402
 from drifting_jax.train import data as train_data  # noqa: E402
 
-pytestmark = pytest.mark.slow  # SD-VAE encoding of data sets
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # SD-VAE encoding of data sets
 
 NUM_EXAMPLES = 10
 BATCH = 4

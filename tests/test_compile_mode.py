@@ -13,7 +13,7 @@ import sys
 import pytest
 
 pytest.importorskip("libtpu", reason="the compile mode needs libtpu (requirements.txt)")
-pytestmark = pytest.mark.slow  # each case is a TPU compile of tens of seconds
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # each case is a TPU compile of tens of seconds
 
 from configs import imagenet_latent_ablation  # noqa: E402
 from drifting_jax import errors  # noqa: E402

@@ -152,6 +152,7 @@ def mistakes_run(tmp_path_factory):
   return root, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # one interpreter for all cases, still ~20 s
 @pytest.mark.parametrize("case", range(len(MISTAKES)), ids=[m for _, m in MISTAKES])
 def test_a_users_mistake_is_one_line_and_status_2(mistakes_run, case):

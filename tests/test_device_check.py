@@ -46,6 +46,7 @@ def smoke(tmp_path_factory):
   return result, out, report
 
 
+@pytest.mark.e2e
 def test_cpu_smoke_runs_every_check_and_reports_finite_numbers(smoke):
   result, out, report = smoke
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]

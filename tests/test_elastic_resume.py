@@ -125,6 +125,7 @@ def straight(tmp_path_factory):
   return workdir, record
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_resume_on_another_data_fsdp_split(straight, tmp_path, monkeypatch):
   workdir, a = straight
@@ -168,6 +169,7 @@ def _run_processes(workdir, out_dir, data: int, fsdp: int, stop_at: int, process
   return records
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_resume_on_another_process_and_device_count(straight, tmp_path, monkeypatch):
   workdir, a = straight

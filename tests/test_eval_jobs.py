@@ -18,7 +18,7 @@ from drifting_jax.eval import classifier_job, evaluation, evaluators, metrics as
 from drifting_jax.models import artifacts, classifier, features, inception, vae as vae_lib
 from drifting_jax.train import optim, trainer
 
-pytestmark = pytest.mark.slow  # a trained run, a classifier and evaluations
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # a trained run, a classifier and evaluations
 
 NUM_CLASSES = 10
 

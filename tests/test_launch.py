@@ -93,6 +93,7 @@ def _params(workdir):
   return params
 
 
+@pytest.mark.e2e
 def test_two_processes_on_loopback_agree_with_one_process(tmp_path):
   """2 processes x 2 CPU devices run 3 steps of mnist_tiny and match 1 process x 4 devices."""
   import jax

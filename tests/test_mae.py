@@ -203,6 +203,7 @@ def smoke_run(tmp_path_factory):
   return config, workdir, path
 
 
+@pytest.mark.e2e
 def test_pretraining_loss_decreases(smoke_run):
   _, workdir, _ = smoke_run
   lines = [json.loads(l) for l in (workdir / "mae_pretrain" / "metrics.jsonl").read_text().splitlines()]
@@ -216,6 +217,7 @@ def test_pretraining_loss_decreases(smoke_run):
   assert lines[-1]["learning_rate"] == pytest.approx(2e-3, rel=1e-4)
 
 
+@pytest.mark.e2e
 def test_train_mae_writes_a_loadable_artifact(smoke_run):
   config, workdir, path = smoke_run
   assert path == workdir / "mae"

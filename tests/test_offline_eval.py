@@ -22,7 +22,7 @@ from drifting_jax.eval import classifier_job, metrics, offline
 from drifting_jax.models import artifacts
 from drifting_jax.models import classifier as C
 
-pytestmark = pytest.mark.slow  # make test-fast skips this module: its module fixtures train a digit classifier (~50 s)
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # make test-fast skips this module: its module fixtures train a digit classifier (~50 s)
 
 NUM_CLASSES = 10
 

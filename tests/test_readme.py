@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # make test-fast skips this module: it runs the README's examples
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # make test-fast skips this module: it runs the README's examples
 
 
 def test_readme_loss_example_runs():

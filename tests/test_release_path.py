@@ -43,6 +43,7 @@ def _perturbed(params, scale: float, seed: int):
   return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_every_feature_group_passes_gradient_to_the_generator(smoke):
   config, _, _, feature_fn, gen_module, gen_params = smoke
@@ -115,6 +116,7 @@ def test_negative_weights_make_the_guidance_mixture(alpha):
     assert not np.allclose(np.asarray(with_neg), np.asarray(without))
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_trainer_runs_the_release_path_on_digits(smoke, tmp_path):
   config, mae_module, mae_params, *_ = smoke

@@ -7,7 +7,7 @@ import pytest
 
 from scripts import theory_figures as tf
 
-pytestmark = pytest.mark.slow  # make test-fast skips this module: it computes the paper's figures
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # make test-fast skips this module: it computes the paper's figures
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from drifting_jax.models import generator as generator_lib
 from drifting_jax.data import images
 from drifting_jax.train import trainer
 
-pytestmark = pytest.mark.slow  # a real training run
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # a real training run
 
 PER_CLASS = 20
 
