@@ -22,7 +22,7 @@ $(STAMP): requirements.txt
 # (marked e2e), under 10 minutes on a 2-core machine; `make test-e2e`, the whole jobs:
 # training runs and their processes, two processes on loopback, TPU compiles of whole
 # steps through libtpu, the accelerator check's CPU smoke, the README's examples (about
-# 18 minutes there: nearly all of it XLA and libtpu compiling; docs/benchmarks.md,
+# 16 minutes there: nearly all of it XLA and libtpu compiling; docs/benchmarks.md,
 # "Test suite time"). `make test-all` runs both in one session.
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 test: $(STAMP)
