@@ -37,7 +37,9 @@ def test_a_process_records_its_compiles_under_the_running_test(tmp_path, capsys)
   report.main()
   table = capsys.readouterr().out
   row = next(line for line in table.splitlines() if line.startswith("tests/test_made_up.py"))
-  assert int(row.split()[2]) == len(compiles)  # the compiles column
+  columns = row.split()
+  assert int(columns[2]) == len(compiles)  # the compiles column
+  assert columns[-2:] == ["1", "0"]  # one process started by the test, without TensorFlow
 
 
 def test_without_the_variable_nothing_is_recorded(tmp_path):

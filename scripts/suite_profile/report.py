@@ -26,7 +26,6 @@ def read(folder):
         record = json.loads(line)
       except json.JSONDecodeError:  # a process killed mid-line
         continue
-      record["pid"] = path.stem
       (exits if record.get("exit") else events).append(record)
   return events, exits
 
@@ -67,10 +66,10 @@ def main():
     elif e["event"].endswith("/cache_hits"):
       row["cache_hits"] += 1
   for x in exits:
-    row = table[test_file(x["test"])]
-    if x["argv"] and "pytest" not in x["argv"][0] and "xdist" not in " ".join(x["argv"]):
+    if x["test"]:  # started by a test (it inherited the test's id); not pytest or a worker
+      row = table[test_file(x["test"])]
       row["processes"] += 1
-      row["tensorflow"] += bool(x.get("tensorflow"))
+      row["tensorflow"] += bool(x["tensorflow"])
   total = collections.Counter()
   print(f"{'test file':42s} {'compile_s':>9s} {'compiles':>8s} {'hits':>5s} {'trace_s':>8s} {'lower_s':>8s} {'procs':>5s} {'tf':>3s}")
   for name, row in sorted(table.items(), key=lambda kv: -kv[1]["compile_s"]):
