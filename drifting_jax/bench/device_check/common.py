@@ -25,10 +25,11 @@ RELEASE_CLASSES = 64
 # release's 64 classes are its batch over all devices, and on one they cannot fit: the
 # MAE-256 extractor's 85 feature groups hold 2.47M floats (9.9 MB in fp32) per sample,
 # so the 64 x (64 + 64 + 16) samples' features alone take about 90 GB. With remat,
-# 16 classes (a 4-GPU host's share) should fit 80 GB; without it DiT-B/2 keeps roughly
-# 170 MB of activations per generated sample (a rough count), so 8 (an 8-GPU share).
+# 16 classes (a 4-GPU host's share) should fit 80 GB. Without it the first H200 run
+# measured ~16 GB per class (62 GiB at 4 classes; 127 GB at 8, which does not fit the
+# H200's 135 GB and cost the check its budget in one compile), so 4.
 # Here, not in ablation.py, because the parent's --ablation-classes help names them.
-FIRST_CLASSES = {True: 16, False: 8}
+FIRST_CLASSES = {True: 16, False: 4}
 
 # Dense bf16 peak of one device, TFLOP/s (vendor figures, without sparsity); the
 # first entry whose words all occur in jax's device_kind wins.

@@ -168,7 +168,12 @@ def check_mnist(rec: _Record, args) -> None:
   train_wall = time.monotonic() - train_start
   steps = int(jax.device_get(state.step))
   del state
-  rec.phase("trained", steps_trained=steps, train_wall_s=train_wall,
+  warmup = int(config.optim.warmup_steps)
+  # FHM's warm-up steps are no-ops (learning rate 0): a run stopped inside them samples
+  # the zero-initialized generator (a flat grid), whatever the step rate (first H200 run).
+  untrained = (f"all {steps} steps were inside the {warmup} warm-up steps (learning rate 0): the samples are the "
+               f"initial generator's and the quality numbers describe an untrained model") if steps <= warmup else None
+  rec.phase("trained", steps_trained=steps, train_wall_s=train_wall, warmup_steps=warmup, untrained=untrained,
             stop_reason=stopper.reason or "finished the schedule", **_mnist_step_times(workdir, schedule_steps))
 
   sampling.sample_to_files(config, str(workdir))

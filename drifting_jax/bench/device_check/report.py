@@ -96,7 +96,8 @@ def _markdown(report: dict) -> str:
               f"mean with logging, checkpoints and sample grids; start-up and compilation about "
               f"{_fmt(mn.get('startup_s'), '.0f')} s. **Projected full 12,000-step run: "
               f"{_fmt(mn.get('projected_minutes_12k'), '.1f')} minutes.**",
-              f"Learning rate at the stop: {_fmt(mn.get('learning_rate_at_stop'), '.3g')}.",
+              f"Learning rate at the stop: {_fmt(mn.get('learning_rate_at_stop'), '.3g')}."
+              + (f" **Note: {mn['untrained']}.**" if mn.get("untrained") else ""),
               f"Evaluation ({_fmt(mn.get('num_samples'), 'd')} samples against the held-out digits, in the "
               f"project classifier's features; classifier accuracy on unseen digits "
               f"{_fmt(mn.get('classifier_validation_accuracy'), '.3f')}): accuracy {_fmt(mn.get('accuracy'), '.3f')}, "
