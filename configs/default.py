@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.channels = 4
   c.data.pad_to = 0              # MNIST-like 28x28 padded to 32 for latent models; 0 = no padding
   c.data.latent_flip = True      # a cache with mirror-image latents: draw either view with p = 1/2 (release)
+  c.data.synthetic_per_class = 64  # synthetic_latents: samples made per class (smoke runs, compile checks)
 
   # Feature space the loss is computed in.
   c.feature = ml_collections.ConfigDict()

@@ -118,10 +118,11 @@ def subpackage(module: str) -> str:
 # loss library stand on nothing; models on errors; data, checkpoints and meshes on
 # those; training and evaluation side by side on all of it (never on each other);
 # the modes table, main, the demo and the benchmarks on top.
-_BASE = ("errors", "paths", "writers", "checkpointing", "partitioning", "data", "models")
+_BASE = ("errors", "config_defaults", "paths", "writers", "checkpointing", "partitioning", "data", "models")
 LAYERS: dict[str, tuple[str, ...]] = {
     "drifting_jax": ("platforms",),  # the package's __init__: picks JAX's backends, nothing else
     "errors": (),
+    "config_defaults": (),           # fills a config's missing fields from configs/default.py
     "losses": (),                    # pure JAX; reports bad values as ValueError (errors.as_usage_error)
     "paths": (),                     # local folders and bucket URLs (etils.epath), for every writer
     "writers": ("paths",),
@@ -130,11 +131,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "partitioning": ("errors",),
     "checkpointing": ("errors", "paths"),
     "models": ("errors", "partitioning", "paths"),
-    "data": ("errors", "models", "paths"),    # the latent cache is built with the SD-VAE
+    "data": ("errors", "config_defaults", "models", "paths"),    # the latent cache is built with the SD-VAE
     "eval": _BASE,
     "train": (*_BASE, "losses"),
     "scale": (*_BASE, "train", "eval", "losses"),  # TPU slices: compile the run's programs, report
-    "modes": ("errors", "data", "eval", "train", "scale"),
+    "modes": ("errors", "config_defaults", "data", "eval", "train", "scale"),
     "main": ("errors", "host_memory", "modes"),
     "demo": (*_BASE, "eval", "train", "losses", "host_memory"),
     "bench": (*_BASE, "eval", "train", "losses", "host_memory"),

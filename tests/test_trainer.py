@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 
 from configs import mnist_tiny
-from drifting_jax.models import generator as generator_lib
 from drifting_jax import checkpointing, partitioning
-from drifting_jax.train import trainer
+from drifting_jax.train import program as program_lib, trainer
 from drifting_jax.train import run as run_lib
-from drifting_jax.train import train_step as train_step_lib
 
 pytestmark = pytest.mark.slow  # training runs, resume and NaN stop
 
@@ -25,21 +23,15 @@ def tiny_config(**train_overrides):
 
 
 def _step_on_mesh(config, mesh):
-  model_config = generator_lib.model_config_from_run(config)
-  module = trainer.generator_lib.build_module(model_config)
-  feature_apply, feature_params, _ = trainer.build_features(config)
-  tx, schedule = trainer.optim.make_optimizer(config.optim, config.train.total_steps, config.train.max_grad_norm)
-  state, shardings = trainer.init_state(config, module, tx, mesh, ["pixels"])
+  program = program_lib.build_train_program(config, mesh)
+  state, feature_params = program.init(), program.place_feature_params()
   rng = np.random.default_rng(0)
   batch = {"labels": np.array([3, 7], np.int32),
            "positives": rng.uniform(-1, 1, size=(2, 8, 28, 28, 1)).astype(np.float32),
            "negatives": np.zeros((2, 0, 28, 28, 1), np.float32)}
   batch = {k: partitioning.host_to_global(v, mesh) for k, v in batch.items()}
-  step = jax.jit(train_step_lib.make_train_step(generator=module, tx=tx, schedule=schedule,
-                                                feature_apply=feature_apply, config=config, mesh=mesh),
-                 out_shardings=(shardings, None))
   for _ in range(2):
-    state, metrics = step(state, feature_params, batch)
+    state, metrics = program.jitted(state, feature_params, batch)
   return jax.device_get(state.params), float(metrics["loss"])
 
 

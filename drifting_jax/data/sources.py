@@ -94,7 +94,7 @@ def _synthetic_latents_train(config, process_index: int, process_count: int) -> 
   # data_dir is empty or holds no finished cache, so smoke runs need no files.
   data_dir = latents.ensure_synthetic_latents(
       config.data.data_dir or None, num_classes=int(config.data.num_classes),
-      per_class=int(config.data.get("synthetic_per_class", 64)),
+      per_class=int(config.data.synthetic_per_class),
       sample_shape=(config.data.image_size, config.data.image_size, config.data.channels), seed=int(config.seed))
   return _read_latent_cache(data_dir, config, process_index, process_count)
 
@@ -103,7 +103,7 @@ def _read_latent_cache(data_dir, config, process_index: int, process_count: int)
   reader = latents.LatentCacheReader(data_dir)
   samples, labels = reader.load_host_shard(process_index, process_count)
   flipped = None
-  if reader.flipped and config.data.get("latent_flip", True):
+  if reader.flipped and config.data.latent_flip:
     flipped, _ = reader.load_host_shard(process_index, process_count, view="latents_flip")
   return HostData(samples, np.asarray(labels, np.int32), replicated=False, flipped=flipped)
 

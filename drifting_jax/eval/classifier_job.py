@@ -50,7 +50,7 @@ def _job_data(config) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, 
 def _job_settings(config) -> dict[str, Any]:
   section = config.get("classifier") or {}
   settings = {"steps": DEFAULT_STEPS, "batch_size": DEFAULT_BATCH_SIZE, "learning_rate": DEFAULT_LEARNING_RATE,
-              "seed": int(config.get("seed", 0)), "augment": True}
+              "seed": int(config.seed), "augment": True}
   unknown = sorted(set(section) - set(settings))
   if unknown:
     raise ValueError(f"unknown config.classifier keys {unknown}; valid keys: {sorted(settings)}")

@@ -16,7 +16,8 @@ from drifting_jax.losses.objectives import (corrected_drift_loss, joint_drift_lo
                                             release_drift_loss, sum_over_feature_groups)
 from drifting_jax.losses.sinkhorn import sinkhorn_loss
 
-from drifting_jax.losses.registry import OBJECTIVE_TABLE, ObjectiveSpec, get_spec, objective_from_config
+from drifting_jax.losses.registry import (OBJECTIVE_TABLE, DistanceScaling, ObjectiveSpec, distance_scaling_from_config,
+                                         get_spec, objective_from_config)
 
 # name -> grouped objective function: the functions of the table (`registry.OBJECTIVE_TABLE`).
 OBJECTIVES = {name: spec.fn for name, spec in OBJECTIVE_TABLE.items()}
@@ -29,7 +30,7 @@ def get_objective(name: str):
 
 __all__ = [
     "KERNEL_NAMES", "NORMALIZATIONS", "OBJECTIVES", "OBJECTIVE_TABLE", "PROFILES", "Kernel", "ObjectiveSpec",
-    "TopKScaleState", "get_spec", "objective_from_config",
+    "TopKScaleState", "DistanceScaling", "distance_scaling_from_config", "get_spec", "objective_from_config",
     "batch_distance_scale", "corrected_drift_loss", "curl", "drift_field", "gaussian", "get_kernel",
     "get_objective", "joint_drift_loss", "laplace", "log_kde_loss", "log_kde_potential", "mmd_loss",
     "radial_kernel", "rational_quadratic", "release_drift_loss", "sinkhorn_loss", "sum_over_feature_groups",

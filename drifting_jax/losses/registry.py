@@ -31,6 +31,7 @@ from drifting_jax.losses import sinkhorn
 from drifting_jax.losses.drift_objectives import corrected_drift_loss, joint_drift_loss, release_drift_loss
 from drifting_jax.losses.kde_objectives import log_kde_loss, mmd_loss
 from drifting_jax.losses.kernels import get_kernel
+from drifting_jax.losses.normalization import topk_scale_init, topk_scale_update
 
 FEATURE_NORMALIZATIONS = ("batch_mean", "topk_ema", "none")
 
@@ -129,3 +130,40 @@ def objective_from_config(loss_config) -> Callable[..., Any]:
     return spec.fn(gen, pos, neg, weight_neg=weight_neg, **scale, **options)
 
   return objective
+
+
+# --------------------------------------------------------------------------- distance scaling
+
+
+@dataclasses.dataclass(frozen=True)
+class DistanceScaling:
+  """How a trainer makes feature distances scale-free (`loss.feature_normalization`).
+
+  stateful: whether the trainer carries a per-feature-group state across steps
+    (FHM's per-class top-k EMA); then `init(num_classes)` makes one group's state and
+    `update(state, positives [B, P, F], class_ids [B])` returns (new state, scale [B]),
+    the scale the objective divides distances by (its `distance_scale`).
+  Stateless ones pass no scale: the objective uses its own batch mean ("batch_mean")
+  or raw distances ("none").
+  min_positives: the fewest positives per class the scaling works with (top-k needs k + 1).
+  """
+  stateful: bool = False
+  init: Callable[[int], Any] | None = None
+  update: Callable[..., tuple[Any, Any]] | None = None
+  min_positives: int = 1
+
+
+def distance_scaling_from_config(loss_config) -> DistanceScaling:
+  """The `DistanceScaling` of `loss_config.feature_normalization` (ValueError on a bad name or value)."""
+  norm = check_common(loss_config)
+  if norm != "topk_ema":
+    return DistanceScaling()
+  k, beta = int(loss_config.topk_k), float(loss_config.topk_beta)
+  if k < 1 or not 0.0 <= beta < 1.0:
+    raise ValueError(f"top-k feature normalization needs loss.topk_k >= 1 and 0 <= loss.topk_beta < 1, "
+                     f"got {k} and {beta}")
+
+  def update(state, positives, class_ids):
+    return topk_scale_update(state, positives, class_ids, k=k, beta=beta)
+
+  return DistanceScaling(stateful=True, init=topk_scale_init, update=update, min_positives=k + 1)

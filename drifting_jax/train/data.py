@@ -315,7 +315,7 @@ class FreshSource:
 
 def make_source(config: ml_collections.ConfigDict, data: TrainingData) -> PositiveSource:
   """The positive source `config.train.positive_sampler` names ("bank" or "fresh")."""
-  sampler = config.train.get("positive_sampler", "bank")
+  sampler = config.train.positive_sampler
   if sampler == "bank":
     return BankSource(data, config.train)
   if sampler == "fresh":

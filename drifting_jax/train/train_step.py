@@ -102,7 +102,8 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
   train, loss_config = config.train, config.loss
   gen_per_class, pos_per_class, neg_per_class = train.gen_per_class, train.pos_per_class, train.neg_per_class
   objective = objective or objective_from_config(loss_config)
-  use_topk = loss_config.feature_normalization == "topk_ema"
+  with errors.as_usage_error("bad loss config: "):
+    scaling = losses.distance_scaling_from_config(loss_config)
   anneal_rate = float(loss_config.bandwidth_anneal_rate)
   total_steps = max(1, int(train.total_steps))
 
@@ -126,14 +127,14 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
     pos_features = {k: v[:, :pos_per_class] for k, v in data_features.items()}
     neg_features = {k: v[:, pos_per_class:] for k, v in data_features.items()} if neg_per_class else None
 
-    # Scale of feature distances: per-class top-k EMA, or the objective's batch mean.
+    # Scale of feature distances: a scaling with a state (FHM's per-class top-k EMA)
+    # updates it from the positives; else the objective scales them itself (or not).
     feature_scale, distance_scale = state.feature_scale, {k: None for k in pos_features}
-    if use_topk:
+    if scaling.stateful:
       feature_scale = {}
       for name, feats in pos_features.items():
         flat = einops.rearrange(feats, "b p t d -> b p (t d)")
-        feature_scale[name], distance_scale[name] = losses.topk_scale_update(
-            state.feature_scale[name], flat, labels, k=loss_config.topk_k, beta=loss_config.topk_beta)
+        feature_scale[name], distance_scale[name] = scaling.update(state.feature_scale[name], flat, labels)
     if anneal_rate:  # sigma(t) = sigma0 exp(-rate t / T)  <=>  distances / exp(-rate t / T)
       shrink = jnp.exp(-anneal_rate * state.step / total_steps)
       distance_scale = {k: (1.0 if v is None else v) * shrink for k, v in distance_scale.items()}

@@ -17,19 +17,17 @@ metrics), so it measures what the host adds, not what the device takes.
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import periodic_actions
 from jax.experimental import multihost_utils
 
-from drifting_jax import checkpointing, errors, losses, partitioning, paths, writers
+from drifting_jax import checkpointing, config_defaults, errors, losses, partitioning, paths, writers
 from drifting_jax.data import images, sources
-from drifting_jax.models import artifacts, features, generator as generator_lib
-from drifting_jax.train import data as train_data, optim, run as run_lib
+from drifting_jax.models import artifacts, generator as generator_lib
+from drifting_jax.train import data as train_data, program as program_lib, run as run_lib
 from drifting_jax.train import train_step as train_step_lib
 from drifting_jax.train.train_step import TrainState
 
@@ -39,6 +37,7 @@ from drifting_jax.train.train_step import TrainState
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks that cannot wait until the first step (shapes, names, divisibility)."""
+  config_defaults.complete(config)
   t = config.train
   problems = []
   for key in ("classes_per_step", "gen_per_class", "pos_per_class", "total_steps", "positive_bank_size"):
@@ -46,7 +45,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       problems.append(f"train.{key} must be >= 1, got {t[key]}")
   if t.neg_per_class < 0:
     problems.append("train.neg_per_class must be >= 0")
-  sampler = t.get("positive_sampler", "bank")
+  sampler = t.positive_sampler
   if sampler not in train_data.POSITIVE_SAMPLERS:
     problems.append(f"train.positive_sampler must be one of {train_data.POSITIVE_SAMPLERS}, got {sampler!r}")
   if sampler == "bank" and t.neg_per_class and t.negative_bank_size < 1:
@@ -61,8 +60,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"need 1 <= train.cfg_min <= train.cfg_max, got {t.cfg_min}, {t.cfg_max}")
   if t.cfg_max > 1.0 and not t.neg_per_class:
     problems.append("CFG (train.cfg_max > 1) needs unconditional negatives: set train.neg_per_class > 0")
-  if config.loss.feature_normalization == "topk_ema" and t.pos_per_class <= config.loss.topk_k:
-    problems.append(f"top-k feature normalization needs train.pos_per_class > loss.topk_k={config.loss.topk_k}")
+  with errors.as_usage_error("bad loss config: "):
+    scaling = losses.distance_scaling_from_config(config.loss)  # an unknown normalization, a bad top-k
+  if t.pos_per_class < scaling.min_positives:
+    problems.append(f"loss.feature_normalization={config.loss.feature_normalization!r} needs train.pos_per_class "
+                    f">= {scaling.min_positives}, got {t.pos_per_class}")
   if problems:
     raise errors.UsageError("invalid config: " + "; ".join(problems))
   train_step_lib.objective_from_config(config.loss)  # unknown objective/kernel/normalization
@@ -70,81 +72,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 # --------------------------------------------------------------------------- pieces
-
-
-def build_features(config: ml_collections.ConfigDict, *, mae_module=None, mae_params=None):
-  """(apply(params, x) -> {name: [N, T, D]}, params, compute dtype) for the configured feature space.
-
-  The MAE comes from `feature.mae_path`, unless a module and params are given (the
-  compile mode passes the architecture with abstract params).
-  """
-  if config.feature.kind == "pixels":
-    fn = features.pixel_features(patch_stats_sizes=tuple(config.feature.patch_stats_sizes))
-    return fn.__call__, fn.params, jnp.float32
-  if config.feature.kind == "mae":
-    if mae_module is None:
-      mae_module, mae_params, _ = artifacts.load(config.feature.mae_path, kind="mae")
-    fn = features.mae_features(mae_module, mae_params, include_input=bool(config.feature.get("include_input", True)),
-                               **config.feature.activation_kwargs.to_dict())
-    return fn.__call__, fn.params, mae_module.dtype
-  raise errors.UsageError(f"feature.kind must be 'pixels' or 'mae', got {config.feature.kind!r}")
-
-
-def state_factory(config, module, tx, feature_names: list[str]):
-  """`make() -> TrainState` at step 0: fresh params (EMA equal to them), optimizer, rng, feature scales."""
-  args, kwargs = generator_lib.example_inputs(module_config(module), batch_size=1)
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-
-  def make():
-    params = module.init({"params": init_rng}, *args, **kwargs)["params"]
-    scales = ({name: losses.topk_scale_init(config.data.num_classes) for name in feature_names}
-              if config.loss.feature_normalization == "topk_ema" else {})
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=tx.init(params), rng=train_rng, feature_scale=scales)
-
-  return make
-
-
-def init_state(config, module, tx, mesh, feature_names: list[str]) -> tuple[TrainState, Any]:
-  """A freshly initialized, sharded TrainState and its shardings."""
-  make = state_factory(config, module, tx, feature_names)
-  shardings = partitioning.tree_shardings(jax.eval_shape(make), mesh)
-  return jax.jit(make, out_shardings=shardings)(), shardings
-
-
-def frozen_feature_params(params: Any, feature_dtype) -> Any:
-  """The frozen feature network's params as the trainer stores them on the devices.
-
-  When the network computes in bfloat16, its conv and dense kernels (every leaf of
-  2 or more dimensions) are stored in bfloat16: flax casts them to the compute
-  dtype at each use, so the features are bit-identical and the copy is half the
-  size. Norm scales and biases (1-D) stay float32, as flax reads them in float32.
-  """
-  if feature_dtype != jnp.bfloat16:
-    return params
-  return jax.tree.map(lambda p: p.astype(jnp.bfloat16) if getattr(p, "ndim", 0) >= 2 else p, params)
-
-
-def feature_param_shardings(params: Any, mesh, placement: str = "fsdp") -> Any:
-  """Where the frozen network's params live: "fsdp" follows the generator's partition
-  rules (split over fsdp, replicated over data: least memory, but gathered for each
-  of the step's three passes through the network), "replicated" keeps a whole copy
-  on every device (no gathers)."""
-  if placement == "replicated":
-    return jax.tree.map(lambda _: partitioning.replicated(mesh), params)
-  if placement != "fsdp":
-    raise errors.UsageError(f"feature.param_placement must be 'fsdp' or 'replicated', got {placement!r}")
-  return partitioning.tree_shardings(params, mesh)
-
-
-def jit_train_step(step, state_shardings, feature_shardings, mesh):
-  """The jitted step, with the state donated and laid out by the partition rules (train and compile share it)."""
-  return jax.jit(step, in_shardings=(state_shardings, feature_shardings, None),
-                 out_shardings=(state_shardings, partitioning.replicated(mesh)), donate_argnums=(0,))
-
-
-def module_config(module) -> dict[str, Any]:
-  return {k: getattr(module, k) for k in generator_lib.CONFIG_KEYS if k not in generator_lib.RUNTIME_ONLY_KEYS}
 
 
 def write_params_ema_artifact(workdir, module, ema_params) -> None:
@@ -179,22 +106,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp)
   t = config.train
 
-  model_config = generator_lib.model_config_from_run(config)
-  module = generator_lib.build_module({**model_config, "remat": bool(config.model.remat)})
-  feature_apply, feature_params, feature_dtype = build_features(config)
+  # The step, built as the compile mode builds it, and compiled before any data is
+  # loaded or bank filled: a step that cannot fit the devices stops the run here, with
+  # the compile mode's verdict. Every step then runs this executable.
+  program = program_lib.build_train_program(config, mesh)
+  step_fn = program_lib.preflight(program)
+  module, state_shardings = program.generator, program.state_shardings
+  state = program.init()
+  feature_params = program.place_feature_params()
   data = train_data.load_training_data(config)
-  feature_names = sorted(jax.eval_shape(feature_apply, feature_params,
-                                        jnp.zeros((1, *data.sample_shape), jnp.float32)))
-  tx, schedule = optim.make_optimizer(config.optim, t.total_steps, t.max_grad_norm)
-  state, state_shardings = init_state(config, module, tx, mesh, feature_names)
-  feature_params = frozen_feature_params(feature_params, feature_dtype)
-  feature_shardings = feature_param_shardings(feature_params, mesh, config.feature.get("param_placement", "fsdp"))
-  feature_params = jax.device_put(feature_params, feature_shardings)
   source = train_data.make_source(config, data)
-  step_fn = jit_train_step(
-      train_step_lib.make_train_step(generator=module, tx=tx, schedule=schedule, feature_apply=feature_apply,
-                                     config=config, mesh=mesh),
-      state_shardings, feature_shardings, mesh)
 
   ckpt = checkpointing.Checkpointer(workdir, keep_last=config.checkpoint.keep_last,
                                     keep_every=config.checkpoint.keep_every,
@@ -218,6 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     for step in range(start_step, t.total_steps):
       with host_time.measure():  # this step's classes, their positives, the unconditional negatives
         batch = source.draw(step)
+        program_lib.check_host_batch(batch, config, jax.process_count())
       # Not host work: on a CPU backend the transfer may wait for the previous step.
       state, metrics = step_fn(state, feature_params, partitioning.batch_to_global(batch, mesh))
       run.record(step, metrics)

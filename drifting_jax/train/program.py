@@ -1,0 +1,288 @@
+"""The generator's training program, assembled in one place for everyone who compiles it.
+
+`train` runs it, `--mode=compile` compiles it for a slice it does not have, and the
+accelerator check times it; all three call `build_train_program`, so what the
+compile mode reports on is by construction what the run executes (MaxText's
+`train_compile.py` works the same way). The builder returns
+
+    step               train_step(state, feature_params, batch) -> (state, metrics), un-jitted
+    jitted             the step under jit, with the state and frozen params laid out by the
+                       partition rules, the state donated
+    abstract_state     TrainState of ShapeDtypeStructs carrying their shardings
+    abstract_feature_params, abstract_batch   likewise
+    init()             a freshly initialized, sharded TrainState
+    compile()          the executable for those abstract inputs (the run's pre-flight:
+                       its first step runs this executable; no second compile)
+
+and the batch's layout is stated once (`batch_spec`): the names, global shapes and
+dtypes of what a positive source hands the step; the data sources, the compile
+mode and the accelerator check all read it, and `check_host_batch` refuses a
+source that yields another layout with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from drifting_jax import config_defaults, errors, losses, partitioning
+from drifting_jax.models import features as features_lib, generator as generator_lib
+from drifting_jax.train import optim
+from drifting_jax.train import train_step as train_step_lib
+from drifting_jax.train.train_step import TrainState
+
+GIB = 2**30
+
+
+# --------------------------------------------------------------------------- the batch
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+  """The step's batch, stated once: name -> global shape and dtype.
+
+      labels     [B]                 int32    the step's classes
+      positives  [B, Cp, H, W, C]    float32  data of each class (model range)
+      negatives  [B, Cn, H, W, C]    float32  unconditional data (Cn may be 0)
+
+  B = train.classes_per_step over all hosts; each host yields its B / processes rows.
+  """
+  t, d = config.train, config.data
+  sample = (int(d.image_size), int(d.image_size), int(d.channels))
+  b = int(t.classes_per_step)
+  return {"labels": jax.ShapeDtypeStruct((b,), jnp.int32),
+          "positives": jax.ShapeDtypeStruct((b, int(t.pos_per_class), *sample), jnp.float32),
+          "negatives": jax.ShapeDtypeStruct((b, int(t.neg_per_class), *sample), jnp.float32)}
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """`batch_spec` with the shardings `partitioning.batch_to_global` gives the real batch."""
+  return {name: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=partitioning.global_batch_sharding(s.shape, mesh))
+          for name, s in batch_spec(config).items()}
+
+
+def check_host_batch(batch: dict[str, np.ndarray], config: ml_collections.ConfigDict, processes: int) -> None:
+  """Refuses (one line) a host batch whose names, shapes or dtypes are not `batch_spec`'s share of one host."""
+  spec = batch_spec(config)
+  if set(batch) != set(spec):
+    raise errors.UsageError(f"the positive source yielded fields {sorted(batch)}; the train step takes "
+                            f"{sorted(spec)} (train/program.py: batch_spec)")
+  for name, s in spec.items():
+    want = (s.shape[0] // processes, *s.shape[1:])
+    got = np.shape(batch[name])
+    dtype = np.asarray(batch[name]).dtype if not hasattr(batch[name], "dtype") else batch[name].dtype
+    if tuple(got) != want or np.dtype(dtype) != np.dtype(s.dtype):
+      raise errors.UsageError(f"the positive source yielded {name} {tuple(got)} {np.dtype(dtype)}; the train step "
+                              f"takes {want} {np.dtype(s.dtype)} per host ({processes} processes; "
+                              "train/program.py: batch_spec)")
+
+
+# --------------------------------------------------------------------------- frozen features
+
+
+def feature_param_shardings(params: Any, mesh, placement: str) -> Any:
+  """Where the frozen network's params live: "fsdp" follows the generator's partition
+  rules (split over fsdp, replicated over data: least memory, but gathered for each
+  of the step's three passes through the network), "replicated" keeps a whole copy
+  on every device (no gathers)."""
+  if placement == "replicated":
+    return jax.tree.map(lambda _: partitioning.replicated(mesh), params)
+  if placement != "fsdp":
+    raise errors.UsageError(f"feature.param_placement must be 'fsdp' or 'replicated', got {placement!r}")
+  return partitioning.tree_shardings(params, mesh)
+
+
+def feature_names(network: features_lib.FeatureNetwork, config: ml_collections.ConfigDict) -> list[str]:
+  """The feature groups the network gives a sample of the config's shape (traced, nothing computed)."""
+  sample = jax.ShapeDtypeStruct((1, config.data.image_size, config.data.image_size, config.data.channels),
+                                jnp.float32)
+  params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), network.params)
+  return sorted(jax.eval_shape(network.apply, params, sample))
+
+
+# --------------------------------------------------------------------------- the program
+
+
+def module_config(module) -> dict[str, Any]:
+  return {k: getattr(module, k) for k in generator_lib.CONFIG_KEYS if k not in generator_lib.RUNTIME_ONLY_KEYS}
+
+
+def build_generator(config: ml_collections.ConfigDict):
+  """The generator module of the run (`model.name` with its overrides, `model.remat`)."""
+  return generator_lib.build_module({**generator_lib.model_config_from_run(config), "remat": bool(config.model.remat)})
+
+
+def state_factory(config: ml_collections.ConfigDict, module, tx: optax.GradientTransformation,
+                  names: list[str]) -> Callable[[], TrainState]:
+  """`make() -> TrainState` at step 0: fresh params (EMA equal to them), optimizer, rng, and
+  each feature group's distance-scaling state where the scaling keeps one."""
+  args, kwargs = generator_lib.example_inputs(module_config(module), batch_size=1)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  with errors.as_usage_error("bad loss config: "):
+    scaling = losses.distance_scaling_from_config(config.loss)
+
+  def make():
+    params = module.init({"params": init_rng}, *args, **kwargs)["params"]
+    scales = {name: scaling.init(config.data.num_classes) for name in names} if scaling.stateful else {}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=tx.init(params), rng=train_rng, feature_scale=scales)
+
+  return make
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+@dataclasses.dataclass
+class TrainProgram:
+  """Everything about one run's training step on one mesh (see the module docstring)."""
+  config: ml_collections.ConfigDict
+  mesh: Any
+  generator: Any
+  features: features_lib.FeatureNetwork
+  feature_names: list[str]
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  step: Callable[..., Any]
+  jitted: Any
+  state_shardings: Any
+  feature_shardings: Any
+  abstract_state: Any
+  abstract_feature_params: Any
+  abstract_batch: dict[str, jax.ShapeDtypeStruct]
+  _make_state: Callable[[], TrainState]
+
+  def init(self) -> TrainState:
+    """A fresh TrainState, made on the devices in its sharded layout (one compiled program)."""
+    return jax.jit(self._make_state, out_shardings=self.state_shardings)()
+
+  def place_feature_params(self) -> Any:
+    """The frozen network's params on the mesh (needs a program built with real params)."""
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.features.params)):
+      raise ValueError("this program was built with abstract feature params: nothing to place")
+    return jax.device_put(self.features.params, self.feature_shardings)
+
+  def args(self) -> tuple[Any, Any, dict[str, jax.ShapeDtypeStruct]]:
+    """The step's abstract inputs, as the run passes them: (state, feature params, batch)."""
+    return self.abstract_state, self.abstract_feature_params, self.abstract_batch
+
+  def lower(self):
+    return self.jitted.lower(*self.args())
+
+  def compile(self, compiler_options: Optional[dict] = None):
+    return self.lower().compile(compiler_options=compiler_options)
+
+  @property
+  def generator_params(self) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.abstract_state.params)))
+
+
+def build_train_program(config: ml_collections.ConfigDict, mesh, *, abstract_features: bool = False,
+                        objective: Optional[train_step_lib.Objective] = None) -> TrainProgram:
+  """The training program of `config` on `mesh` (see the module docstring).
+
+  abstract_features: build the frozen feature network from its architecture alone
+    (shapes, no weights read: the compile mode); else its params are loaded.
+  objective: replaces the configured objective (`train_step.trivial_objective` measures
+    the loss's share of the step).
+  """
+  config_defaults.complete(config)
+  t = config.train
+  module = build_generator(config)
+  network = features_lib.build_feature_network(config, abstract=abstract_features)
+  names = feature_names(network, config)
+  tx, schedule = optim.make_optimizer(config.optim, t.total_steps, t.max_grad_norm)
+  make_state = state_factory(config, module, tx, names)
+  state_shape = jax.eval_shape(make_state)
+  state_shardings = partitioning.tree_shardings(state_shape, mesh)
+  feature_shape = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), network.params)
+  feature_shardings = feature_param_shardings(feature_shape, mesh, config.feature.param_placement)
+  step = train_step_lib.make_train_step(generator=module, tx=tx, schedule=schedule, feature_apply=network.apply,
+                                        config=config, mesh=mesh, objective=objective)
+  jitted = jax.jit(step, in_shardings=(state_shardings, feature_shardings, None),
+                   out_shardings=(state_shardings, partitioning.replicated(mesh)), donate_argnums=(0,))
+  return TrainProgram(
+      config=config, mesh=mesh, generator=module, features=network, feature_names=names, tx=tx, schedule=schedule,
+      step=step, jitted=jitted, state_shardings=state_shardings, feature_shardings=feature_shardings,
+      abstract_state=_with_shardings(state_shape, state_shardings),
+      abstract_feature_params=_with_shardings(feature_shape, feature_shardings),
+      abstract_batch=abstract_batch(config, mesh), _make_state=make_state)
+
+
+# --------------------------------------------------------------------------- pre-flight
+
+
+def memory_parts(compiled) -> dict[str, int]:
+  """Per-device bytes of a compiled program by kind, from the compiler's buffer assignment."""
+  m = compiled.memory_analysis()
+  return {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
+          "aliased": int(m.alias_size_in_bytes), "temporaries": int(m.temp_size_in_bytes),
+          "code": int(m.generated_code_size_in_bytes)}
+
+
+def memory_total(parts: dict[str, int]) -> int:
+  # Donated arguments share their buffers with the outputs they alias.
+  return parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temporaries"] + parts["code"]
+
+
+def fit_verdict(total: int, capacity: int, device: str, parts: dict[str, int]) -> str:
+  """One line: fits with what headroom, or does not fit by how much, naming the largest contributors.
+
+  `device` names one device ("v6e chip", "H100 GPU"). The compile mode and the run's
+  pre-flight print the same line.
+  """
+  if total <= capacity:
+    return (f"fits: {total / GIB:.2f} GiB of {capacity / GIB:.0f} GiB per {device} "
+            f"({(capacity - total) / GIB:.2f} GiB free)")
+  shown = {k: v for k, v in parts.items() if k != "aliased"}
+  largest = sorted(shown.items(), key=lambda kv: -kv[1])[:2]
+  return (f"does not fit: needs {total / GIB:.2f} GiB per {device}, which has "
+          f"{capacity / GIB:.0f} GiB ({(total - capacity) / GIB:.2f} GiB over; largest: "
+          + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in largest) + ")")
+
+
+class DoesNotFit(errors.UsageError):
+  """A program needs more memory than its devices have (the message is the one-line verdict)."""
+
+
+def device_capacity(device) -> Optional[tuple[int, str]]:
+  """(bytes a program may use, the device's name) of an accelerator; None on the CPU,
+  whose memory is the host's and which the compiler does not budget."""
+  if device.platform == "cpu":
+    return None
+  stats = device.memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  if not limit:
+    return None
+  word = "GPU" if device.platform in ("gpu", "cuda", "rocm") else "chip"
+  return int(limit), f"{device.device_kind} {word}"
+
+
+def preflight(program: TrainProgram, what: str = "the training step"):
+  """Compiles the step for the run's abstract inputs and checks that it fits the devices.
+
+  Returns the executable the run then calls for every step. When the compiler's
+  memory analysis says the step needs more than a device has, raises `DoesNotFit`
+  with the compile mode's one-line verdict, before any data is loaded or bank filled.
+  """
+  compiled = program.compile()
+  check_fits(compiled, program.mesh, what)
+  return compiled
+
+
+def check_fits(compiled, mesh, what: str) -> None:
+  capacity = device_capacity(mesh.devices.flat[0])
+  if capacity is None:
+    return
+  limit, device = capacity
+  parts = memory_parts(compiled)
+  total = memory_total(parts)
+  if total > limit:
+    raise DoesNotFit(f"{what} {fit_verdict(total, limit, device, parts)} (the compiler's memory analysis; "
+                     "lower train.classes_per_step, raise mesh.fsdp or set model.remat=True)")
