@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -61,11 +62,138 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     data = n // fsdp
   if data * fsdp != n:
     raise ValueError(f"mesh data={data} x fsdp={fsdp} != {n} devices")
+  return Mesh(device_grid(data, fsdp, devices), MESH_AXES)
+
+
+def device_grid(data: int, fsdp: int, devices: Sequence[Any]) -> np.ndarray:
+  """The (data, fsdp) object array of `devices` (data * fsdp of them) that the mesh uses.
+
+  CPU devices: in their order. TPU and GPU devices: as `mesh_utils` lays them out on the
+  interconnect; a layout it cannot make is a `UsageError` naming the cause, except the one
+  fallback that keeps the layout topology-aware (`_split_axes_grid`), which logs a warning.
+  """
+  devices = list(devices)
+  platforms = sorted({d.platform for d in devices})
+  if len(platforms) > 1:
+    # No interconnect joins two platforms' devices: such a list is a bug in the caller.
+    raise errors.UsageError(f"mesh devices must be of one platform, got {', '.join(platforms)} "
+                            f"({len(devices)} devices): pass one platform's devices, e.g. jax.devices()")
+  if platforms == ["cpu"]:
+    # CPU devices share host memory and have no topology: any order is as good as another.
+    return np.asarray(devices, dtype=object).reshape(data, fsdp)
   try:
-    grid = mesh_utils.create_device_mesh((data, fsdp), devices=devices)
-  except Exception:  # e.g. CPU devices without topology; a plain reshape is fine there.
-    grid = np.asarray(devices).reshape(data, fsdp)
-  return Mesh(grid, MESH_AXES)
+    return _layout((data, fsdp), devices, split=False)
+  except NotImplementedError as e:
+    # Only TPU's torus assignment raises it: the axis sizes are no products of the slice's
+    # physical axis sizes (e.g. fsdp=4 on a 16x16 v5e-256).
+    return _split_axes_grid(data, fsdp, devices, e)
+  except Exception as e:  # noqa: BLE001  (mesh_utils raises AssertionError, ValueError, ...)
+    raise errors.UsageError(_layout_failure(data, fsdp, devices, e)) from e
+
+
+def _layout(shape: tuple[int, int], devices: list, split: bool) -> np.ndarray:
+  """`mesh_utils.create_device_mesh`, and by chip for TPU chips described as one device per core."""
+  try:
+    return mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=split)
+  except AssertionError:
+    # mesh_utils lays out TPU v4 and later only with one device per chip (megacore), but
+    # libtpu describes a v4 slice for the compile mode with one device per TensorCore.
+    # Lay out the chips, then put each chip's cores side by side on the fsdp axis (on the
+    # data axis when fsdp has no room for them): the on-chip link is the fastest one.
+    chips = _devices_by_chip(devices)
+    if chips is None:
+      raise
+    cores, (data, fsdp) = len(chips[0]), shape
+    on_fsdp = fsdp % cores == 0
+    if not on_fsdp and data % cores:
+      raise
+    chip_shape = (data, fsdp // cores) if on_fsdp else (data // cores, fsdp)
+    by_first = {id(chip[0]): chip for chip in chips}
+    chip_grid = mesh_utils.create_device_mesh(chip_shape, devices=[chip[0] for chip in chips],
+                                              allow_split_physical_axes=split)
+    grid = np.empty(shape, dtype=object)
+    for (i, j), first in np.ndenumerate(chip_grid):
+      for core, device in enumerate(by_first[id(first)]):
+        grid[(i, j * cores + core) if on_fsdp else (i * cores + core, j)] = device
+    return grid
+
+
+def _devices_by_chip(devices: list) -> list[list] | None:
+  """Each chip's devices by core, when every chip holds the same number (more than one) of them."""
+  chips: dict[tuple, list] = {}
+  for d in devices:
+    if getattr(d, "coords", None) is None or getattr(d, "core_on_chip", None) is None:
+      return None
+    chips.setdefault((getattr(d, "slice_index", 0), tuple(d.coords)), []).append(d)
+  sizes = {len(chip) for chip in chips.values()}
+  if len(sizes) != 1 or sizes == {1}:
+    return None
+  return [sorted(chip, key=lambda d: d.core_on_chip) for chip in chips.values()]
+
+
+def _split_axes_grid(data: int, fsdp: int, devices: list, cause: Exception) -> np.ndarray:
+  """mesh_utils' layout that splits a physical axis of the TPU slice, with a warning.
+
+  A safe fallback: it is still jax's topology-aware assignment (each mesh axis runs along
+  ICI neighbours) and the program computes the same thing. What is lost is bandwidth: a
+  mesh axis over part of a physical ring has no wraparound link.
+  """
+  try:
+    grid = _layout((data, fsdp), devices, split=True)
+  except Exception as e:  # noqa: BLE001
+    raise errors.UsageError(_layout_failure(data, fsdp, devices, cause)) from e
+  logging.warning(
+      "mesh data=%d x fsdp=%d does not follow the physical axes of %s: laid out splitting a "
+      "physical axis, so a mesh axis runs its collectives over part of an ICI ring, without its "
+      "wraparound link (less bandwidth than whole rings). mesh.fsdp values that follow the axes: %s",
+      data, fsdp, _describe(devices), ", ".join(map(str, _fitting_fsdp(devices))) or "none")
+  return grid
+
+
+def _fitting_fsdp(devices: list) -> list[int]:
+  """The fsdp sizes whose (rest, fsdp) mesh mesh_utils lays out over `devices` as they are."""
+  n, sizes = len(devices), []
+  for fsdp in (f for f in range(1, n + 1) if n % f == 0):
+    try:
+      _layout((n // fsdp, fsdp), devices, split=False)
+    except Exception:  # noqa: BLE001  (any refusal: this size does not fit)
+      continue
+    sizes.append(fsdp)
+  return sizes
+
+
+def _chip_span(devices: list) -> tuple[int, ...] | None:
+  """The size of the box of chip coordinates the devices cover (None without coordinates)."""
+  coords = [getattr(d, "coords", None) for d in devices]
+  if not all(c is not None and len(c) for c in coords):
+    return None
+  return tuple(max(c[i] for c in coords) - min(c[i] for c in coords) + 1 for i in range(len(coords[0])))
+
+
+def _describe(devices: list) -> str:
+  """E.g. "16 tpu devices (TPU v6 lite, chips spanning 4x4x1)"."""
+  first, span = devices[0], _chip_span(devices)
+  where = f", chips spanning {'x'.join(map(str, span))}" if span else ""
+  return f"{len(devices)} {first.platform} devices ({getattr(first, 'device_kind', 'unknown kind')}{where})"
+
+
+def _layout_failure(data: int, fsdp: int, devices: list, e: Exception) -> str:
+  """The one-line `UsageError` message of a layout mesh_utils refuses: what, why, and the fix."""
+  fitting = _fitting_fsdp(devices)
+  if fitting:
+    fix = (f"set mesh.fsdp to a split this topology allows: one of {', '.join(map(str, fitting))} "
+           "(mesh.data=-1 takes the rest)")
+  else:
+    fix = "no mesh.fsdp fits these devices either: pass all the devices of one slice or host (jax.devices())"
+  detail = " ".join(str(e).split())  # one line, as main prints a UsageError
+  if len(detail) > 300:  # jax's "hole" message lists every device
+    detail = detail[:300] + " ..."
+  span = _chip_span(devices)
+  chips = len({(getattr(d, "slice_index", 0), tuple(d.coords)) for d in devices}) if span else 0
+  # mesh_utils' own words for this case are only a device list.
+  hole = f"their {chips} chips do not fill that box (a slice with holes); " if chips and chips < np.prod(span) else ""
+  return (f"cannot lay out the mesh data={data} x fsdp={fsdp} over {_describe(devices)}: {hole}"
+          f"mesh_utils.create_device_mesh raised {type(e).__name__}: {detail}; {fix}")
 
 
 def logical_to_mesh(logical: Sequence[str | None]) -> P:
