@@ -27,7 +27,8 @@ flags.mark_flags_as_required(["config", "report"])
 
 
 def recount(report: dict, config) -> dict:
-  from drifting_jax.scale import compile_mode, targets
+  from drifting_jax.scale import compile_mode, flops, targets
+  from drifting_jax.train import mae_pretrain
 
   target = targets.parse(report["target"]["name"])
   config.compile.target = target.name
@@ -39,10 +40,10 @@ def recount(report: dict, config) -> dict:
   for name, program in report["programs"].items():
     compiler = program["flops"]["compiler_per_device"]
     if name == "train":
-      program["flops"] = compile_mode.train_flops(compile_mode.TrainProgram(config, mesh), mesh.size, compiler)
+      program["flops"] = flops.train_section(compile_mode.train_program(config, mesh), mesh.size, compiler)
     elif name == "mae":
-      step, _, args, _ = compile_mode.mae_program(config, mesh)
-      program["flops"] = compile_mode.mae_flops(step, args, mesh.size, compiler)
+      mae = mae_pretrain.build_program(config, mesh)
+      program["flops"] = flops.whole_program_section(mae.step, mae.args(), mesh.size, compiler)
     else:  # the sampling step has no padded convolution (the DiT's patch embedding is unpadded)
       continue
     seconds = program["projection"]["step_seconds"]

@@ -32,10 +32,11 @@ def measure(draws: int, seed: int = 0) -> dict:
   from configs import mnist_tiny
   from drifting_jax import losses
   from drifting_jax.data import images, mnist5k
-  from drifting_jax.train import trainer
+  from drifting_jax.models import features
 
   config = mnist_tiny.get_config()
-  apply, params, _ = trainer.build_features(config)
+  network = features.build_feature_network(config)
+  apply, params = network.apply, network.params
   digits, labels = mnist5k.load_mnist5k("train")
   feats = np.asarray(apply(params, jnp.asarray(images.uint8_to_model(digits)))["pixels"][:, 0])
   k = int(config.loss.topk_k)

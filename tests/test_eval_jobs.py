@@ -16,7 +16,7 @@ from configs import mnist_tiny
 from drifting_jax import checkpointing, errors, modes
 from drifting_jax.eval import classifier_job, evaluation, evaluators, metrics as metrics_lib, sampling
 from drifting_jax.models import artifacts, classifier, features, inception, vae as vae_lib
-from drifting_jax.train import optim, trainer
+from drifting_jax.train import optim, program as program_lib, trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # a trained run, a classifier and evaluations
 
@@ -65,7 +65,8 @@ def test_a_checkpoint_is_read_from_the_config_alone(workdir, monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError("reading a checkpoint must not build training pieces")
 
-  for module, name in ((optim, "make_optimizer"), (trainer, "init_state"), (trainer, "build_features"),
+  for module, name in ((optim, "make_optimizer"), (program_lib, "build_train_program"),
+                       (program_lib, "state_factory"), (features, "build_feature_network"),
                        (features, "pixel_features"), (features, "mae_features")):
     monkeypatch.setattr(module, name, refuse)
   config = _config()

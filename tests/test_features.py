@@ -69,11 +69,10 @@ def test_bf16_stored_kernels_give_bit_identical_features():
   to bf16 at each use anyway, so the features must not change by a single bit; the
   float32 norm parameters stay float32."""
   from drifting_jax.models import mae
-  from drifting_jax.train import trainer
 
   module = mae.build_module(mae.model_config_for("tiny", use_bf16=True))
   params = mae.init_params(module, jax.random.PRNGKey(0))
-  stored = trainer.frozen_feature_params(params, module.dtype)
+  stored = features.frozen_params(params, module.dtype)
   kernels = [p for p in jax.tree.leaves(stored) if p.ndim >= 2]
   assert kernels and all(p.dtype == jnp.bfloat16 for p in kernels)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(stored) if p.ndim < 2)
@@ -84,4 +83,4 @@ def test_bf16_stored_kernels_give_bit_identical_features():
   for name in reference:
     np.testing.assert_array_equal(np.asarray(reference[name]), np.asarray(from_stored[name]), err_msg=name)
   # A float32 network keeps its parameters as they are.
-  assert trainer.frozen_feature_params(params, jnp.float32) is params
+  assert features.frozen_params(params, jnp.float32) is params

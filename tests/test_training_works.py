@@ -24,7 +24,7 @@ from drifting_jax.data.mnist5k import load_mnist5k
 from drifting_jax.models import artifacts
 from drifting_jax.models import generator as generator_lib
 from drifting_jax.data import images
-from drifting_jax.train import trainer
+from drifting_jax.train import program as program_lib, trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # a real training run
 
@@ -72,7 +72,7 @@ def test_short_training_run_moves_samples_towards_the_data(tmp_path, recipe, sam
   train = images.uint8_to_model(raw)
 
   module = generator_lib.build_module(generator_lib.model_config_from_run(config))
-  args, kwargs = generator_lib.example_inputs(trainer.module_config(module))
+  args, kwargs = generator_lib.example_inputs(program_lib.module_config(module))
   untrained = jax.jit(lambda key: module.init({"params": key}, *args, **kwargs)["params"])(
       jax.random.PRNGKey(config.seed))  # one program, not one compile per op
   before_distance, before_match = _measure(module, untrained, train, train_labels)

@@ -8,7 +8,9 @@ built from the generator model alone: no optimizer, train state or feature netwo
 from __future__ import annotations
 
 import collections
+import dataclasses
 import pathlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -242,6 +244,76 @@ def _generate_global(module, params, split, labels, cfg_scale, seed, batch_size,
   if not out:
     return np.zeros((0, module.input_size, module.input_size, module.out_channels), np.float32)
   return np.concatenate(out)
+
+
+# --------------------------------------------------------------------------- the sampling program
+
+
+@dataclasses.dataclass
+class SampleProgram:
+  """Evaluation's sampling step on a slice: `generator.sample_program` (the function
+  `generate` calls) with abstract inputs laid out as evaluation lays them out."""
+  module: Any
+  args: tuple
+  samples_per_call: int
+  devices_per_program: int
+  samplers: int          # programs running at once over the slice (one per host, or one)
+  description: str
+
+  def lower(self):
+    return generator_lib.sample_program.lower(self.module, *self.args)
+
+  def compile(self, compiler_options=None):
+    return self.lower().compile(compiler_options=compiler_options)
+
+  def fn(self, params, labels, cfg, noise):
+    """The sampled function itself, for counting its FLOPs."""
+    return self.module.apply({"params": params}, labels, cfg, noise=noise)["samples"].astype(jnp.float32)
+
+
+def build_sample_program(config: ml_collections.ConfigDict, mesh, hosts: int) -> SampleProgram:
+  """The sampling step of `eval.batch_size` samples from the EMA params, over `mesh` of `hosts` hosts.
+
+  On one host: the params as in training, the batch split over the mesh. On several,
+  in `eval.sampling_layout` (`resolve_layout`): per host, each host samples its own
+  share on its own devices, from params gathered to it and replicated over its
+  devices, each batch split over them (one host's program; the slice's rate is the
+  hosts'); global, the same placement in one program over every chip, each host's
+  batch on its own chips.
+  """
+  model_config = generator_lib.model_config_from_run(config)
+  module = generator_lib.build_module(model_config)
+  params = artifacts.abstract_params("gen", model_config)
+  n = int(config.eval.batch_size)
+  layout = resolve_layout(config.eval.sampling_layout, mesh.devices.flat[0].device_kind, hosts)
+  if hosts > 1:
+    if layout == "global":
+      program_mesh, samplers = global_mesh(list(mesh.devices.flat)), 1
+      per_host = program_mesh.size // hosts
+      n = hosts * (-(-n // per_host) * per_host)
+      description = (f"global: params replicated over all {program_mesh.size} devices, each of the "
+                     f"{hosts} hosts' batches split over its own devices, in one program")
+    else:
+      first_host = mesh.devices.flat[0].process_index
+      program_mesh = jax.sharding.Mesh(
+          np.asarray([d for d in mesh.devices.flat if d.process_index == first_host]), (_HOST_AXIS,))
+      n = -(-n // program_mesh.size) * program_mesh.size  # generate pads each batch to a multiple of the devices
+      samplers = hosts
+      description = (f"per host: params replicated over the host's {program_mesh.size} devices, each batch "
+                     f"split over them; {hosts} hosts sample at once")
+    param_shardings = jax.tree.map(lambda _: partitioning.replicated(program_mesh), params)
+    batch = jax.sharding.NamedSharding(program_mesh, jax.sharding.PartitionSpec(program_mesh.axis_names[0]))
+  else:
+    program_mesh, samplers = mesh, 1
+    param_shardings = partitioning.tree_shardings(params, mesh)
+    batch = partitioning.global_batch_sharding((n,), mesh)
+    description = "one host: params as in training, the batch split over the mesh"
+  noise = jax.eval_shape(lambda: generator_lib.draw_noise(module, jax.random.PRNGKey(0), n))
+  args = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, param_shardings),
+          jax.ShapeDtypeStruct((n,), jnp.int32, sharding=batch), jax.ShapeDtypeStruct((n,), jnp.float32, sharding=batch),
+          jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch), noise))
+  return SampleProgram(module=module, args=args, samples_per_call=n, devices_per_program=program_mesh.size,
+                       samplers=samplers, description=description)
 
 
 def sample_to_files(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:

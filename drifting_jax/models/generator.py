@@ -566,7 +566,9 @@ def draw_noise(module: DiTGenerator, rng: Array, batch_size: int, temperature: f
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _sample(module: DiTGenerator, params: Any, labels: Array, cfg_scale: Array, noise: NoiseDict) -> Array:
+def sample_program(module: DiTGenerator, params: Any, labels: Array, cfg_scale: Array, noise: NoiseDict) -> Array:
+  """The sampling program evaluation runs (`sample`), with the noise as an input;
+  `eval.sampling.build_sample_program` lowers this same function for the compile mode."""
   out = module.apply({"params": params}, labels, cfg_scale, noise=noise)
   return out["samples"].astype(jnp.float32)
 
@@ -602,4 +604,4 @@ def sample(
   if noise is None:
     noise = draw_noise(module, rng, labels.shape[0], temperature)
   noise = _check_noise(noise, module, labels.shape[0])
-  return _sample(module, params, labels, cfg_scale, noise)
+  return sample_program(module, params, labels, cfg_scale, noise)

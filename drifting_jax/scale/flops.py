@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax import core as jax_core
 
+from drifting_jax.train import train_step as train_step_lib
+
 try:  # jax >= 0.4.30 keeps the jaxpr types in jax.extend
   from jax.extend import core as extend_core
   _ClosedJaxpr = extend_core.ClosedJaxpr
@@ -107,3 +109,93 @@ def program_flops(fn: Callable[..., Any], *args, **kwargs) -> float:
   """Matmul and convolution FLOPs of `fn(*args, **kwargs)` (abstract args are fine)."""
   closed = jax.make_jaxpr(fn)(*args, **kwargs)
   return jaxpr_flops(closed.jaxpr)
+
+
+# --------------------------------------------------------------------------- the programs' analytical counts
+
+
+def _shapes(tree: Any) -> Any:
+  """Abstract leaves without shardings: the analytical count traces on one device."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def train_step_pieces(program) -> dict[str, Any]:
+  """Global matmul/conv FLOPs of one training step by piece, and of the whole traced step.
+
+  `program` is a `train.program.TrainProgram`. Each piece is its own traced program
+  (its backward as JAX builds it: no weight gradients through the frozen features,
+  none to the generator's noise input); the optimizer, EMA and clipping are
+  elementwise (no matmuls).
+  """
+  config = program.config
+  t = config.train
+  sample_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  n_gen = t.classes_per_step * t.gen_per_class
+  n_data = t.classes_per_step * (t.pos_per_class + t.neg_per_class)
+  params = _shapes(program.abstract_state.params)
+  fparams = _shapes(program.abstract_feature_params)
+  labels = jax.ShapeDtypeStruct((n_gen,), np.int32)
+  scales = jax.ShapeDtypeStruct((n_gen,), np.float32)
+  rng = jax.random.PRNGKey(0)
+  module, feature_apply = program.generator, program.features.apply
+
+  def generate(p, l, c):
+    return module.apply({"params": p}, l, c, rngs={"noise": rng})["samples"].astype(np.float32)
+
+  def features_sum(x, fp):
+    return sum(jax.numpy.sum(v) for v in feature_apply(fp, x).values())
+
+  gen_fwd_bwd = program_flops(jax.grad(lambda p, l, c: jax.numpy.sum(generate(p, l, c))), params, labels, scales)
+  gen_samples = jax.ShapeDtypeStruct((n_gen, *sample_shape), np.float32)
+  data_samples = jax.ShapeDtypeStruct((n_data, *sample_shape), np.float32)
+  features_generated = program_flops(jax.grad(features_sum), gen_samples, fparams)
+  features_data = program_flops(feature_apply, fparams, data_samples)
+  feature_shapes = jax.eval_shape(feature_apply, fparams, jax.ShapeDtypeStruct((1, *sample_shape), np.float32))
+  objective = train_step_lib.objective_from_config(config.loss)
+  b = t.classes_per_step
+
+  def loss_of(gen):
+    total = 0.0
+    for name, shape in feature_shapes.items():
+      _, tokens, dim = shape.shape
+      pos = jax.numpy.zeros((b, t.pos_per_class, tokens, dim))
+      neg = jax.numpy.zeros((b, t.neg_per_class, tokens, dim)) if t.neg_per_class else None
+      w = jax.numpy.ones((b, t.neg_per_class)) if t.neg_per_class else None
+      total = total + jax.numpy.mean(objective(gen[name], pos, neg, weight_neg=w, distance_scale=None)[0])
+    return total
+
+  gen_features = {name: jax.ShapeDtypeStruct((b, t.gen_per_class, *s.shape[1:]), np.float32)
+                  for name, s in feature_shapes.items()}
+  pieces = {
+      "generator_fwd_bwd": gen_fwd_bwd,
+      # On generated samples: forward, and the backward to the input (the MAE's params are frozen).
+      "features_generated_fwd_bwd": features_generated,
+      "features_data_fwd": features_data,
+      "loss_fwd_bwd": program_flops(jax.value_and_grad(loss_of), gen_features),
+  }
+  whole = program_flops(program.step, *program.args())
+  return {"pieces": pieces, "sum_of_pieces": float(sum(pieces.values())), "traced_step": whole}
+
+
+def train_section(program, devices: int, compiler_flops: float) -> dict[str, Any]:
+  """The report's FLOP section of the training step: the compiler's count beside the analytical one."""
+  counts = train_step_pieces(program)
+  analytical = counts["traced_step"] / devices
+  return {
+      "compiler_per_device": compiler_flops,
+      "analytical_per_device": analytical,
+      "analytical_pieces_global": counts["pieces"],
+      "analytical_sum_of_pieces_global": counts["sum_of_pieces"],
+      "analytical_traced_step_global": counts["traced_step"],
+      "compiler_over_analytical": compiler_flops / analytical if analytical else None,
+      "note": ("analytical = matmul and convolution FLOPs of the traced step (2 per multiply-add; "
+               "a convolution's taps on padding not counted, as XLA does not), divided over the devices; "
+               "the compiler also counts elementwise work"),
+  }
+
+
+def whole_program_section(fn, args, devices: int, compiler_flops: float) -> dict[str, Any]:
+  """The FLOP section of a program counted whole (the MAE pretraining step, the sampling step)."""
+  analytical = program_flops(fn, *[_shapes(a) for a in args]) / devices
+  return {"compiler_per_device": compiler_flops, "analytical_per_device": analytical,
+          "compiler_over_analytical": compiler_flops / analytical if analytical else None}

@@ -19,6 +19,7 @@ Batches are consecutive slices of per-epoch shuffles of this host's data, keyed 
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Any
 
@@ -29,9 +30,9 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from drifting_jax import checkpointing, errors, partitioning, paths, writers
+from drifting_jax import checkpointing, config_defaults, errors, partitioning, paths, writers
 from drifting_jax.models import artifacts, mae
-from drifting_jax.train import data as train_data, optim, run as run_lib
+from drifting_jax.train import data as train_data, optim, program as program_lib, run as run_lib
 
 SCHEDULES = optim.SCHEDULES
 
@@ -156,6 +157,67 @@ def write_artifact(path: pathlib.Path, module: mae.MAEResNet, ema_params: Any, s
         "data": str(config.data.name)})
 
 
+# --------------------------------------------------------------------------- the program
+
+
+@dataclasses.dataclass
+class MaeProgram:
+  """The MAE pretraining step on one mesh, built once for the run and the compile mode.
+
+  `jitted(state, batch, lambda_cls) -> (state, metrics)`, the state donated and laid
+  out by the partition rules; `args()` its abstract inputs with their shardings (the
+  batch: `images` [B, H, W, C] float32 and `labels` [B] int32, `batch_spec`).
+  """
+  module: Any
+  step: Any
+  jitted: Any
+  state_shardings: Any
+  abstract_state: Any
+  abstract_batch: dict[str, jax.ShapeDtypeStruct]
+  abstract_lambda: jax.ShapeDtypeStruct
+  _make_state: Any
+
+  def init(self):
+    return jax.jit(self._make_state, out_shardings=self.state_shardings)()
+
+  def args(self):
+    return self.abstract_state, self.abstract_batch, self.abstract_lambda
+
+  def compile(self, compiler_options=None):
+    return self.jitted.lower(*self.args()).compile(compiler_options=compiler_options)
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+  """The MAE step's batch: global shapes and dtypes (`BatchStream` yields a host's share)."""
+  b, side = int(config.mae.batch_size), int(config.data.image_size)
+  return {"images": jax.ShapeDtypeStruct((b, side, side, int(config.data.channels)), jnp.float32),
+          "labels": jax.ShapeDtypeStruct((b,), jnp.int32)}
+
+
+def build_program(config: ml_collections.ConfigDict, mesh) -> MaeProgram:
+  """The MAE pretraining step of `config.mae` on `mesh` (`train_mae` and `--mode=compile` both call it)."""
+  config_defaults.complete(config)
+  m = config.mae
+  module = mae.build_module(model_config(config))
+  tx, schedule = make_optimizer(m)
+  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  make_state = lambda: mae.init_train_state(module, tx, int(m.seed), shape)
+  state_shape = jax.eval_shape(make_state)
+  shardings = partitioning.tree_shardings(state_shape, mesh)
+  step = mae.make_train_step(module, tx, ema_decay=m.ema_decay, mask_ratio_min=m.mask_ratio_min,
+                             mask_ratio_max=m.mask_ratio_max, schedule=schedule)
+  replicated = partitioning.replicated(mesh)
+  jitted = jax.jit(step, in_shardings=(shardings, None, replicated), out_shardings=(shardings, replicated),
+                   donate_argnums=(0,))
+  batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=partitioning.global_batch_sharding(s.shape, mesh))
+           for k, s in batch_spec(config).items()}
+  return MaeProgram(module=module, step=step, jitted=jitted, state_shardings=shardings,
+                    abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                                state_shape, shardings),
+                    abstract_batch=batch, abstract_lambda=jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
+                    _make_state=make_state)
+
+
 # --------------------------------------------------------------------------- loop
 
 
@@ -168,25 +230,25 @@ def train_mae(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   run_dir.mkdir(parents=True, exist_ok=True)
   out_dir = paths.as_path(m.out_dir) if m.out_dir else workdir_path / "mae"
 
-  module = mae.build_module(model_config(config))
+  mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp)
+  # Built as the compile mode builds it, compiled before any data is read: a step that
+  # cannot fit the devices stops here with the compile mode's verdict.
+  program = build_program(config, mesh)
+  step_fn = program.compile()
+  program_lib.check_fits(step_fn, mesh, "the MAE pretraining step")
+  module = program.module
   data = train_data.load_training_data(config)
-  if data.sample_shape[-1] != module.in_channels or len(data.sample_shape) != 3:
-    raise ValueError(f"the MAE expects [H, W, {module.in_channels}] samples, the data have {data.sample_shape}")
+  expected = tuple(batch_spec(config)["images"].shape[1:])
+  if data.sample_shape != expected or data.sample_shape[-1] != module.in_channels:
+    raise ValueError(f"the MAE step takes {expected} samples (data.image_size, data.channels), the data have "
+                     f"{data.sample_shape}")
   if int(data.labels.max()) >= module.num_classes:
     raise ValueError(f"data labels reach {int(data.labels.max())}, the MAE head has {module.num_classes} classes")
   batches = BatchStream(data, m.batch_size, seed=m.seed, hflip=m.hflip)
 
-  mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp)
-  tx, schedule = make_optimizer(m)
-  make_state = lambda: mae.init_train_state(module, tx, int(m.seed), data.sample_shape)
-  state_shardings = partitioning.tree_shardings(jax.eval_shape(make_state), mesh)
-  state = jax.jit(make_state, out_shardings=state_shardings)()
-
-  step_fn = jax.jit(
-      mae.make_train_step(module, tx, ema_decay=m.ema_decay, mask_ratio_min=m.mask_ratio_min,
-                          mask_ratio_max=m.mask_ratio_max, schedule=schedule),
-      out_shardings=(state_shardings, partitioning.replicated(mesh)),
-      donate_argnums=(0,))
+  state_shardings = program.state_shardings
+  state = program.init()
+  lambda_sharding = program.abstract_lambda.sharding
   finetune_start = m.total_steps - m.finetune_last_steps if m.finetune_last_steps else None
 
   ckpt = checkpointing.Checkpointer(run_dir, keep_last=m.keep_last, keep_every=m.keep_every,
@@ -201,7 +263,7 @@ def train_mae(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
 
     for step in range(start_step, m.total_steps):
       batch = partitioning.batch_to_global(batches(step), mesh)
-      state, metrics = step_fn(state, batch, jnp.float32(lambda_cls_at(step, m)))
+      state, metrics = step_fn(state, batch, jax.device_put(np.float32(lambda_cls_at(step, m)), lambda_sharding))
       done = step + 1
       if done % m.log_every == 0 or done == m.total_steps:
         run.record(done, metrics)

@@ -29,8 +29,7 @@ from drifting_jax.bench.device_check.child_common import _machine
 # RELEASE_CLASSES and FIRST_CLASSES (classes tried first, halved until the step fits)
 # live in common: the parent's --ablation-classes help names them.
 from drifting_jax.bench.device_check.common import FIRST_CLASSES, RELEASE_CLASSES, _memory_stats, _Record
-from drifting_jax.models import features, generator as generator_lib, mae as mae_lib
-from drifting_jax.train import data as train_data, optim, trainer
+from drifting_jax.train import data as train_data, program as program_lib, trainer
 from drifting_jax.train import train_step as train_step_lib
 
 
@@ -121,7 +120,7 @@ def _random_params(abstract: Any, key) -> Any:
 
 
 def _ablation_batch(config, work: pathlib.Path, classes: int):
-  """labels [C], positives [C, Cp, 32, 32, 4], negatives [C, Cn, ...] from synthetic latents."""
+  """The step's batch (`train.program.batch_spec`) drawn from synthetic latents."""
   config.data.data_dir = str(work / "synthetic_latents")
   config.data.synthetic_per_class = 2  # the step's shapes are what count, not the data
   data = train_data.load_training_data(config)
@@ -131,51 +130,45 @@ def _ablation_batch(config, work: pathlib.Path, classes: int):
   by_class = {c: np.flatnonzero(data.labels == c) for c in labels}
   positives = np.stack([data.samples[rng.choice(by_class[c], t.pos_per_class)] for c in labels])
   negatives = data.samples[rng.integers(0, len(data.labels), (classes, t.neg_per_class))]
-  return {"labels": labels, "positives": positives.astype(np.float32), "negatives": negatives.astype(np.float32)}
+  batch = {"labels": labels, "positives": positives.astype(np.float32), "negatives": negatives.astype(np.float32)}
+  program_lib.check_host_batch(batch, config, processes=1)
+  return batch
 
 
 _trivial_objective = train_step_lib.trivial_objective
 
 
 class _AblationStep:
-  """The compiled train step of the ablation at a number of classes."""
+  """The compiled train step of the ablation at a number of classes: the run's own program
+  (`train.program.build_train_program`, so `feature.param_placement` and every other
+  setting the trainer honours apply), with random MAE weights of the named size."""
 
   def __init__(self, args, remat: bool, classes: int, objective_override: Optional[Callable] = None):
     config, mae_name = _ablation_config(args, remat, classes)
     trainer.validate_config(config)
     self.config, self.classes = config, classes
-    mae_module = mae_lib.build_module(mae_lib.model_config_for(mae_name))
-    side, channels = config.data.image_size, config.data.channels
-    abstract = jax.eval_shape(lambda r: mae_lib.init_params(mae_module, r, (side, side, channels)),
-                              jax.random.key(1))
-    mae_params = _random_params(abstract, jax.random.key(1))
-    feature_fn = features.mae_features(mae_module, mae_params, **config.feature.activation_kwargs.to_dict())
-    self.feature_apply = feature_fn.__call__
-    model_config = generator_lib.model_config_from_run(config)
-    module = generator_lib.build_module({**model_config, "remat": bool(remat)})
-    self.model_dtype = str(module.dtype.__name__ if hasattr(module.dtype, "__name__") else module.dtype)
-    self.mae_dtype = "bfloat16" if mae_module.use_bf16 else "float32"
+    config.compile.mae_model = mae_name  # the architecture when feature.mae_path is not on this machine
     mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp)
-    tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps, config.train.max_grad_norm)
-    self.feature_names = sorted(jax.eval_shape(self.feature_apply, mae_params,
-                                               jnp.zeros((1, side, side, channels), jnp.float32)))
-    self.state, shardings = trainer.init_state(config, module, tx, mesh, self.feature_names)
-    # The trainer's own layout of the frozen network (bf16 kernels, split over fsdp).
-    mae_params = trainer.frozen_feature_params(mae_params, mae_module.dtype)
-    feature_shardings = trainer.feature_param_shardings(mae_params, mesh)
-    self.feature_params = jax.device_put(mae_params, feature_shardings)
-    self.params = int(sum(x.size for x in jax.tree.leaves(self.state.params)))
+    self.program = program_lib.build_train_program(config, mesh, abstract_features=True,
+                                                   objective=objective_override)
+    network = self.program.features
+    self.feature_apply = network.apply
+    self.feature_names = self.program.feature_names
+    module = self.program.generator
+    self.model_dtype = str(module.dtype.__name__ if hasattr(module.dtype, "__name__") else module.dtype)
+    self.mae_dtype = "bfloat16" if network.dtype == jnp.bfloat16 else "float32"
+    self.state = self.program.init()
+    # Random weights in the layout the trainer keeps (bf16 kernels; placed by feature.param_placement).
+    mae_params = _random_params(network.params, jax.random.key(1))
+    self.feature_params = jax.device_put(mae_params, self.program.feature_shardings)
+    self.params = self.program.generator_params
     self.mae_params_count = int(sum(x.size for x in jax.tree.leaves(mae_params)))
-    fn = train_step_lib.make_train_step(generator=module, tx=tx, schedule=schedule,
-                                        feature_apply=self.feature_apply, config=config, mesh=mesh,
-                                        objective=objective_override)
-    self.step_fn = trainer.jit_train_step(fn, shardings, feature_shardings, mesh)
     host = _ablation_batch(config, pathlib.Path(args.work_dir), classes)
     self.batch = {k: partitioning.host_to_global(v, mesh) for k, v in host.items()}
 
   def compile(self) -> dict:
     start = time.perf_counter()
-    lowered = self.step_fn.lower(self.state, self.feature_params, self.batch)
+    lowered = self.program.lower()
     self.compiled = lowered.compile()
     return {"compile_s": time.perf_counter() - start, "flops_xla": _cost_flops(self.compiled),
             "flops_lowered": _cost_flops(lowered), "compiled_memory": _memory_analysis(self.compiled)}
