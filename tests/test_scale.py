@@ -81,6 +81,45 @@ def test_a_collective_split_into_a_chain_of_fusions_counts_once():
   assert {"op": "all-reduce", "source": "jvp()/reduce_sum", "count": 1, "bytes": 128 * 128 * 4} in sources
 
 
+# As XLA 0.10.2's printer writes them: a combined async all-gather (operands and results
+# each a tuple), and an all-reduce of 7 gradients, with the printer's `/*index=5*/`
+# before the sixth element of its shape and of its operands.
+COMBINED_HLO = """
+  %ags = ((f32[8]{0}, f32[16]{0}, bf16[4]{0}), (f32[64]{0}, f32[128]{0}, bf16[32]{0})) all-gather-start(%a, %b, %c), channel_id=1, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}, use_global_device_ids=true
+  %agd = (f32[64]{0}, f32[128]{0}, bf16[32]{0}) all-gather-done(%ags)
+  ROOT %ar = (f32[1]{0}, f32[2]{0}, f32[3]{0}, f32[4]{0}, f32[5]{0}, /*index=5*/f32[6]{0}, f32[7]{0}) all-reduce(%p0, %p1, %p2, %p3, %p4, /*index=5*/%p5, %p6), channel_id=2, replica_groups={{0,1}}, use_global_device_ids=true, to_apply=%sum
+"""
+
+
+def test_combined_collectives_count_every_result():
+  c = analysis.collectives(COMBINED_HLO)
+  assert c["all-gather"] == {"count": 1, "bytes": (64 + 128) * 4 + 32 * 2}  # the results' tuple, not an operand
+  assert c["all-reduce"] == {"count": 1, "bytes": (1 + 2 + 3 + 4 + 5 + 6 + 7) * 4}
+
+
+# libtpu 0.0.52's lines for a v5e:2x2: tiled layouts and mesh-style replica groups.
+LIBTPU_HLO = """
+  %psum.7 = f32[2,1024]{1,0:T(2,128)} all-reduce(%param.2), channel_id=1, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%region_0.0, metadata={op_name="jit(f)/shard_map/psum" stack_frame_id=4}, backend_config={"flag_configs":[],"barrier_config":{"barrier_type":"CUSTOM","id":"1"}}
+  %all-to-all = bf16[64,4,128]{2,0,1:T(8,128)(2,1)S(1)} all-to-all(%copy_bitcast_fusion.1), channel_id=7, replica_groups=mesh['axis_0'=4] {'axis_0'}, dimensions={1}, frontend_attributes={is_spmd_generated="true"}, metadata={op_name="jit(f)/transpose(jvp())/mul" stack_frame_id=3}
+"""
+
+
+def test_collectives_read_libtpu_layouts_and_mesh_groups():
+  c = analysis.collectives(LIBTPU_HLO)
+  assert c["all-reduce"] == {"count": 1, "bytes": 2 * 1024 * 4}
+  assert c["all-to-all"] == {"count": 1, "bytes": 64 * 4 * 128 * 2}
+  sources = {s["op"]: s["source"] for s in analysis.collective_sources(LIBTPU_HLO)}
+  assert sources == {"all-reduce": "shard_map/psum", "all-to-all": "transpose(jvp())/mul"}
+
+
+def test_analysis_keeps_its_names_and_reads_through_xla_internals():
+  """The report's constants are the ones xla_internals registers; analysis itself imports nothing private."""
+  from drifting_jax.scale import xla_internals
+  assert analysis.COLLECTIVES == xla_internals.COLLECTIVES
+  assert analysis.NEGATIVE_COST_CALLS == ("ConcatBitcast", "ZeroCrop") and analysis.CONCAT_BITCAST == "ConcatBitcast"
+  assert not hasattr(analysis, "_jaxlib")
+
+
 def test_step_time_never_reports_a_negative_estimate():
   target = targets.parse("v6e-64")
   flops_per_device = 16.4e12

@@ -15,6 +15,10 @@ plugin (`pip install jax-cuda12-plugin==<jax version>`; no GPU and no CUDA libra
 needed), which compiles for a GPU it cannot see from an XLA `GpuTargetConfigProto`:
 `gpu_target_config` writes that text from `GpuSpec`, a few of NVIDIA's published
 facts of the GPU (its datasheet and the H100 architecture whitepaper).
+
+The plugins' options and environment variables, the CUDA plugin's private version
+module and the XLA option used here are in `xla_internals`, with the versions they
+were checked against.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import re
 from typing import Sequence
 
 import jax
-from jax.experimental import topologies
 
 from drifting_jax import errors
+from drifting_jax.scale import xla_internals
 
 GIB = 2**30
 
@@ -107,9 +111,7 @@ class Target:
       return gpu_devices(self)
     compile_environment()  # libtpu is loaded by the first description asked for
     return _described_devices(
-        self, "libtpu", lambda: topologies.get_topology_desc(
-            topology_name=self.topology_name, platform="tpu", chips_per_host_bounds=self.chips_per_host_bounds,
-            num_slices=1),
+        self, "libtpu", lambda: xla_internals.describe_tpu_topology(self.topology_name, self.chips_per_host_bounds),
         lambda e: (f"cannot describe the TPU slice {self.name} ({self.topology_name}): {e}. The compile mode "
                    "needs libtpu: pip install 'libtpu==0.0.52' (requirements.txt; 0.0.42, which "
                    "jax[tpu]==0.10.2 pins, crashes compiling our step for v6e at small per-chip batches: "
@@ -126,12 +128,9 @@ class Target:
 def compile_environment() -> None:
   """Lets libtpu describe a slice on a machine without TPUs and without asking the network.
 
-  TPU_SKIP_MDS_QUERY: never query a cloud metadata server for the VM's TPU.
-  ALLOW_MULTIPLE_LIBTPU_LOAD: skip libtpu's one-process-per-machine lock, which
-  protects real chips; with none present it would only stop two compiles side by side.
+  The environment variables libtpu reads for that: `xla_internals.LIBTPU_COMPILE_ENVIRONMENT`.
   """
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  xla_internals.libtpu_compile_environment()
 
 
 # --------------------------------------------------------------------------- GPU hosts
@@ -185,23 +184,10 @@ _GPU_NAME = re.compile(r"^(h100)x(\d+)$")
 _GPU_HOST_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)  # hosts of 8 GPUs the table lists
 
 
-def _cuda_library_versions() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-  """(CUDA runtime, cuDNN) versions the CUDA plugin was built against, as (major, minor, patch).
-
-  XLA picks library calls (cuDNN fusions, cuBLASLt epilogues) by these versions; the
-  plugin's own build versions are the oldest it runs with, so the compiled program is
-  one it would also produce on the GPU host."""
-  try:
-    from jax_cuda12_plugin import _versions  # pylint: disable=import-outside-toplevel
-    cuda, cudnn = int(_versions.cuda_runtime_build_version()), int(_versions.cudnn_build_version())
-  except Exception:  # noqa: BLE001  (private module; jax 0.10.2's plugin: CUDA 12.9, cuDNN 9.8)
-    cuda, cudnn = 12090, 90800
-  return (cuda // 1000, cuda % 1000 // 10, 0), (cudnn // 10000, cudnn % 10000 // 100, cudnn % 100)
-
-
 def gpu_target_config(spec: GpuSpec) -> str:
   """`spec` as an XLA GpuTargetConfigProto in text format (the CUDA plugin's `target_config`)."""
-  cuda, cudnn = _cuda_library_versions()
+  # The plugin's CUDA and cuDNN build versions (its private `_versions`: xla_internals).
+  cuda, cudnn = xla_internals.cuda_library_versions()
   major, minor = spec.compute_capability
   features = " feature_extension: ACCELERATED_FEATURES" if spec.arch_specific_features else ""
   version = lambda v: f"{v[0]}.{v[1]}.{v[2]}"  # noqa: E731
@@ -246,7 +232,7 @@ def gpu_target_config(spec: GpuSpec) -> str:
 # late (tried: the same failure); a compile option applies to that compile whatever
 # ran before, in main, in a test or in a notebook. Exporting
 # XLA_FLAGS=--xla_gpu_enable_triton_gemm=false before Python starts works too.
-GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+GPU_COMPILER_OPTIONS = {xla_internals.TRITON_GEMM_OPTION: False}
 
 
 def compiler_options(target: Target) -> dict | None:
@@ -268,8 +254,8 @@ def gpu_devices(target: Target) -> list:
     jax.config.update("jax_platforms", "cpu")
   spec = GPU_SPECS[target.chip.generation]
   return _described_devices(
-      target, "the CUDA plugin", lambda: topologies.get_topology_desc(
-          platform="cuda", target_config=gpu_target_config(spec), topology=target.topology_name),
+      target, "the CUDA plugin", lambda: xla_internals.describe_cuda_topology(
+          gpu_target_config(spec), target.topology_name),
       lambda e: (f"the CUDA plugin cannot describe {target.name} ({target.topology_name}): "
                  f"{str(e).splitlines()[0]}. Run with JAX_PLATFORMS=cpu (launch/compile_check.sh sets it): "
                  "the plugin describes GPUs it cannot see only when JAX itself runs on the CPU"))
