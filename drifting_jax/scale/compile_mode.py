@@ -81,8 +81,14 @@ def train_program(config: ml_collections.ConfigDict, mesh, objective=None) -> pr
 
 def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target, mesh) -> dict[str, Any]:
   t = config.train
-  program = train_program(config, mesh)
-  compiled, seconds = _compile(program, "the training step", target)
+  start = time.perf_counter()
+  # train.microbatches="auto" picks the smallest count that fits, as the run's pre-flight does.
+  program, compiled, choice = program_lib.compile_fitting(
+      config, mesh, capacity=(target.chip.device_hbm_bytes, report_text.device_name(target)),
+      build=lambda c: train_program(c, mesh), compile_program=lambda p: _compile(p, "the training step", target)[0])
+  seconds = time.perf_counter() - start
+  if choice:
+    print(choice, flush=True)
   report = analysis.analyze(compiled, target)
   compiler_flops = report["flops_per_device"]
   report["flops"] = flops_lib.train_section(program, mesh.size, compiler_flops)
@@ -102,12 +108,13 @@ def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target,
                 feature_params=int(sum(x.size for x in feature_shapes)),
                 feature_param_bytes=int(sum(x.size * x.dtype.itemsize for x in feature_shapes)),
                 mae_architecture=None if config.feature.kind == "pixels" else program.features.source,
+                microbatches=int(program.config.train.microbatches), microbatches_choice=choice,
                 batch={"classes_per_step": int(t.classes_per_step), "gen_per_class": int(t.gen_per_class),
                        "pos_per_class": int(t.pos_per_class), "neg_per_class": int(t.neg_per_class),
                        "generated_per_step": images})
   del compiled
   if config.compile.loss_share:
-    trivial = train_program(config, mesh, objective=train_step_lib.trivial_objective)
+    trivial = train_program(program.config, mesh, objective=train_step_lib.trivial_objective)
     compiled, trivial_seconds = _compile(trivial, "the step with a trivial objective", target)
     trivial_report = analysis.analyze(compiled, target)
     without = trivial_report["time"]["seconds"]

@@ -80,6 +80,9 @@ def program_lines(name: str, r: dict[str, Any]) -> list[str]:
       f"  step time (estimate): {time_['seconds'] * 1e3:.1f} ms [{time_['source']}]; roofline "
       f"{time_['roofline_seconds'] * 1e3:.1f} ms ({time_['bound']}-bound)",
   ]
+  if r.get("microbatches", 1) != 1 or r.get("microbatches_choice"):
+    lines.append(f"  microbatches: {r['microbatches']}" + (f" ({r['microbatches_choice']})"
+                                                          if r.get("microbatches_choice") else ""))
   if proj.get("run_hours") is not None:
     rate = proj.get("generated_images_per_second") or proj.get("images_per_second")
     lines.append(f"  projected (estimate): {rate:,.0f} images/s, {proj['total_steps']:,} steps in "

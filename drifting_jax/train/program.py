@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 
 from drifting_jax import config_defaults, errors, losses, partitioning
 from drifting_jax.models import features as features_lib, generator as generator_lib
@@ -264,16 +265,24 @@ def device_capacity(device) -> Optional[tuple[int, str]]:
   return int(limit), f"{device.device_kind} {word}"
 
 
-def preflight(program: TrainProgram, what: str = "the training step"):
-  """Compiles the step for the run's abstract inputs and checks that it fits the devices.
+def preflight(config: ml_collections.ConfigDict, mesh, what: str = "the training step") -> tuple[TrainProgram, Any]:
+  """Builds and compiles the run's step for its abstract inputs and checks that it fits the devices.
 
-  Returns the executable the run then calls for every step. When the compiler's
-  memory analysis says the step needs more than a device has, raises `DoesNotFit`
-  with the compile mode's one-line verdict, before any data is loaded or bank filled.
+  Returns (program, the executable the run then calls for every step); resolves
+  `train.microbatches="auto"` by the compiler's memory analysis (and logs the one line
+  that says what it picked). When the step needs more than a device has, raises
+  `DoesNotFit` with the compile mode's one-line verdict, before any data is loaded or
+  bank filled.
   """
-  compiled = program.compile()
-  check_fits(compiled, program.mesh, what)
-  return compiled
+  capacity = device_capacity(mesh.devices.flat[0])
+  program, compiled, note = compile_fitting(config, mesh, capacity=capacity,
+                                            build=lambda c: build_train_program(c, mesh),
+                                            compile_program=lambda p: p.compile())
+  if note:
+    logging.info("%s", note)
+    print(note, flush=True)
+  check_fits(compiled, mesh, what)
+  return program, compiled
 
 
 def check_fits(compiled, mesh, what: str) -> None:
@@ -286,3 +295,85 @@ def check_fits(compiled, mesh, what: str) -> None:
   if total > limit:
     raise DoesNotFit(f"{what} {fit_verdict(total, limit, device, parts)} (the compiler's memory analysis; "
                      "lower train.classes_per_step, raise mesh.fsdp or set model.remat=True)")
+
+
+# --------------------------------------------------------------------------- microbatches
+
+
+def microbatch_problem(config: ml_collections.ConfigDict, mesh, count: int) -> Optional[str]:
+  """Why `count` chunks cannot split the step's classes on `mesh` (None when they can)."""
+  b = int(config.train.classes_per_step)
+  if count < 1 or b % count:
+    return f"train.microbatches={count} must divide train.classes_per_step={b}"
+  data = int(mesh.shape["data"])
+  if count > 1 and (b // count) % data:
+    return (f"train.microbatches={count} leaves {b // count} classes per chunk, which do not split over the "
+            f"mesh's {data} data shards (each shard needs whole classes of every chunk)")
+  return None
+
+
+def microbatch_counts(config: ml_collections.ConfigDict, mesh) -> list[int]:
+  """The counts that split the step's classes on `mesh`, smallest first."""
+  b = int(config.train.classes_per_step)
+  return [m for m in range(1, b + 1) if microbatch_problem(config, mesh, m) is None]
+
+
+def requested_microbatches(config: ml_collections.ConfigDict, mesh) -> Optional[int]:
+  """`train.microbatches` checked (one-line UsageError): the count, or None for "auto"."""
+  value = config.train.microbatches
+  if value == "auto":
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise errors.UsageError(f"train.microbatches must be a count >= 1 or 'auto', got {value!r}")
+  problem = microbatch_problem(config, mesh, int(value))
+  if problem:
+    raise errors.UsageError(problem)
+  return int(value)
+
+
+def with_microbatches(config: ml_collections.ConfigDict, count: int) -> ml_collections.ConfigDict:
+  """A copy of `config` whose train.microbatches is `count` (the config itself when it is already)."""
+  if config.train.microbatches == count:
+    return config
+  copy = ml_collections.ConfigDict(config.to_dict())
+  del copy.train["microbatches"]  # its type there is the original value's ("auto": str)
+  copy.train.microbatches = int(count)
+  return copy
+
+
+def compile_fitting(config: ml_collections.ConfigDict, mesh, *, capacity: Optional[tuple[int, str]],
+                    build: Callable[[ml_collections.ConfigDict], "TrainProgram"],
+                    compile_program: Callable[["TrainProgram"], Any]) -> tuple["TrainProgram", Any, Optional[str]]:
+  """The program of `config` compiled, with `train.microbatches="auto"` resolved.
+
+  A count: built and compiled as it is. "auto": each valid count from the smallest
+  is compiled until one fits `capacity` (bytes, device name) by the compiler's memory
+  analysis; a compiler that refuses a program for lack of memory (`DoesNotFit` from
+  `compile_program`) counts as not fitting. Returns (program, executable, the one
+  line that says what auto picked and why; None for a given count).
+  """
+  count = requested_microbatches(config, mesh)
+  if count is not None:
+    program = build(config)
+    return program, compile_program(program), None
+  if capacity is None:
+    program = build(with_microbatches(config, 1))
+    return program, compile_program(program), ("train.microbatches=auto: 1 (the CPU's memory is the host's, "
+                                                "which the compiler does not budget)")
+  limit, device = capacity
+  tried = []
+  for count in microbatch_counts(config, mesh):
+    program = build(with_microbatches(config, count))
+    try:
+      compiled = compile_program(program)
+    except DoesNotFit:
+      tried.append(f"{count}: refused by the compiler")
+      continue
+    total = memory_total(memory_parts(compiled))
+    if total <= limit:
+      why = f"{', '.join(tried)} did not fit; " if tried else ""
+      return program, compiled, (f"train.microbatches=auto: {count} ({why}{count}: {total / GIB:.2f} GiB fits "
+                                 f"the {limit / GIB:.0f} GiB of a {device}; the compiler's memory analysis)")
+    tried.append(f"{count}: {total / GIB:.2f} GiB")
+  raise DoesNotFit(f"train.microbatches=auto: no count fits the {limit / GIB:.0f} GiB of a {device} "
+                   f"({', '.join(tried)}); lower train.classes_per_step or use more devices")

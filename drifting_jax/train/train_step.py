@@ -21,6 +21,7 @@ import optax
 
 from drifting_jax import losses
 from drifting_jax import errors, partitioning
+from drifting_jax.models import generator as generator_lib
 
 FeatureApply = Callable[[Any, jax.Array], dict[str, jax.Array]]
 
@@ -92,6 +93,79 @@ def _split_rows(features: dict[str, jax.Array], rows: int) -> dict[str, jax.Arra
   return {k: einops.rearrange(v, "(b k) t d -> b k t d", b=rows) for k, v in features.items()}
 
 
+# --------------------------------------------------------------------------- microbatches
+
+
+class _Chunks:
+  """How a step's classes are split into `count` chunks of whole classes.
+
+  Chunk m holds classes m, m + count, m + 2 count, ...: the batch is split over the
+  devices in blocks of consecutive classes, so a strided chunk keeps a share of every
+  device's block and every device works on every chunk.
+  """
+
+  def __init__(self, count: int, num_classes: int, per_class: int, mesh):
+    if num_classes % count:
+      raise ValueError(f"{count} microbatches do not divide {num_classes} classes")
+    self.count, self.num_classes, self.per_class, self.mesh = count, num_classes, per_class, mesh
+
+  def split(self, x: jax.Array, per_class: int) -> jax.Array:
+    """[B * per_class, ...] (class-major rows) -> [count, B / count * per_class, ...], chunk-major."""
+    out = einops.rearrange(x, "(b m k) ... -> m (b k) ...", m=self.count, k=per_class)
+    return partitioning.constrain(out, self.mesh, (None, "batch"))
+
+  def merge(self, x: jax.Array, per_class: int) -> jax.Array:
+    """The inverse of `split`, to [B, per_class, ...] (class-major)."""
+    return einops.rearrange(x, "m (b k) ... -> (b m) k ...", m=self.count, k=per_class)
+
+
+def _chunk_gen_features(generator, feature_apply, params, feature_params, labels, cfg, noise, mesh):
+  """Features {name: [n, T, D]} of the samples the generator makes for one chunk."""
+  with partitioning.activation_rules(mesh):
+    samples = generator.apply({"params": params}, labels, cfg, noise=noise)["samples"]
+  return feature_apply(feature_params, partitioning.constrain(samples, mesh, ("batch",)))
+
+
+def _microbatched_features(chunks: _Chunks, generator, feature_apply, params, feature_params, gen_labels, gen_cfg,
+                           noise, data):
+  """The whole batch's generated features {name: [B, Cg, T, D]} and data features {name: [B, Cp + Cn, T, D]},
+  computed chunk by chunk in one `lax.scan` (no gradient: only the features are kept)."""
+  per_data = data.shape[1]
+  gen_xs = jax.tree.map(lambda x: chunks.split(x, chunks.per_class), (gen_labels, gen_cfg, noise))
+  data_xs = chunks.split(einops.rearrange(data, "b k h w c -> (b k) h w c"), per_data)
+
+  def body(carry, xs):
+    (labels, cfg, chunk_noise), chunk_data = xs
+    generated = _chunk_gen_features(generator, feature_apply, params, feature_params, labels, cfg, chunk_noise,
+                                    chunks.mesh)
+    return carry, (generated, feature_apply(feature_params, chunk_data))
+
+  _, (generated, data_features) = jax.lax.scan(body, None, (gen_xs, data_xs))
+  generated = {k: chunks.merge(v, chunks.per_class) for k, v in generated.items()}
+  data_features = {k: chunks.merge(v, per_data) for k, v in data_features.items()}
+  return jax.lax.stop_gradient(generated), jax.lax.stop_gradient(data_features)
+
+
+def _microbatched_gradients(chunks: _Chunks, generator, feature_apply, params, feature_params, gen_labels, gen_cfg,
+                            noise, feature_grads):
+  """sum over chunks of J_chunk^T (d loss / d features of the chunk): the parameters' gradient,
+  one chunk's activations alive at a time (`lax.scan`)."""
+  xs = jax.tree.map(lambda x: chunks.split(x, chunks.per_class), (gen_labels, gen_cfg, noise))
+  cotangents = {k: chunks.split(einops.rearrange(v, "b k t d -> (b k) t d"), chunks.per_class)
+                for k, v in feature_grads.items()}
+
+  def body(total, chunk):
+    (labels, cfg, chunk_noise), cotangent = chunk
+    _, pullback = jax.vjp(lambda p: _chunk_gen_features(generator, feature_apply, p, feature_params, labels, cfg,
+                                                        chunk_noise, chunks.mesh), params)
+    (grads,) = pullback(cotangent)
+    return jax.tree.map(jnp.add, total, grads), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, _ = jax.lax.scan(body, zeros, (xs, cotangents))
+  return grads
+
+
 def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     feature_apply: FeatureApply, config: ml_collections.ConfigDict, mesh,
                     objective: Objective | None = None):
@@ -106,6 +180,10 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
     scaling = losses.distance_scaling_from_config(loss_config)
   anneal_rate = float(loss_config.bandwidth_anneal_rate)
   total_steps = max(1, int(train.total_steps))
+  microbatches = int(train.microbatches)
+  if microbatches < 1:
+    raise errors.UsageError(f"train.microbatches must be >= 1 when the step is built, got {train.microbatches} "
+                            "(resolve 'auto' first: train/program.build_train_program does)")
 
   def train_step(state: TrainState, feature_params: Any, batch: dict[str, jax.Array]):
     labels, positives, negatives = batch["labels"], batch["positives"], batch["negatives"]
@@ -120,10 +198,21 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
       weight_neg = jnp.broadcast_to(unconditional_weight(cfg, gen_per_class, neg_per_class)[:, None],
                                     (num_classes, neg_per_class))
 
-    # Frozen features of the data: positives of each class, then unconditional negatives.
+    # The data's frozen features; the generator's samples and their features. With
+    # microbatches, both in chunks of classes (`_microbatched_features`).
     data = jnp.concatenate([positives, negatives], axis=1) if neg_per_class else positives
-    data = partitioning.constrain(einops.rearrange(data, "b k h w c -> (b k) h w c"), mesh, ("batch",))
-    data_features = _split_rows(jax.lax.stop_gradient(feature_apply(feature_params, data)), num_classes)
+    gen_labels = jnp.repeat(labels, gen_per_class)
+    gen_cfg = jnp.repeat(cfg, gen_per_class)
+    if microbatches == 1:
+      data = partitioning.constrain(einops.rearrange(data, "b k h w c -> (b k) h w c"), mesh, ("batch",))
+      data_features = _split_rows(jax.lax.stop_gradient(feature_apply(feature_params, data)), num_classes)
+      gen_labels = partitioning.constrain(gen_labels, mesh, ("batch",))
+      chunked = None
+    else:
+      chunked = _Chunks(microbatches, num_classes, gen_per_class, mesh)
+      noise = generator_lib.draw_noise(generator, rng_noise, num_classes * gen_per_class)
+      generated, data_features = _microbatched_features(
+          chunked, generator, feature_apply, state.params, feature_params, gen_labels, gen_cfg, noise, data)
     pos_features = {k: v[:, :pos_per_class] for k, v in data_features.items()}
     neg_features = {k: v[:, pos_per_class:] for k, v in data_features.items()} if neg_per_class else None
 
@@ -139,14 +228,8 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
       shrink = jnp.exp(-anneal_rate * state.step / total_steps)
       distance_scale = {k: (1.0 if v is None else v) * shrink for k, v in distance_scale.items()}
 
-    gen_labels = partitioning.constrain(jnp.repeat(labels, gen_per_class), mesh, ("batch",))
-    gen_cfg = jnp.repeat(cfg, gen_per_class)
-
-    def loss_fn(params):
-      with partitioning.activation_rules(mesh):
-        samples = generator.apply({"params": params}, gen_labels, gen_cfg, rngs={"noise": rng_noise})["samples"]
-      samples = partitioning.constrain(samples, mesh, ("batch",))
-      gen_features = _split_rows(feature_apply(feature_params, samples), num_classes)
+    def objective_of_features(gen_features):
+      """The objective summed over feature groups, each the mean over its classes."""
       total, info = 0.0, {}
       for name in sorted(gen_features):
         group_loss, group_info = objective(
@@ -156,7 +239,21 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
         info.update({f"{k}/{name}": v for k, v in group_info.items()})
       return total, info
 
-    (loss, info), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if chunked is None:
+      def loss_fn(params):
+        with partitioning.activation_rules(mesh):
+          samples = generator.apply({"params": params}, gen_labels, gen_cfg, rngs={"noise": rng_noise})["samples"]
+        samples = partitioning.constrain(samples, mesh, ("batch",))
+        return objective_of_features(_split_rows(feature_apply(feature_params, samples), num_classes))
+
+      (loss, info), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    else:
+      # The objective sees the whole batch's features, as without chunks (its batch
+      # statistics: distance scale, gradient RMS, are the whole batch's), and its
+      # gradient w.r.t. them is pulled back through the networks chunk by chunk.
+      (loss, info), feature_grads = jax.value_and_grad(objective_of_features, has_aux=True)(generated)
+      grads = _microbatched_gradients(chunked, generator, feature_apply, state.params, feature_params,
+                                      gen_labels, gen_cfg, noise, feature_grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = train.ema_decay

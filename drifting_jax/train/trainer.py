@@ -56,6 +56,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"train.classes_per_step={t.classes_per_step} must divide among {jax.process_count()} processes")
   if not 0.0 <= t.ema_decay < 1.0:
     problems.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+  mb = t.microbatches
+  if mb != "auto" and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1 or t.classes_per_step % mb):
+    problems.append(f"train.microbatches must be 'auto' or a count >= 1 that divides train.classes_per_step="
+                    f"{t.classes_per_step}, got {mb!r}")
   if t.cfg_min < 1.0 or t.cfg_max < t.cfg_min:
     problems.append(f"need 1 <= train.cfg_min <= train.cfg_max, got {t.cfg_min}, {t.cfg_max}")
   if t.cfg_max > 1.0 and not t.neg_per_class:
@@ -109,8 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # The step, built as the compile mode builds it, and compiled before any data is
   # loaded or bank filled: a step that cannot fit the devices stops the run here, with
   # the compile mode's verdict. Every step then runs this executable.
-  program = program_lib.build_train_program(config, mesh)
-  step_fn = program_lib.preflight(program)
+  program, step_fn = program_lib.preflight(config, mesh)
   module, state_shardings = program.generator, program.state_shardings
   state = program.init()
   feature_params = program.place_feature_params()
