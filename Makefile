@@ -34,7 +34,7 @@ test-e2e: $(STAMP)
 test-all: $(STAMP)
 	$(PYTEST) tests
 
-# The edit-run loop: everything but the tests marked `slow`, with a compilation cache
+# The edit-run loop: everything but the tests marked `slow` or `e2e`, with a compilation cache
 # kept between runs in .cache/ (every program, however small: most of the suite's
 # time is XLA compiling toy-sized programs, and an edit changes few of them). A
 # cached program is the program compiled: results are bit for bit the same. The
@@ -42,7 +42,7 @@ test-all: $(STAMP)
 TEST_FAST_CACHE := $(CURDIR)/.cache/jax-test-fast
 test-fast: $(STAMP)
 	JAX_COMPILATION_CACHE_DIR=$(TEST_FAST_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
-	  $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	  $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not e2e" tests
 
 demo: $(STAMP)
 	$(PY) -m drifting_jax.demo

@@ -183,3 +183,16 @@ def test_a_slice_that_refuses_the_per_host_program_says_so(tmp_path):
   assert all(c["count"] == 0 for c in sample["collectives"].values())  # each host's rows stay on its chips
   projection = sample["projection"]
   assert projection["generated_images_per_second"] == pytest.approx(64 * 32 / projection["step_seconds"])
+
+
+def test_memory_per_chip_falls_with_the_microbatch_count(tmp_path):
+  """train.microbatches on v5p-8 (data 2 x fsdp 2, 8 classes): 1, 2 and 4 chunks, the report's
+  per-chip memory falling with the count (the compiler's buffer assignment, through libtpu)."""
+  temporaries = {}
+  for count in (1, 2, 4):
+    config = _smoke(train__microbatches=count)
+    report = compile_mode.compile_mode(config, str(tmp_path / f"m{count}"))
+    train = report["programs"]["train"]
+    assert train["microbatches"] == count and train["microbatches_choice"] is None
+    temporaries[count] = train["memory"]["temporaries_bytes"]
+  assert temporaries[1] > temporaries[2] > temporaries[4], temporaries

@@ -77,6 +77,7 @@ def _mesh():
   return partitioning.make_mesh(devices=jax.devices()[:1])
 
 
+@pytest.mark.slow  # whole training steps compiled (3 each): out of the edit-run loop (make test-fast)
 @pytest.mark.parametrize("normalization,extra", [("batch_mean", {"normalize_gradients": True}),
                                                  ("topk_ema", {})])
 def test_chunked_step_equals_the_whole_step_log_kde(normalization, extra):
@@ -88,6 +89,7 @@ def test_chunked_step_equals_the_whole_step_log_kde(normalization, extra):
     _assert_same_step(reference, _one_step(_config("log_kde", normalization, count, **extra), mesh))
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.parametrize("objective", ["corrected", "release", "joint", "mmd", "sinkhorn"])
 @pytest.mark.parametrize("normalization", ["batch_mean", "topk_ema"])
@@ -102,6 +104,7 @@ def test_chunked_step_equals_the_whole_step_every_objective(objective, normaliza
   _assert_same_step(reference, _one_step(_config(objective, normalization, 4, **extra), mesh))
 
 
+@pytest.mark.slow
 def test_chunked_step_on_a_mesh_of_eight_devices():
   """Data 2 x fsdp 4: each chunk's classes split over the data shards, the samples over fsdp."""
   mesh = partitioning.make_mesh(data=2, fsdp=4)
@@ -123,7 +126,8 @@ def test_a_count_that_does_not_split_the_classes_is_one_line():
     program_lib.requested_microbatches(_config(microbatches="two"), mesh)
 
 
-def test_auto_picks_the_smallest_count_that_fits(monkeypatch, capsys):
+@pytest.mark.slow
+def test_auto_picks_the_smallest_count_that_fits():
   """Memory per device falls with the count; auto takes the first under the capacity."""
   mesh = _mesh()
   config = _config(microbatches="auto")

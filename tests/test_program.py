@@ -38,6 +38,7 @@ def _ablation_with_tiny_mae():
   return c
 
 
+@pytest.mark.slow  # lowers two whole training steps with the MAE
 def test_run_and_compile_mode_lower_the_same_training_step():
   config = _ablation_with_tiny_mae()
   mesh = partitioning.make_mesh(data=4, fsdp=2)
