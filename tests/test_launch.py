@@ -74,6 +74,33 @@ def test_slurm_dry_run_uses_first_node_as_coordinator():
   assert ":5555" in inner and "--config.seed=1" in inner
 
 
+def test_slurm_script_runs_from_slurmds_spool_copy_with_every_gpu_and_quoted_flags(tmp_path):
+  """As sbatch runs it: a copy in another folder (launch/ found from SLURM_SUBMIT_DIR), one
+  process per node seeing all of its GPUs (JAX_LOCAL_DEVICE_IDS; jax would otherwise give it
+  GPU $SLURM_LOCALID alone), and a tuple override one argument in the inner shell."""
+  spool = tmp_path / "spool"
+  spool.mkdir()
+  (spool / "job.sh").write_text((LAUNCH / "slurm_gpu.sbatch").read_text())
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  record = tmp_path / "argv.txt"
+  # srun stand-in: runs the task's command once, as task 0; the "python" records what it got.
+  (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+                                'SLURM_PROCID=0 exec "$@"\n')
+  (bin_dir / "fakepython").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$JAX_LOCAL_DEVICE_IDS" "$@" > {record}\n')
+  for name in ("srun", "fakepython"):
+    (bin_dir / name).chmod(0o755)
+  env = {**_env(SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="4",
+                PATH=f"{bin_dir}:{os.environ['PATH']}"), "PYTHON": str(bin_dir / "fakepython")}
+  subprocess.run(["bash", str(spool / "job.sh"), "configs/imagenet_latent_ablation.py", "/data/w",
+                  "--config.loss.bandwidths=(0.02,0.05)", "--config.train.microbatches=auto"],
+                 env=env, cwd=tmp_path, check=True, capture_output=True, text=True)
+  devices, *argv = record.read_text().splitlines()
+  assert devices == "0,1,2,3"
+  assert argv[:2] == ["-m", "drifting_jax.main"] and "--process_id=0" in argv and "--num_processes=2" in argv
+  assert argv[-2:] == ["--config.loss.bandwidths=(0.02,0.05)", "--config.train.microbatches=auto"]
+
+
 def test_tpu_dry_run_copies_installs_and_runs_on_all_workers():
   cmds = _dry_run("tpu_pod.sh", "configs/imagenet_latent_ablation.py", "gs://b/w", TPU_NAME="pod", ZONE="z1")
   text = [" ".join(c) for c in cmds]

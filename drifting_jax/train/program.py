@@ -294,7 +294,8 @@ def check_fits(compiled, mesh, what: str) -> None:
   total = memory_total(parts)
   if total > limit:
     raise DoesNotFit(f"{what} {fit_verdict(total, limit, device, parts)} (the compiler's memory analysis; "
-                     "lower train.classes_per_step, raise mesh.fsdp or set model.remat=True)")
+                     "set train.microbatches (a count or 'auto'), lower train.classes_per_step, raise mesh.fsdp "
+                     "or set model.remat=True)")
 
 
 # --------------------------------------------------------------------------- microbatches
