@@ -83,6 +83,8 @@ def program_lines(name: str, r: dict[str, Any]) -> list[str]:
   if r.get("microbatches", 1) != 1 or r.get("microbatches_choice"):
     lines.append(f"  microbatches: {r['microbatches']}" + (f" ({r['microbatches_choice']})"
                                                           if r.get("microbatches_choice") else ""))
+    if r.get("microbatch_caveat"):
+      lines.append(f"  caveat: {r['microbatch_caveat']}")
   if proj.get("run_hours") is not None:
     rate = proj.get("generated_images_per_second") or proj.get("images_per_second")
     lines.append(f"  projected (estimate): {rate:,.0f} images/s, {proj['total_steps']:,} steps in "
