@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from drifting_jax import errors
+from drifting_jax import config_defaults, errors
 
 # mode -> (module, function(config, workdir)).
 MODES: dict[str, tuple[str, str]] = {
@@ -42,5 +42,9 @@ def mode_function(mode: str) -> Callable[[ml_collections.ConfigDict, str], Any]:
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """Runs `mode` on the run (config, workdir); returns what the mode's function returns."""
-  return mode_function(mode)(config, workdir)
+  """Runs `mode` on the run (config, workdir); returns what the mode's function returns.
+
+  A config written before a field existed gets it from configs/default.py first
+  (`config_defaults.complete`), so no mode reads a field with a default of its own.
+  """
+  return mode_function(mode)(config_defaults.complete(config), workdir)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The accelerator check in one command: prepares a JAX environment that sees the GPU,
 # then runs `python -m drifting_jax.bench.device_check` (paper-scale MNIST, the ImageNet
-# ablation step, the loss library), each check in its own time budget, 8 minutes in all.
+# ablation step, the release's batch with train.microbatches=auto, the loss library), each check in
+# its own time budget, 10 minutes in all.
 #
 #   bash launch/device_check.sh [--out DIR] [--cpu-smoke] [--dry-run] [device_check flags]
 #   bash launch/device_check.sh --fetch-wheels      # where pip reaches PyPI: wheels to carry
@@ -28,7 +29,7 @@
 #   DEVICE_VENV      environment folder (default .venv-device)
 #   WHEELS           wheel folder for the offline install (default .whl)
 #   PYTHON           base interpreter (default: .venv/bin/python for --cpu-smoke, else python3)
-#   CHECK_TIMEOUT_S  hard limit on the checks' run, setup excluded (default 560; 2400 with --cpu-smoke,
+#   CHECK_TIMEOUT_S  hard limit on the checks' run, setup excluded (default 620; 2400 with --cpu-smoke,
 #                    whose budgets are CPU seconds: a crowded host slows it down)
 #   DRY_RUN=1        print the commands instead of running them (as --dry-run)
 set -euo pipefail
@@ -160,9 +161,9 @@ elif [[ "$dry" == "1" ]]; then
   python="$venv/bin/python"
   run_cmd "${PYTHON:-python3}" -m venv "$venv"
   run_cmd "$venv/bin/pip" install -r requirements.txt "jax[cuda12]==$jax_pin"
-  timeout_s="${CHECK_TIMEOUT_S:-560}"
+  timeout_s="${CHECK_TIMEOUT_S:-620}"
 else
-  timeout_s="${CHECK_TIMEOUT_S:-560}"
+  timeout_s="${CHECK_TIMEOUT_S:-620}"
   if [[ -n "${DEVICE_PYTHON:-}" ]]; then
     python="$DEVICE_PYTHON"
     probe="$(gpu_probe "$python")" || die "DEVICE_PYTHON=$python: its jax sees no GPU"

@@ -78,6 +78,11 @@ def test_cpu_smoke_runs_every_check_and_reports_finite_numbers(smoke):
     assert _finite(off[key]), (key, off.get(key))
   assert report["checks"]["ablation_step_remat"]["result"]["loss_share_alone"] is None
 
+  # The release's batch with train.microbatches=auto (4 classes at toy size; on a CPU auto is 1).
+  release = report["checks"]["ablation_release_batch"]["result"]
+  assert release["microbatches"] == 1 and release["tried"][0]["fits"] and _finite(release["step_s"])
+  assert release["auto_pick"].startswith("train.microbatches=auto: 1")
+
   shapes = report["checks"]["losses"]["result"]["shapes"]
   assert len(shapes) == 2
   for row in shapes:
@@ -85,9 +90,10 @@ def test_cpu_smoke_runs_every_check_and_reports_finite_numbers(smoke):
     assert all(_finite(v) and v > 0 for v in row["seconds"].values())
 
   summary = report["summary"]
-  assert set(summary) >= {"mnist", "ablation", "losses", "targets"}
+  assert set(summary) >= {"mnist", "ablation", "release_batch", "losses", "targets"}
   markdown = (out / "device_check.md").read_text()
-  for heading in ("Paper-scale MNIST", "ImageNet ablation step", "Loss library", "Targets"):
+  for heading in ("Paper-scale MNIST", "ImageNet ablation step", "The release's batch on this device", "Loss library",
+                  "Targets"):
     assert heading in markdown
   assert (out / "device_check.log").stat().st_size > 0
   # The output folder stays within what the device runner brings back (at most 8 files).

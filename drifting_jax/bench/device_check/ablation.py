@@ -64,8 +64,9 @@ def _is_out_of_memory(e: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def _ablation_config(args, remat: bool, classes: int):
+def _ablation_config(args, remat: bool, classes: int, microbatches: int = 1):
   config = imagenet_latent_ablation.get_config()
+  config.train.microbatches = int(microbatches)
   config.data.name = "synthetic_latents"
   config.model.remat = bool(remat)
   config.train.classes_per_step = int(classes)
@@ -143,8 +144,9 @@ class _AblationStep:
   (`train.program.build_train_program`, so `feature.param_placement` and every other
   setting the trainer honours apply), with random MAE weights of the named size."""
 
-  def __init__(self, args, remat: bool, classes: int, objective_override: Optional[Callable] = None):
-    config, mae_name = _ablation_config(args, remat, classes)
+  def __init__(self, args, remat: bool, classes: int, objective_override: Optional[Callable] = None,
+               microbatches: int = 1):
+    config, mae_name = _ablation_config(args, remat, classes, microbatches)
     trainer.validate_config(config)
     self.config, self.classes = config, classes
     config.compile.mae_model = mae_name  # the architecture when feature.mae_path is not on this machine
@@ -355,3 +357,53 @@ def check_ablation_step(rec: _Record, args) -> None:
 def check_ablation_step_remat(rec: _Record, args) -> None:
   """The `ablation_step_remat` check: remat on."""
   check_ablation(rec, args, remat=True)
+
+
+def check_ablation_release_batch(rec: _Record, args) -> None:
+  """The `ablation_release_batch` check: the release's batch (64 classes x (64, 64, 16)) on this
+  one device, with the microbatch count `train.microbatches="auto"` would pick.
+
+  Like the run's pre-flight, counts are compiled from the smallest until one fits 95% of
+  the device's free memory, and the step is timed at it. Counts below the one that puts
+  `FIRST_CLASSES[False]` classes in a chunk are skipped (the first H200 run measured ~16
+  GB of activations per class; each compile here takes about two minutes); the record
+  says so. The chunked step keeps the whole batch's features and their gradient
+  resident, so a device smaller than that floor fits no count: the record then holds
+  each count's compiled memory.
+  """
+  device = jax.devices()[0]
+  rec.result["machine"] = _machine()
+  classes = 4 if args.cpu_smoke else RELEASE_CLASSES
+  config, _ = _ablation_config(args, False, classes)
+  mesh = partitioning.make_mesh(config.mesh.data, config.mesh.fsdp)
+  counts = program_lib.microbatch_counts(config, mesh)
+  first = 1 if args.cpu_smoke else next((c for c in counts if classes // c <= FIRST_CLASSES[False]), counts[-1])
+  skipped = [c for c in counts if c < first]
+  tried, notes = [], []
+  if skipped:
+    notes.append(f"counts {skipped} skipped: at ~16 GB of activations per class (first H200 run) they cannot fit")
+  for count in (c for c in counts if c >= first):
+    start = time.perf_counter()
+    step = _AblationStep(args, False, classes, microbatches=count)
+    info = step.compile()
+    fits, _ = _fits(info["compiled_memory"], device)
+    tried.append({"microbatches": count, "fits": fits, "build_and_compile_s": time.perf_counter() - start,
+                  "compiled_memory_gib": info["compiled_memory"].get("total", 0) / 2**30 or None,
+                  "flops_xla": info["flops_xla"]})
+    rec.phase(f"compiled with {count} microbatches", tried=tried, notes=notes)
+    if fits:
+      step_s, n = _timed_steps(step, rec, 0.5, 2 if args.cpu_smoke else 20)
+      t = step.config.train
+      rec.phase("timed", classes=classes, microbatches=count, timed_steps=n, step_s=step_s,
+                generated_samples_per_s=classes * t.gen_per_class / step_s, loss=step.last_loss,
+                peak_memory_gib=(_memory_stats(device).get("peak_bytes_in_use") or 0) / 2**30 or None,
+                auto_pick=f"train.microbatches=auto: {count} (the smallest tried count whose compiled step fits "
+                          f"95% of this device's free memory)")
+      return
+    del step
+    if rec.remaining() < 1.3 * tried[-1]["build_and_compile_s"]:
+      break
+  rec.phase("no count fits", classes=classes, microbatches=None, step_s=None,
+            auto_pick=f"no tried count fits this device at {classes} classes: "
+                      + ", ".join(f"{t['microbatches']}: {t['compiled_memory_gib']:.1f} GiB" for t in tried)
+                      + " (the chunked step keeps the whole batch's features and their gradient resident)")

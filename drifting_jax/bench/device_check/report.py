@@ -40,6 +40,10 @@ def _summary(report: dict) -> dict:
     on["mfu_model_flops"] = model_tflop / on["step_s"] / peak if peak else None
   if rows:
     summary["ablation"] = rows
+  release = checks.get("ablation_release_batch", {}).get("result", {})
+  if release:
+    summary["release_batch"] = {k: release.get(k) for k in (
+        "classes", "microbatches", "step_s", "generated_samples_per_s", "auto_pick", "tried")}
   losses = checks.get("losses", {}).get("result", {})
   if losses.get("shapes"):
     summary["losses"] = [{"shape": r["label"], **{f"{k}_over_matmul": v for k, v in r["ratio_to_matmul"].items()
@@ -124,6 +128,15 @@ def _markdown(report: dict) -> str:
                    f"{_fmt(r.get('loss_share_trivial'), '.1%')} |")
     notes = [checks[n]["result"].get("note") for n in rows if checks[n]["result"].get("note")]
     lines += [""] + [f"* {n}" for n in notes]
+
+  release = checks.get("ablation_release_batch", {}).get("result", {})
+  if release:
+    lines += ["", "## The release's batch on this device (train.microbatches=auto)", "",
+              f"{release.get('auto_pick', 'n/a')}. Step {_fmt(release.get('step_s'), '.3f')} s, "
+              f"{_fmt(release.get('generated_samples_per_s'), '.0f')} generated samples/s. Compiled: "
+              + "; ".join(f"{t['microbatches']} chunks {_fmt(t.get('compiled_memory_gib'), '.1f')} GiB "
+                          f"({'fits' if t.get('fits') else 'does not fit'})" for t in release.get("tried", []))
+              + "."] + [f"* {n}" for n in release.get("notes", [])]
 
   losses = checks.get("losses", {}).get("result", {}).get("shapes")
   if losses:
