@@ -6,6 +6,10 @@
       -> generated samples -> their features
       -> objective per feature group (drifting_jax.losses) -> mean over classes
       -> clipped AdamW update, EMA of the parameters
+
+With `train.microbatches` > 1 the classes go through the networks in chunks (two
+`lax.scan`s: the features without gradients, then each chunk's pullback of the
+objective's feature gradient); the objective itself sees the whole batch at once.
 """
 
 from __future__ import annotations
@@ -180,8 +184,8 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
     scaling = losses.distance_scaling_from_config(loss_config)
   anneal_rate = float(loss_config.bandwidth_anneal_rate)
   total_steps = max(1, int(train.total_steps))
-  microbatches = int(train.microbatches)
-  if microbatches < 1:
+  microbatches = train.microbatches
+  if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
     raise errors.UsageError(f"train.microbatches must be >= 1 when the step is built, got {train.microbatches} "
                             "(resolve 'auto' first: train/program.build_train_program does)")
 
