@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from drifting_jax import errors
-from drifting_jax.scale import analysis, targets
+from drifting_jax.scale import analysis, targets, xla_internals
 
 
 def test_gpu_targets_name_hosts_of_eight():
@@ -46,18 +46,9 @@ def test_a_gpu_target_without_the_plugin_is_a_one_line_error(monkeypatch):
 
 
 def test_library_calls_are_counted_from_their_shapes():
-  hlo = """
-  %p0 = bf16[64,256]{1,0} parameter(0)
-  %p1 = bf16[256,512]{1,0} parameter(1)
-  %x = f32[8,16,16,32]{3,2,1,0} parameter(2)
-  %w = f32[3,3,32,64]{3,2,1,0} parameter(3)
-  %dy = f32[8,16,16,64]{3,2,1,0} parameter(4)
-  %gemm = (bf16[64,512]{1,0}, s8[4194304]{0}) custom-call(%p0, %p1), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
-  %fwd = (f32[8,16,16,64]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convForward"
-  %bwd = (f32[8,16,16,32]{3,2,1,0}, u8[0]{0}) custom-call(%dy, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convBackwardInput"
-  %dw = (f32[3,3,32,64]{3,2,1,0}, u8[0]{0}) custom-call(%x, %dy), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convBackwardFilter"
-  %other = f32[8]{0} custom-call(%p0), custom_call_target="SomethingElse"
-  """
+  # A cuBLAS matmul, the three cuDNN convolution passes and an unknown call (the module
+  # xla_internals.self_check also feeds through XLA's own HLO parser and printer).
+  hlo = xla_internals.LIBRARY_CALLS_MODULE
   calls = analysis.library_calls(hlo)
   conv = 2 * 8 * 16 * 16 * 64 * 9 * 32
   by = calls["by_target"]
