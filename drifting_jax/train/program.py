@@ -75,8 +75,8 @@ def check_host_batch(batch: dict[str, np.ndarray], config: ml_collections.Config
                             f"{sorted(spec)} (train/program.py: batch_spec)")
   for name, s in spec.items():
     want = (s.shape[0] // processes, *s.shape[1:])
-    got = np.shape(batch[name])
-    dtype = np.asarray(batch[name]).dtype if not hasattr(batch[name], "dtype") else batch[name].dtype
+    value = np.asarray(batch[name])  # host arrays: no copy
+    got, dtype = value.shape, value.dtype
     if tuple(got) != want or np.dtype(dtype) != np.dtype(s.dtype):
       raise errors.UsageError(f"the positive source yielded {name} {tuple(got)} {np.dtype(dtype)}; the train step "
                               f"takes {want} {np.dtype(s.dtype)} per host ({processes} processes; "
