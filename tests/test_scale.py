@@ -221,3 +221,17 @@ def test_scaling_report_counts_every_host_of_a_per_host_program():
   report = scaling_report.refresh({"target": target.to_dict(), "programs": {"sample": program}})
   seconds = analysis.step_time_estimate(cost, target, {})["seconds"]
   assert report["programs"]["sample"]["projection"]["generated_images_per_second"] == pytest.approx(4 * 32 / seconds)
+
+
+def test_instruction_lines_with_tiled_layouts_parse():
+  """libtpu prints layouts with parentheses (`{0:T(128)S(1)}`); such lines, tuples of them
+  included, are instructions too (they were skipped: 900 of a v5p smoke step's 4,411)."""
+  from drifting_jax.scale import xla_internals
+  text = ("  %broadcast_add_fusion.8 = u32[16]{0:T(128)S(1)} fusion(%multiply.630), kind=kLoop, "
+          "calls=%fused_computation.1897\n"
+          "  %t = (bf16[16,256]{1,0:T(8,128)(2,1)}, f32[8]{0:T(256)}) tuple(%a, %b)\n"
+          "  ROOT %r = f32[8]{0} add(%x, %y)")
+  found = [(name, shape, op) for name, shape, op, _ in xla_internals.definitions(text)]
+  assert found == [("broadcast_add_fusion.8", "u32[16]{0:T(128)S(1)}", "fusion"),
+                   ("t", "(bf16[16,256]{1,0:T(8,128)(2,1)}, f32[8]{0:T(256)})", "tuple"),
+                   ("r", "f32[8]{0}", "add")]

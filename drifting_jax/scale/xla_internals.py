@@ -224,8 +224,10 @@ CHAIN = re.compile(r'chain_id="(\d+)"')
 OP_NAME = re.compile(r'op_name="([^"]*)"')
 # jax's op_name starts with the jitted function(s): `jit(train_step)/jvp()/...`.
 JIT_PREFIX = re.compile(r"jit\([^)]*\)/")
-# Any instruction line: `[ROOT] %name = <shape or tuple> opcode(`.
-DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\([^=]*?\)|[^\s(]+)\s+"
+# Any instruction line: `[ROOT] %name = <shape or tuple> opcode(`. A shape has no spaces
+# but may hold parentheses (libtpu's tiled layouts, `u32[16]{0:T(128)S(1)}`); a tuple
+# runs to the `)` that is followed by the opcode.
+DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\(.*?\)|[^\s(][^\s]*)\s+"
                         r"(?P<op>[a-z][\w\-]*)\(")
 ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 CONTRACTING = re.compile(r'"lhs_contracting_dimensions"\s*:\s*\[([^\]]*)\]')

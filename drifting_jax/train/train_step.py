@@ -127,7 +127,8 @@ def _chunk_gen_features(generator, feature_apply, params, feature_params, labels
   """Features {name: [n, T, D]} of the samples the generator makes for one chunk."""
   with partitioning.activation_rules(mesh):
     samples = generator.apply({"params": params}, labels, cfg, noise=noise)["samples"]
-  return feature_apply(feature_params, partitioning.constrain(samples, mesh, ("batch",)))
+  with jax.named_scope("generated_features"):
+    return feature_apply(feature_params, partitioning.constrain(samples, mesh, ("batch",)))
 
 
 def _microbatched_features(chunks: _Chunks, generator, feature_apply, params, feature_params, gen_labels, gen_cfg,
@@ -142,7 +143,9 @@ def _microbatched_features(chunks: _Chunks, generator, feature_apply, params, fe
     (labels, cfg, chunk_noise), chunk_data = xs
     generated = _chunk_gen_features(generator, feature_apply, params, feature_params, labels, cfg, chunk_noise,
                                     chunks.mesh)
-    return carry, (generated, feature_apply(feature_params, chunk_data))
+    with jax.named_scope("data_features"):
+      data_features = feature_apply(feature_params, chunk_data)
+    return carry, (generated, data_features)
 
   _, (generated, data_features) = jax.lax.scan(body, None, (gen_xs, data_xs))
   generated = {k: chunks.merge(v, chunks.per_class) for k, v in generated.items()}
@@ -209,7 +212,10 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
     gen_cfg = jnp.repeat(cfg, gen_per_class)
     if microbatches == 1:
       data = partitioning.constrain(einops.rearrange(data, "b k h w c -> (b k) h w c"), mesh, ("batch",))
-      data_features = _split_rows(jax.lax.stop_gradient(feature_apply(feature_params, data)), num_classes)
+      with jax.named_scope("data_features"):
+        data_features = jax.lax.stop_gradient(feature_apply(feature_params, data))
+      with jax.named_scope("feature_assembly"):
+        data_features = _split_rows(data_features, num_classes)
       gen_labels = partitioning.constrain(gen_labels, mesh, ("batch",))
       chunked = None
     else:
@@ -217,8 +223,9 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
       noise = generator_lib.draw_noise(generator, rng_noise, num_classes * gen_per_class)
       generated, data_features = _microbatched_features(
           chunked, generator, feature_apply, state.params, feature_params, gen_labels, gen_cfg, noise, data)
-    pos_features = {k: v[:, :pos_per_class] for k, v in data_features.items()}
-    neg_features = {k: v[:, pos_per_class:] for k, v in data_features.items()} if neg_per_class else None
+    with jax.named_scope("feature_assembly"):
+      pos_features = {k: v[:, :pos_per_class] for k, v in data_features.items()}
+      neg_features = {k: v[:, pos_per_class:] for k, v in data_features.items()} if neg_per_class else None
 
     # Scale of feature distances: a scaling with a state (FHM's per-class top-k EMA)
     # updates it from the positives; else the objective scales them itself (or not).
@@ -232,6 +239,7 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
       shrink = jnp.exp(-anneal_rate * state.step / total_steps)
       distance_scale = {k: (1.0 if v is None else v) * shrink for k, v in distance_scale.items()}
 
+    @jax.named_scope("objective")
     def objective_of_features(gen_features):
       """The objective summed over feature groups, each the mean over its classes."""
       total, info = 0.0, {}
@@ -248,7 +256,11 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
         with partitioning.activation_rules(mesh):
           samples = generator.apply({"params": params}, gen_labels, gen_cfg, rngs={"noise": rng_noise})["samples"]
         samples = partitioning.constrain(samples, mesh, ("batch",))
-        return objective_of_features(_split_rows(feature_apply(feature_params, samples), num_classes))
+        with jax.named_scope("generated_features"):
+          generated = feature_apply(feature_params, samples)
+        with jax.named_scope("feature_assembly"):
+          generated = _split_rows(generated, num_classes)
+        return objective_of_features(generated)
 
       (loss, info), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     else:
@@ -258,10 +270,12 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
       (loss, info), feature_grads = jax.value_and_grad(objective_of_features, has_aux=True)(generated)
       grads = _microbatched_gradients(chunked, generator, feature_apply, state.params, feature_params,
                                       gen_labels, gen_cfg, noise, feature_grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     decay = train.ema_decay
-    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    with jax.named_scope("ema"):
+      ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
                               feature_scale=feature_scale)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
