@@ -225,7 +225,8 @@ def test_scaling_report_counts_every_host_of_a_per_host_program():
 
 def test_instruction_lines_with_tiled_layouts_parse():
   """libtpu prints layouts with parentheses (`{0:T(128)S(1)}`); such lines, tuples of them
-  included, are instructions too (they were skipped: a v5p smoke step gave 1,232 instructions of its 23,344 lines, now 18,336)."""
+  included, are instructions too (they were skipped: a v5p smoke step gave 1,232
+  instructions of its 23,344 lines, now 18,336)."""
   from drifting_jax.scale import xla_internals
   text = ("  %broadcast_add_fusion.8 = u32[16]{0:T(128)S(1)} fusion(%multiply.630), kind=kLoop, "
           "calls=%fused_computation.1897\n"
