@@ -252,6 +252,12 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, logical_to_mesh(("batch",) + (None,) * (ndim - 1)))
 
 
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  """Abstract arrays (`jax.ShapeDtypeStruct`) of `tree`'s shapes and dtypes carrying `shardings`:
+  what a program is lowered for before any array exists."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

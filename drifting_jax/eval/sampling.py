@@ -51,7 +51,7 @@ def load_generator(config: ml_collections.ConfigDict, workdir: str, step: int | 
   abstract = {"ema_params": artifacts.abstract_params("gen", model_config)}
   # The same path names as in the train state, so each parameter gets its training sharding.
   shardings = partitioning.tree_shardings(abstract, mesh)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  abstract = partitioning.with_shardings(abstract, shardings)
   restored_step, restored = ckpt.restore_subtree(abstract, step)
   return module, restored["ema_params"], restored_step
 
@@ -309,7 +309,7 @@ def build_sample_program(config: ml_collections.ConfigDict, mesh, hosts: int) ->
     batch = partitioning.global_batch_sharding((n,), mesh)
     description = "one host: params as in training, the batch split over the mesh"
   noise = jax.eval_shape(lambda: generator_lib.draw_noise(module, jax.random.PRNGKey(0), n))
-  args = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, param_shardings),
+  args = (partitioning.with_shardings(params, param_shardings),
           jax.ShapeDtypeStruct((n,), jnp.int32, sharding=batch), jax.ShapeDtypeStruct((n,), jnp.float32, sharding=batch),
           jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch), noise))
   return SampleProgram(module=module, args=args, samples_per_call=n, devices_per_program=program_mesh.size,

@@ -56,8 +56,7 @@ def memory(compiled, target: targets_lib.Target) -> dict[str, Any]:
   """Per-device bytes by kind, their total against the device's HBM, and a verdict."""
   m = compiled.memory_analysis()
   parts = {part: int(getattr(m, field)) for part, field in xla_internals.MEMORY_FIELDS.items()}
-  # Donated arguments share their buffers with the outputs they alias.
-  total = parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temporaries"] + parts["code"]
+  total = program_lib.memory_total(parts)  # the run's pre-flight adds them the same way
   capacity = int(target.chip.device_hbm_bytes)
   out = {**{f"{k}_bytes": v for k, v in parts.items()}, "total_bytes": int(total), "capacity_bytes": capacity,
          "fits": bool(total <= capacity)}

@@ -212,8 +212,7 @@ def build_program(config: ml_collections.ConfigDict, mesh) -> MaeProgram:
   batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=partitioning.global_batch_sharding(s.shape, mesh))
            for k, s in batch_spec(config).items()}
   return MaeProgram(module=module, step=step, jitted=jitted, state_shardings=shardings,
-                    abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                                state_shape, shardings),
+                    abstract_state=partitioning.with_shardings(state_shape, shardings),
                     abstract_batch=batch, abstract_lambda=jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
                     _make_state=make_state)
 

@@ -15,9 +15,9 @@ compile mode reports on is by construction what the run executes (MaxText's
                        its first step runs this executable; no second compile)
 
 and the batch's layout is stated once (`batch_spec`): the names, global shapes and
-dtypes of what a positive source hands the step; the data sources, the compile
-mode and the accelerator check all read it, and `check_host_batch` refuses a
-source that yields another layout with one line.
+dtypes of what a positive source hands the step. The program's abstract batch is
+built from it, and `check_host_batch` (the trainer, on every drawn batch; the
+accelerator check, on its batch) refuses another layout with one line.
 """
 
 from __future__ import annotations
@@ -136,10 +136,6 @@ def state_factory(config: ml_collections.ConfigDict, module, tx: optax.GradientT
   return make
 
 
-def _with_shardings(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 @dataclasses.dataclass
 class TrainProgram:
   """Everything about one run's training step on one mesh (see the module docstring)."""
@@ -211,8 +207,8 @@ def build_train_program(config: ml_collections.ConfigDict, mesh, *, abstract_fea
   return TrainProgram(
       config=config, mesh=mesh, generator=module, features=network, feature_names=names, tx=tx, schedule=schedule,
       step=step, jitted=jitted, state_shardings=state_shardings, feature_shardings=feature_shardings,
-      abstract_state=_with_shardings(state_shape, state_shardings),
-      abstract_feature_params=_with_shardings(feature_shape, feature_shardings),
+      abstract_state=partitioning.with_shardings(state_shape, state_shardings),
+      abstract_feature_params=partitioning.with_shardings(feature_shape, feature_shardings),
       abstract_batch=abstract_batch(config, mesh), _make_state=make_state)
 
 
