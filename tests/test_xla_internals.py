@@ -23,7 +23,8 @@ SCALE = pathlib.Path(xla_internals.__file__).parent
 ROOT = SCALE.parent.parent
 
 # The checks of the CPU program: never skipped under conftest.py's 8 devices.
-CPU_KEYS = {"optimized_hlo_module", "hlo_module_cost_analysis", "cost_analysis_keys", "memory_analysis_fields",
+CPU_KEYS = {"optimized_hlo_module", "hlo_module_cost_analysis", "instruction_costs", "cost_analysis_keys",
+            "memory_analysis_fields",
             "hlo_text.collectives", "hlo_text.metadata", "hlo_text.shapes", "hlo_text.custom_calls",
             "hlo_module_from_text", "hlo_text.async_collectives", "hlo_text.chains", "hlo_text.library_calls",
             "hlo_cost_of_custom_calls", "xla_gpu_enable_triton_gemm"}

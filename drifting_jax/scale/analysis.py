@@ -39,7 +39,7 @@ from typing import Any
 
 from absl import logging
 
-from drifting_jax.scale import report_text, targets as targets_lib
+from drifting_jax.scale import breakdown as breakdown_lib, report_text, targets as targets_lib
 from drifting_jax.scale import xla_internals
 from drifting_jax.train import program as program_lib
 
@@ -241,6 +241,15 @@ def step_time_estimate(cost: dict[str, float], target: targets_lib.Target, custo
   return out
 
 
+def program_breakdown(compiled, cost: dict[str, float], gpu: bool) -> dict[str, Any]:
+  """`breakdown.of_compiled`, or why there is none: a report is never lost to its breakdown."""
+  try:
+    return breakdown_lib.of_compiled(compiled, cost, library_call_flops if gpu else None)
+  except Exception as e:  # noqa: BLE001
+    logging.warning("compile: no per-component breakdown (%s: %s)", type(e).__name__, e)
+    return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
 def analyze(compiled, target: targets_lib.Target) -> dict[str, Any]:
   """Memory, cost, estimated time and collectives of one compiled program (per device)."""
   hlo = compiled.as_text() or ""
@@ -257,6 +266,7 @@ def analyze(compiled, target: targets_lib.Target) -> dict[str, Any]:
       "custom_calls": customs,
       "cost_analysis": {k: v for k, v in cost.items() if not k.startswith("utilization")},
   }
+  out["breakdown"] = program_breakdown(compiled, cost, gpu)
   if gpu:
     out["cost_analysis_source"] = ("XLA's HLO cost analysis of the GPU-optimized module (run by the CPU client), "
                                    "plus the cuBLAS/cuDNN calls' FLOPs and bytes from their shapes")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from drifting_jax.scale import targets as targets_lib
+from drifting_jax.scale import breakdown, targets as targets_lib
 
 GIB = 2**30
 
@@ -97,4 +97,9 @@ def program_lines(name: str, r: dict[str, Any]) -> list[str]:
                                                       for k, v in coll.items()) or "none"))
   for source in r.get("collective_sources", [])[:3]:  # the rest: compile_report.json
     lines.append(f"    {source['op']} {source['count']}x {source['bytes'] / GIB:.3f} GiB from {source['source'][:90]}")
+  parts = r.get("breakdown") or {}
+  if "error" in parts:
+    lines.append(f"  breakdown: none ({parts['error']})")
+  elif parts:
+    lines += breakdown.lines(parts)
   return lines

@@ -2,9 +2,10 @@
 
 `--mode=compile` (scale/compile_mode.py) reads compiled programs through things no
 release promises to keep: a private jaxlib function (XLA's HLO cost analysis of a
-module another backend optimized), the text format of optimized HLO (collective
+module another backend optimized, also one instruction at a time for the breakdown
+per component), the text format of optimized HLO (collective
 lines, async -start tuples, libtpu's chained collectives, custom-call targets and the
-cuBLAS/cuDNN calls' attributes, op_name metadata, array shapes), keyword arguments
+cuBLAS/cuDNN calls' attributes, op_name metadata, array shapes, libtpu's per-kernel estimated cycles), keyword arguments
 that `jax.experimental.topologies.get_topology_desc` hands to a PJRT plugin unchecked,
 environment variables libtpu reads, a private module of the CUDA plugin, an XLA debug
 option, the key names of the cost analysis and libtpu's cost-model quirks. An
@@ -97,7 +98,17 @@ INTERNALS: dict[str, Internal] = {
         ("jax", "jaxlib"), "analysis.gpu_cost", "taken from the CPU program"),
     "hlo_module_from_text": Internal(
         "jaxlib's HLO parser (`jaxlib._hlo.hlo_module_from_text`)", ("jaxlib",),
-        "self_check only (its round trips of stored modules)", "parses the stored modules"),
+        "the breakdown's per-instruction modules (instruction_costs); self_check's round trips of stored modules",
+        "parses the stored modules"),
+    "instruction_costs": Internal(
+        "XLA's HLO cost analysis of one instruction at a time: an optimized module's instruction cut out into a "
+        "module of its own (its operands as parameters, the computations it calls), parsed and costed by the CPU "
+        "client", ("jaxlib", "libtpu"), "the compile report's breakdown per component (breakdown.instructions)",
+        "the CPU program's instructions, costed one by one, add up to the cost analysis of its whole module"),
+    "hlo_text.estimated_cycles": Internal(
+        "libtpu's per-kernel cost-model estimate in HLO text (`\"estimated_cycles\":\"N\"` in a kernel's "
+        "backend_config)", ("libtpu",), "the breakdown's time view on TPU (breakdown.breakdown)",
+        "self_check(tpu=True): the small libtpu program's kernels carry it"),
     "hlo_text.collectives": Internal(
         "the optimized HLO text's collective lines (`%x = <shape> all-reduce(...`)", ("jaxlib", "libtpu"),
         "the reports' collectives (analysis.collectives)", "the CPU program's psum and all-gather"),
@@ -441,6 +452,144 @@ def cpu_hlo_cost_analysis(compiled) -> dict[str, float]:
   return hlo_module_cost_analysis(optimized_hlo_module(compiled))
 
 
+# --------------------------------------------------------------------------- one instruction at a time
+
+# A computation's first line: `[ENTRY] %name (params...) -> result {` (shapes may hold
+# parentheses: libtpu's layouts `{1,0:T(8,128)}`); no " = " before its parameter list.
+_COMPUTATION_HEADER = re.compile(r"^\s*(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*(\(.*)?\{\s*$")
+# Attributes naming the computations an instruction calls (fusions, reductions, loops, async wrappers).
+_CALLED = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+# Attributes that refer to instructions or frames outside a cut-out instruction's module.
+_CONTROL_PREDECESSORS = re.compile(r",\s*control-predecessors=\{[^}]*\}")
+_STACK_FRAME = re.compile(r"\s*stack_frame_id=\d+")
+# libtpu's per-kernel cost-model estimate in each kernel's backend_config.
+ESTIMATED_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+# Instructions that run no code of their own: control flow (its bodies' instructions are
+# costed one by one, as XLA's cost analysis costs a loop body once), names for values.
+_NOT_COSTED = ("parameter", "constant", "while", "call", "conditional")
+
+
+@dataclasses.dataclass(frozen=True)
+class InstructionCost:
+  """XLA's HLO cost analysis of one instruction of an optimized module (per device)."""
+  computation: str
+  name: str
+  opcode: str
+  shape: str                    # the result's shape text, with its layout
+  operands: tuple[str, ...]     # the names of the instructions it reads
+  op_name: str                  # jax's op_name metadata ("" when none)
+  flops: float
+  bytes_accessed: float
+  estimated_cycles: int | None  # libtpu's cost model's estimate for this kernel (TPU programs only)
+  line: str
+
+
+def computation_blocks(hlo_text: str) -> tuple[dict[str, str], str]:
+  """{computation name: its text, header to closing brace}, and the entry computation's name."""
+  blocks: dict[str, str] = {}
+  entry, current, lines = "", None, []
+  for line in hlo_text.splitlines():
+    if current is None:
+      header = _COMPUTATION_HEADER.match(line)
+      if header and not line.lstrip().startswith("HloModule") and "=" not in line.split("(")[0]:
+        current, lines = header.group("name"), [line]
+        entry = current if header.group("entry") else entry
+      continue
+    lines.append(line)
+    if line.strip() == "}":
+      blocks[current] = "\n".join(lines)
+      current = None
+  return blocks, entry
+
+
+def _called(text: str) -> list[str]:
+  names = _CALLED.findall(text)
+  for group in _BRANCHES.findall(text):
+    names += [b.strip().lstrip("%") for b in group.split(",") if b.strip()]
+  return names
+
+
+def _executed_computations(blocks: dict[str, str], entry: str) -> list[str]:
+  """The entry and the computations its control flow runs (loop bodies and conditions,
+  called computations, branches): those whose instructions are kernels. Fused and
+  reduction computations are inside their instruction, not kernels of their own."""
+  out, todo = [], [entry]
+  while todo:
+    name = todo.pop()
+    if name in out or name not in blocks:
+      continue
+    out.append(name)
+    for _, _, opcode, line in definitions(blocks[name]):
+      if opcode in ("while", "call", "conditional"):
+        todo += _called(line)
+  return out
+
+
+def _callee_closure(names: list[str], blocks: dict[str, str]) -> list[str]:
+  """`names` and every computation they call, callees before their callers."""
+  order, seen, todo = [], set(), list(names)
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in blocks:
+      continue
+    seen.add(name)
+    order.append(name)
+    todo += _called(blocks[name])
+  return order[::-1]
+
+
+def instruction_module(line: str, opcode: str, shape: str, operand_shapes: list[str], blocks: dict[str, str]) -> str:
+  """One instruction of an optimized module as a module of its own: its operands become
+  parameters of the same shapes (and layouts), the computations it calls come along."""
+  operands = operand_text(line, opcode)
+  body = _STACK_FRAME.sub("", _CONTROL_PREDECESSORS.sub("", line))
+  body = body.replace(operands, ", ".join(f"%p{i}" for i in range(len(operand_shapes))), 1)
+  body = re.sub(r"^\s*(ROOT\s+)?", "  ROOT ", body)
+  callees = "\n\n".join(_STACK_FRAME.sub("", blocks[name]) for name in _callee_closure(_called(line), blocks))
+  signature = ", ".join(f"p{i}: {s}" for i, s in enumerate(operand_shapes))
+  params = "".join(f"  %p{i} = {s} parameter({i})\n" for i, s in enumerate(operand_shapes))
+  return f"HloModule instruction\n\n{callees}\n\nENTRY %instruction ({signature}) -> {shape} {{\n{params}{body}\n}}\n"
+
+
+def module_cost_analysis(hlo_text: str) -> dict[str, float]:
+  """XLA's HLO cost analysis of a module given as text (any backend's optimized module)."""
+  return hlo_module_cost_analysis(_parse_hlo_module(hlo_text))
+
+def instruction_costs(hlo_text: str) -> tuple[list[InstructionCost], list[str]]:
+  """XLA's HLO cost analysis of every instruction that runs, one at a time, and the
+  instructions it could not cost (one line each).
+
+  The cost analysis of a module is a sum over its instructions (a loop body counted
+  once), so these parts add up to it: each instruction is cut out into a module of
+  its own (`instruction_module`) and costed by the CPU client's XLA
+  (`hlo_module_cost_analysis`), whatever backend optimized it. Custom calls come back
+  as XLA costs them, -1 FLOP and -1 byte ("unknown"); the caller decides what they
+  cost."""
+  blocks, entry = computation_blocks(hlo_text)
+  costs, failures = [], []
+  for computation in _executed_computations(blocks, entry):
+    shapes: dict[str, str] = {}
+    for name, shape, opcode, line in definitions(blocks[computation]):
+      shapes[name] = shape
+      if opcode in _NOT_COSTED:
+        continue
+      refs = [_OPERAND_REF.search(token.strip()) for token in operand_text(line, opcode).split(",") if token.strip()]
+      try:
+        module = instruction_module(line, opcode, shape, [shapes[r.group(1)] for r in refs], blocks)
+        cost = hlo_module_cost_analysis(_parse_hlo_module(module))
+      except Exception as e:  # noqa: BLE001  (one instruction the parser refuses does not stop the rest)
+        failures.append(f"{computation}/{name} ({opcode}): {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        continue
+      op_name = OP_NAME.search(line)
+      cycles = ESTIMATED_CYCLES.search(line)
+      costs.append(InstructionCost(computation, name, opcode, shape, tuple(r.group(1) for r in refs),
+                                   op_name.group(1) if op_name else "",
+                                   cost.get("flops", 0.0), cost.get("bytes accessed", 0.0),
+                                   int(cycles.group(1)) if cycles else None, line))
+  return costs, failures
+
+
 # --------------------------------------------------------------------------- plugins
 
 # What libtpu reads to describe a slice on a machine without TPUs and without asking the network.
@@ -674,7 +823,8 @@ class _Checks:
       return None
 
 
-_CPU_KEYS = ("optimized_hlo_module", "hlo_module_cost_analysis", "cost_analysis_keys", "memory_analysis_fields",
+_CPU_KEYS = ("optimized_hlo_module", "hlo_module_cost_analysis", "instruction_costs", "cost_analysis_keys",
+             "memory_analysis_fields",
              "hlo_text.collectives", "hlo_text.metadata", "hlo_text.shapes", "hlo_text.custom_calls")
 
 
@@ -717,6 +867,15 @@ def _check_cpu_program(c: _Checks) -> None:
       c.expect("hlo_module_cost_analysis",
                raw.get("flops", 0) > 0 and flops is not None and math.isclose(raw["flops"], flops, rel_tol=1e-6),
                f"gave flops {raw.get('flops')} for the CPU program, whose compiler counts {flops}")
+  parts = c.run("instruction_costs", lambda: instruction_costs(text))
+  whole = None if parts is None else c.run("instruction_costs", lambda: module_cost_analysis(text))
+  if parts is not None and whole is not None:
+    costs, failures = parts
+    summed = {"flops": sum(i.flops for i in costs), "bytes accessed": sum(i.bytes_accessed for i in costs)}
+    c.expect("instruction_costs",
+             not failures and costs and all(math.isclose(summed[k], whole.get(k, -1.0), rel_tol=1e-4) for k in summed),
+             f"the CPU program's {len(costs)} instructions, costed one by one, add up to {summed}, its whole module "
+             f"to {({k: whole.get(k) for k in summed})}" + (f"; not costed: {failures[:2]}" if failures else ""))
   stats = c.run("memory_analysis_fields", compiled.memory_analysis)
   if stats is not None:
     missing = [f for f in MEMORY_FIELDS.values() if not isinstance(getattr(stats, f, None), (int, np.integer))]
@@ -811,7 +970,7 @@ def _check_cuda_plugin(c: _Checks) -> None:
 
 
 def _check_libtpu(c: _Checks, tpu: bool) -> None:
-  keys = ("tpu_topology_desc", "libtpu_environment")
+  keys = ("tpu_topology_desc", "libtpu_environment", "hlo_text.estimated_cycles")
   if not tpu or importlib.util.find_spec("libtpu") is None:
     why = "libtpu is not installed" if tpu else "self_check(tpu=True) compiles a small program with libtpu"
     for key in keys:
@@ -820,20 +979,31 @@ def _check_libtpu(c: _Checks, tpu: bool) -> None:
   # A v5e:2x2 slice as targets.parse("v5e-4") describes it, and a psum and all-gather over it.
   topology = c.run("tpu_topology_desc", lambda: describe_tpu_topology("v5e:2x2", (2, 2, 1)))
   if topology is None:
-    c.skip("libtpu_environment", "no slice described (see tpu_topology_desc)")
+    for key in keys[1:]:
+      c.skip(key, "no slice described (see tpu_topology_desc)")
     return
   c.expect("libtpu_environment", all(os.environ.get(k) for k in LIBTPU_COMPILE_ENVIRONMENT),
            f"{sorted(LIBTPU_COMPILE_ENVIRONMENT)} are not all set")
   if not c.expect("tpu_topology_desc", len(topology.devices) == 4,
                   f"describes {len(topology.devices)} devices for v5e:2x2, not 4"):
+    c.skip("hlo_text.estimated_cycles", "no program compiled (see tpu_topology_desc)")
     return
   collect, args = _collecting_program(topology.devices, [((8, 1024), jnp.float32), ((64, 1024), jnp.bfloat16)])
   compiled = c.run("tpu_topology_desc", lambda: jax.jit(collect).lower(*args).compile())
   if compiled is None:
+    c.skip("hlo_text.estimated_cycles", "no program compiled (see tpu_topology_desc)")
     return
   found = _collective_totals(_program_text(compiled))
   expected = {"all-reduce": {"count": 1, "bytes": 2 * 1024 * 4}, "all-gather": {"count": 1, "bytes": 64 * 1024 * 2}}
   c.expect("hlo_text.collectives", found == expected, f"found {found} in libtpu's program where it has {expected}")
+  # A matmul on one chip: its kernel carries the cost model's estimate (the collectives' do not).
+  one_chip = jax.sharding.SingleDeviceSharding(topology.devices[0])
+  matmul = c.run("hlo_text.estimated_cycles", lambda: jax.jit(lambda a, b: a @ b).lower(
+      *[jax.ShapeDtypeStruct((256, 256), jnp.bfloat16, sharding=one_chip)] * 2).compile())
+  if matmul is not None:
+    cycles = ESTIMATED_CYCLES.findall(_program_text(matmul))
+    c.expect("hlo_text.estimated_cycles", bool(cycles) and all(int(n) > 0 for n in cycles),
+             "libtpu's matmul has no kernel with a positive \"estimated_cycles\" in its backend_config")
   cost = cost_numbers(compiled)
   c.expect("cost_analysis_keys", all(k in cost for k in COST_TOTALS) and cost.get("optimal_seconds", 0) > 0,
            f"libtpu's cost analysis has keys {sorted(cost)}, not {list(COST_TOTALS)} and a positive "
