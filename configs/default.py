@@ -17,7 +17,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "DiT-B/2"
   c.model.overrides = ml_collections.ConfigDict()
+  # Rematerialisation of the DiT's blocks in the backward pass: "none", "full" (only
+  # each block's input kept; the block runs twice) or "dots" (the weight matmuls'
+  # outputs kept, norms, activations and attention recomputed); drifting_jax/models/
+  # layers.py, REMAT_POLICIES. `remat=True` is the older switch for "full" (kept for
+  # old configs and command lines); a remat_policy other than "none" wins over it.
+  c.model.remat_policy = "none"
   c.model.remat = False
+  # The attention kernel (drifting_jax/models/attention.py): "xla", "cudnn" (NVIDIA
+  # GPUs; bf16 inputs, so fp32 q/k/v under attn_fp32 are rounded to bf16), "splash"
+  # (TPUs: the Pallas splash kernel) or "auto", resolved from the platform of the
+  # mesh's devices: splash on TPU, cudnn on GPU only where q/k/v are bf16 already
+  # (attn_fp32=False), else xla (the CPU: bit-identical to the step before the option).
+  c.model.attention_impl = "auto"
   # Start from an existing generator artifact (hf://NAME or a folder) at step 0.
   c.init_from = ""
 
@@ -42,6 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
   # The frozen network's params on the mesh: "fsdp" (split like the generator's) or
   # "replicated" (a whole bf16 copy per device; no gathers). docs/scaling.md compares them.
   c.feature.param_placement = "fsdp"
+  # Rematerialisation of the frozen MAE's residual blocks in the backward pass from the
+  # generated samples' features to the samples (its params get no gradient): "none",
+  # "full" or "dots" (the convolutions' outputs kept), as model.remat_policy. The
+  # forward passes on data (no gradient) are unchanged by it.
+  c.feature.remat_policy = "none"
 
   # The objective: one field picks it (drifting_jax.losses.OBJECTIVES).
   c.loss = ml_collections.ConfigDict()

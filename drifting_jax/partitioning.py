@@ -292,6 +292,11 @@ def activation_rules(mesh: Mesh) -> Iterator[None]:
     _ACTIVATION_MESH.reset(token)
 
 
+def activation_mesh() -> Mesh | None:
+  """The mesh of the enclosing `activation_rules` (None outside one)."""
+  return _ACTIVATION_MESH.get()
+
+
 def constrain_activation(x, logical: Sequence[str | None]):
   """`constrain` on the mesh of the enclosing `activation_rules`, if any."""
   mesh = _ACTIVATION_MESH.get()

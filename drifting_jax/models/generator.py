@@ -31,6 +31,13 @@ Precision: parameters are always fp32. With `use_bf16` the activations and matmu
 run in bf16, except the adaLN modulation MLPs (fp32), norm statistics (fp32) and,
 with `attn_fp32`, RoPE and the attention softmax (fp32). The generated samples are
 returned in the compute dtype; `sample()` casts them to fp32.
+
+How it is computed, not what (runtime-only fields, left out of stored artifacts):
+`attention_impl` picks the attention kernel (`drifting_jax.models.attention`:
+"xla", "cudnn" or "splash"; "auto" is resolved from the target devices before the
+module is built) and `remat_policy` how the blocks are rematerialised in the
+backward pass (`layers.REMAT_POLICIES`: "none", "full", "dots"). Neither changes
+the parameter tree.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from drifting_jax import errors, partitioning
+from drifting_jax.models import attention as attention_lib
+from drifting_jax.models import layers
 from drifting_jax.models.layers import RMSNorm, TorchLinear, apply_rope, modulate, sincos_2d
 
 Array = jax.Array
@@ -79,6 +88,7 @@ class Attention(nn.Module):
   use_rmsnorm: bool = False
   use_rope: bool = False
   attn_fp32: bool = True
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -93,8 +103,8 @@ class Attention(nn.Module):
     attn_dtype = jnp.float32 if self.attn_fp32 else self.dtype
     if self.use_rope:
       q, k = apply_rope(q, k, dtype=attn_dtype)
-    out = jax.nn.dot_product_attention(
-        q.astype(attn_dtype), k.astype(attn_dtype), v.astype(attn_dtype),
+    out = attention_lib.dot_product_attention(
+        q.astype(attn_dtype), k.astype(attn_dtype), v.astype(attn_dtype), impl=self.attention_impl,
         scale=head_dim ** -0.5)
     out = einops.rearrange(out, "b n h d -> b n (h d)")
     return TorchLinear(self.hidden_size, dtype=self.dtype, name="TorchLinear_1")(out)
@@ -147,6 +157,7 @@ class DiTBlock(nn.Module):
   use_rmsnorm: bool = False
   use_rope: bool = False
   attn_fp32: bool = True
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -157,7 +168,8 @@ class DiTBlock(nn.Module):
 
     attention = Attention(
         self.hidden_size, self.num_heads, use_qknorm=self.use_qknorm, use_rmsnorm=self.use_rmsnorm,
-        use_rope=self.use_rope, attn_fp32=self.attn_fp32, dtype=self.dtype, name="Attention_0")
+        use_rope=self.use_rope, attn_fp32=self.attn_fp32, attention_impl=self.attention_impl, dtype=self.dtype,
+        name="Attention_0")
     h = modulate(_norm_layer(self.use_rmsnorm, "RMSNorm_0", layernorm_affine=False)(x), shift_attn, scale_attn)
     x = x + gate_attn[:, None, :] * attention(h.astype(self.dtype))
 
@@ -207,7 +219,8 @@ class DiTBackbone(nn.Module):
   use_rope: bool = False
   use_rmsnorm: bool = False
   attn_fp32: bool = True
-  remat: bool = False
+  attention_impl: str = "xla"
+  remat_policy: str = "none"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -229,9 +242,9 @@ class DiTBackbone(nn.Module):
       registers = projected[:, None, :] + cls_embed
       tokens = jnp.concatenate([registers, tokens], axis=1).astype(self.dtype)
 
-    # nn.remat recomputes each block's activations in the backward pass; it wraps the
-    # class, so names and the parameter tree are unchanged.
-    block_cls = nn.remat(DiTBlock, prevent_cse=True) if self.remat else DiTBlock
+    # Each block is rematerialised by its policy (nn.remat wraps the class, so names
+    # and the parameter tree are unchanged).
+    block_cls = layers.remat(DiTBlock, self.remat_policy)
     # Activations stay split over the batch between blocks (a no-op outside
     # partitioning.activation_rules): left to itself, the SPMD partitioner follows the
     # fsdp-split weights into the activations and pays for it in all-gathers and
@@ -241,7 +254,8 @@ class DiTBackbone(nn.Module):
       tokens = block_cls(
           hidden_size=self.hidden_size, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
           use_qknorm=self.use_qknorm, use_swiglu=self.use_swiglu, use_rmsnorm=self.use_rmsnorm,
-          use_rope=self.use_rope, attn_fp32=self.attn_fp32, dtype=self.dtype, name=f"blocks_{i}")(tokens, cond)
+          use_rope=self.use_rope, attn_fp32=self.attn_fp32, attention_impl=self.attention_impl, dtype=self.dtype,
+          name=f"blocks_{i}")(tokens, cond)
       tokens = partitioning.constrain_activation(tokens, ("batch", None, None))
 
     patches = FinalLayer(
@@ -282,7 +296,9 @@ class DiTGenerator(nn.Module):
   The fields are the release's `model_config` keys. `num_classes` counts the rows of
   the class table, spare unconditional id included (see the module docstring).
   `use_remat` is the release's spelling of `remat`; either one turns on activation
-  rematerialisation of the blocks, which leaves parameters and outputs unchanged.
+  rematerialisation of the blocks ("full", unless `remat_policy` names another
+  policy; see `effective_remat_policy`), which leaves parameters and outputs
+  unchanged. `attention_impl` is one of `attention.CONCRETE`.
 
   Call with `labels [B]` (int) and `cfg_scale` (scalar or `[B]`). Without `noise`,
   the noise is drawn from the 'noise' rng stream (see `draw_noise`). Returns
@@ -310,6 +326,8 @@ class DiTGenerator(nn.Module):
   attn_fp32: bool = True
   use_remat: bool = False
   remat: bool = False
+  remat_policy: str = "none"
+  attention_impl: str = "xla"
 
   def __post_init__(self):
     _check_config(self)
@@ -353,7 +371,9 @@ class DiTGenerator(nn.Module):
         hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
         n_cls_tokens=self.n_cls_tokens, use_qknorm=self.use_qknorm, use_swiglu=self.use_swiglu,
         use_rope=self.use_rope, use_rmsnorm=self.use_rmsnorm, attn_fp32=self.attn_fp32,
-        remat=self.remat or self.use_remat, dtype=self.dtype, name="LightningDiT_0")
+        attention_impl=self.attention_impl,
+        remat_policy=effective_remat_policy(self.remat or self.use_remat, self.remat_policy),
+        dtype=self.dtype, name="LightningDiT_0")
 
   def condition(self, labels: Array, cfg_scale: Array, noise_labels: Array) -> Array:
     """Conditioning vector `[B, cond_dim]` from labels, CFG scales `[B]` and style labels."""
@@ -408,8 +428,28 @@ def _check_config(module: DiTGenerator) -> None:
   for field in ("noise_classes", "noise_coords", "n_cls_tokens"):
     if int(getattr(module, field)) < 0:
       problems.append(f"{field} must be >= 0, got {getattr(module, field)}")
+  if module.remat_policy not in layers.REMAT_POLICIES:
+    problems.append(f"remat_policy must be one of {', '.join(layers.REMAT_POLICIES)}, got {module.remat_policy!r}")
+  if module.attention_impl not in attention_lib.CONCRETE:
+    problems.append(f"attention_impl must be one of {', '.join(attention_lib.CONCRETE)} (resolve 'auto' with "
+                    f"attention.resolve first), got {module.attention_impl!r}")
   if problems:
     raise errors.UsageError("invalid DiTGenerator config: " + "; ".join(problems))
+
+
+def effective_remat_policy(remat: bool, remat_policy: str) -> str:
+  """The blocks' remat policy from the old switch and the policy's name: `remat_policy`
+  when it names one other than "none", else "full" if `remat` (the release's
+  `use_remat`, the older `model.remat`) is on, else "none"."""
+  layers.check_remat_policy(remat_policy)
+  if remat_policy == "none" and remat:
+    return "full"
+  return remat_policy
+
+
+def attention_dtype(module: "DiTGenerator") -> Any:
+  """The dtype q, k and v reach `module`'s attention kernel in (fp32 under `attn_fp32`)."""
+  return jnp.float32 if module.attn_fp32 else module.dtype
 
 
 def _is_concrete(x: Any) -> bool:
@@ -505,7 +545,7 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(DiTGenerator) if f.name not in ("parent", "name"))
 # Fields that choose how the model is computed, not what it is; artifact writers
 # leave them out of the stored model_config (the release's loader does not know them).
-RUNTIME_ONLY_KEYS = ("remat",)
+RUNTIME_ONLY_KEYS = ("remat", "remat_policy", "attention_impl")
 
 
 def model_config_for(name: str, **overrides: Any) -> dict[str, Any]:
@@ -534,6 +574,22 @@ def model_config_from_run(config: Any) -> dict[str, Any]:
   if model_config["num_classes"] < config.data.num_classes:
     raise ValueError(f"generator has {model_config['num_classes']} class rows for {config.data.num_classes} classes")
   return model_config
+
+
+def module_for_run(config: Any, devices: Any) -> DiTGenerator:
+  """The run's generator as its training step computes it on `devices` (the mesh's).
+
+  `model_config_from_run(config)`, and how it is computed: the blocks' remat policy
+  (`model.remat_policy`; the older `model.remat=True` means "full") and the attention
+  kernel (`model.attention_impl`, "auto" resolved from the platform of `devices`,
+  which in the compile mode are descriptions of a TPU slice or GPU host this machine
+  lacks: never `jax.devices()`'s).
+  """
+  policy = effective_remat_policy(bool(config.model.remat),
+                                  layers.check_remat_policy(config.model.remat_policy, "model.remat_policy"))
+  module = build_module({**model_config_from_run(config), "remat_policy": policy})
+  impl = attention_lib.resolve(config.model.attention_impl, devices, attention_dtype=attention_dtype(module))
+  return module.clone(attention_impl=impl)
 
 
 def build_module(model_config: Mapping[str, Any]) -> DiTGenerator:

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drifting_jax import errors
+
 Array = jax.Array
 Dtype = Any
 
@@ -117,3 +119,44 @@ def apply_rope(q: Array, k: Array, dtype: Dtype = jnp.float32) -> tuple[Array, A
     return x * cos + jnp.concatenate([-x_second, x_first], axis=-1) * sin
 
   return rotate(q), rotate(k)
+
+
+def _weight_products_saveable(prim, *args, **params) -> bool:
+  """Saves the products of activations with weights: dot_generals without batch
+  dimensions (every dense layer) and convolutions; not attention's q k^T and p v,
+  which are batched over (batch, head) and whose logits are [B, H, N, N]."""
+  return (jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
+          or prim.name == "conv_general_dilated")
+
+
+# How a block is rematerialised in the backward pass (`model.remat_policy`,
+# `feature.remat_policy`), name -> the `jax.checkpoint` policy: the residuals the
+# policy saves are kept from the forward pass, the rest of the block is recomputed
+# from its input.
+REMAT_POLICIES: dict[str, Any] = {
+    # No rematerialisation: every residual is kept.
+    "none": None,
+    # Only each block's input is kept; the block's forward runs twice (jax's default
+    # policy, as `nn.remat` without one: what `model.remat=True` always did).
+    "full": None,
+    # The weight matmuls' and convolutions' outputs are kept; the norms,
+    # activations, RoPE and attention (its [B, H, N, N] logits) are recomputed.
+    "dots": _weight_products_saveable,
+}
+
+
+def check_remat_policy(name: str, field: str = "remat_policy") -> str:
+  """`name` if `REMAT_POLICIES` has it; else a one-line UsageError naming the choices."""
+  if name not in REMAT_POLICIES:
+    raise errors.UsageError(f"{field} must be one of {', '.join(REMAT_POLICIES)}, got {name!r}")
+  return name
+
+
+def remat(module_cls, policy_name: str, **kwargs):
+  """`module_cls` rematerialised by the named policy (`module_cls` itself for "none").
+
+  `nn.remat` wraps the class, so submodule names and the parameter tree are unchanged.
+  """
+  if check_remat_policy(policy_name) == "none":
+    return module_cls
+  return nn.remat(module_cls, prevent_cse=True, policy=REMAT_POLICIES[policy_name], **kwargs)

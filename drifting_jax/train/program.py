@@ -113,9 +113,10 @@ def module_config(module) -> dict[str, Any]:
   return {k: getattr(module, k) for k in generator_lib.CONFIG_KEYS if k not in generator_lib.RUNTIME_ONLY_KEYS}
 
 
-def build_generator(config: ml_collections.ConfigDict):
-  """The generator module of the run (`model.name` with its overrides, `model.remat`)."""
-  return generator_lib.build_module({**generator_lib.model_config_from_run(config), "remat": bool(config.model.remat)})
+def build_generator(config: ml_collections.ConfigDict, mesh):
+  """The generator module of the run on `mesh` (`model.name` with its overrides, its remat
+  policy and its attention kernel for the mesh's devices: `generator.module_for_run`)."""
+  return generator_lib.module_for_run(config, mesh.devices)
 
 
 def state_factory(config: ml_collections.ConfigDict, module, tx: optax.GradientTransformation,
@@ -191,7 +192,7 @@ def build_train_program(config: ml_collections.ConfigDict, mesh, *, abstract_fea
   """
   config_defaults.complete(config)
   t = config.train
-  module = build_generator(config)
+  module = build_generator(config, mesh)
   network = features_lib.build_feature_network(config, abstract=abstract_features)
   names = feature_names(network, config)
   tx, schedule = optim.make_optimizer(config.optim, t.total_steps, t.max_grad_norm)

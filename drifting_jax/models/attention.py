@@ -1,0 +1,154 @@
+"""The DiT's attention kernel, chosen per platform (`model.attention_impl`).
+
+`dot_product_attention(q, k, v, impl=...)` computes softmax(q k^T / sqrt(d)) v for
+`q, k, v [B, N, H, D]` (no mask, no bias: the DiT attends over all its tokens) with
+one of these implementations:
+
+  * "xla": `jax.nn.dot_product_attention(implementation="xla")`: the logits as one
+    matmul, a softmax, a second matmul; on every platform. It is today's step,
+    bit for bit, and what "auto" resolves to on the CPU.
+  * "cudnn": cuDNN's fused (flash) attention, `jax.nn.dot_product_attention(
+    implementation="cudnn")`; NVIDIA GPUs only. cuDNN takes bf16 or fp16 inputs
+    only: fp32 q, k, v (the generator's `attn_fp32`, or an fp32 model) are cast to
+    bf16 for it and its output cast back. cuDNN still forms the logits, the softmax
+    and the weighted sum of values in fp32, so what `attn_fp32` keeps is its fp32
+    RoPE and fp32 softmax; what it loses is the last 16 bits of q, k and v.
+  * "splash": the Pallas TPU splash-attention kernel
+    (`jax.experimental.pallas.ops.tpu.splash_attention`); TPUs (or the Pallas
+    interpreter, `interpret=True`, on any platform). It keeps the inputs' dtype
+    (fp32 under `attn_fp32`), accumulates in fp32 and never writes the [N, N]
+    logits to memory. See `splash_attention` for its padding.
+  * "auto": resolved before the program is built (`resolve`), from the platform of
+    the devices the program is built for: splash on TPU, cudnn on GPU when the
+    attention's inputs are bf16 already (else xla, since cudnn would round fp32
+    inputs to bf16), xla elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
+
+from drifting_jax import errors, partitioning
+
+Array = jax.Array
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+# The ones a module computes with ("auto" is resolved before it is built).
+CONCRETE = ("xla", "cudnn", "splash")
+
+# Splash's blocks are multiples of the TPU's 128 lanes; a sequence is padded to a
+# multiple of this and its blocks are the largest multiple of it, at most
+# _SPLASH_MAX_BLOCK, that divides the padded length.
+_SPLASH_LANES = 128
+_SPLASH_MAX_BLOCK = 512
+
+
+def resolve(impl: str, devices: Sequence[Any], *, attention_dtype: Any) -> str:
+  """The concrete implementation `impl` ("auto" or one of `CONCRETE`) means on `devices`.
+
+  `devices` are those the program is built for (`mesh.devices`): in the compile mode
+  they are libtpu's or the CUDA plugin's descriptions of devices this host lacks, so
+  their `platform` is read, never `jax.devices()`'s. `attention_dtype` is the dtype
+  q, k and v reach the kernel in (fp32 under `attn_fp32`).
+  """
+  if impl not in IMPLEMENTATIONS:
+    raise errors.UsageError(f"model.attention_impl must be one of {', '.join(IMPLEMENTATIONS)}, got {impl!r}")
+  platforms = {d.platform for d in np.asarray(devices).flat}
+  platform = platforms.pop() if len(platforms) == 1 else "mixed"
+  if impl == "auto":
+    if platform == "tpu":
+      return "splash"
+    if platform in ("gpu", "cuda") and jnp.dtype(attention_dtype) in (jnp.bfloat16, jnp.float16):
+      return "cudnn"
+    return "xla"
+  if impl == "cudnn" and platform not in ("gpu", "cuda"):
+    raise errors.UsageError(f"model.attention_impl=cudnn needs NVIDIA GPUs; this program is built for {platform} "
+                            "devices (use 'auto' or 'xla')")
+  if impl == "splash" and platform != "tpu":
+    raise errors.UsageError(f"model.attention_impl=splash needs TPUs; this program is built for {platform} devices "
+                            "(use 'auto' or 'xla')")
+  return impl
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, *, impl: str, scale: Optional[float] = None) -> Array:
+  """softmax(scale q k^T) v per head, `[B, N, H, D] -> [B, N, H, D]` in q's dtype.
+
+  `scale` defaults to 1/sqrt(D). Under `partitioning.activation_rules` on a mesh of
+  more than one device, "splash" runs per device on its share of the batch
+  (`shard_map`; a Pallas kernel is opaque to the SPMD partitioner, which would
+  otherwise gather the whole batch to every device).
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  if impl == "xla":
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+  if impl == "cudnn":
+    dtype = q.dtype
+    if dtype not in (jnp.bfloat16, jnp.float16):
+      q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn").astype(dtype)
+  if impl == "splash":
+    return _sharded_splash(q, k, v, scale)
+  raise errors.UsageError(f"attention implementation must be one of {', '.join(CONCRETE)} when the model is "
+                          f"built, got {impl!r} (resolve 'auto' first: attention.resolve)")
+
+
+def _sharded_splash(q: Array, k: Array, v: Array, scale: float) -> Array:
+  mesh = partitioning.activation_mesh()
+  if mesh is None or mesh.size == 1:
+    return splash_attention(q, k, v, scale=scale)
+  batch_axes = partitioning.logical_to_mesh(("batch",))[0]
+  shards = int(np.prod([mesh.shape[a] for a in np.atleast_1d(batch_axes)]))
+  # A batch that does not split over the devices (e.g. the one-row batch of `init`) is
+  # computed whole on every device, as the SPMD partitioner would.
+  spec = P(batch_axes) if q.shape[0] % shards == 0 else P()
+  fn = jax.shard_map(functools.partial(splash_attention, scale=scale), mesh=mesh, in_specs=(spec, spec, spec),
+                     out_specs=spec, check_vma=False)
+  return fn(q, k, v)
+
+
+def splash_block(length: int) -> int:
+  """The block size splash uses for a padded length (a multiple of 128)."""
+  return max(b for b in range(_SPLASH_LANES, min(length, _SPLASH_MAX_BLOCK) + 1, _SPLASH_LANES) if length % b == 0)
+
+
+def splash_attention(q: Array, k: Array, v: Array, *, scale: Optional[float] = None,
+                     interpret: bool = False) -> Array:
+  """softmax(scale q k^T) v with the Pallas splash kernel on one device's `[B, N, H, D]`.
+
+  Padding: the token axis N is padded with zeros to the next multiple of 128 (the
+  kernel's blocks are multiples of the TPU's 128 lanes; e.g. 256 patches + 16
+  register tokens = 272 -> 384), for q, k and v alike. The padded keys are masked
+  out for the real queries by segment ids (real tokens segment 0, padding segment
+  1), so every real token attends to exactly the N real keys, as without padding;
+  the padded queries attend to the padded keys only (a row of the softmax is never
+  empty) and their outputs are dropped. The head dimension D is not padded: the
+  kernel takes any D (64 for DiT-B/2) as a whole block. The scale is applied to q
+  before the kernel (it has no scale argument).
+
+  `interpret=True` runs the kernel in the Pallas interpreter (any platform: the CPU
+  tests compare it with "xla").
+  """
+  batch, length, heads, head_dim = q.shape
+  scale = head_dim ** -0.5 if scale is None else float(scale)
+  padded = -(-length // _SPLASH_LANES) * _SPLASH_LANES
+  block = splash_block(padded)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  kernel = splash.make_splash_mha(splash.MultiHeadMask([splash.FullMask((padded, padded))] * heads),
+                                  block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  segments = jnp.asarray(np.arange(padded) >= length, jnp.int32)
+  segment_ids = splash.SegmentIds(q=segments, kv=segments)
+
+  def to_kernel(x):  # [B, N, H, D] -> [B, H, padded, D]
+    return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, padded - length), (0, 0)))
+
+  out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(to_kernel(q * jnp.asarray(scale, q.dtype)), to_kernel(k),
+                                                   to_kernel(v), segment_ids)
+  return jnp.swapaxes(out[:, :, :length], 1, 2)
