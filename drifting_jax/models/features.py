@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from einops import rearrange, reduce
 
 from drifting_jax import errors
-from drifting_jax.models import artifacts, mae
+from drifting_jax.models import artifacts, layers, mae
 
 Features = dict[str, jax.Array]
 
@@ -69,14 +69,23 @@ def pixel_features(*, patch_stats_sizes: tuple[int, ...] = ()) -> FeatureFunctio
   return FeatureFunction(apply, {})
 
 
-def mae_features(module, params, *, include_input: bool = True, **activation_kwargs) -> FeatureFunction:
+def mae_features(module, params, *, include_input: bool = True, remat_policy: str = "none",
+                 **activation_kwargs) -> FeatureFunction:
   """The release's multi-scale MAE activations of a frozen encoder (stop-gradient params).
 
   With `include_input` (the release always does it: `usual_feats["global"]` in its
   `build_activation_function`) the raw sample is one more group, `"global"`
   `[N, 1, H*W*C]`, so the loss also sees the sample itself and not only what the
   encoder keeps of it.
+
+  `remat_policy` (`layers.REMAT_POLICIES`) rematerialises the encoder's residual
+  blocks where the features are differentiated: the train step's pass from the
+  generated samples' features back to the samples (the params are frozen, so that
+  backward pass computes only the gradient to the input). A pass without gradient
+  (the data's features) computes exactly as without it.
   """
+  if layers.check_remat_policy(remat_policy, "feature.remat_policy") != "none":
+    module = module.clone(remat_policy=remat_policy)
 
   def apply(mae_params, x):
     mae_params = jax.lax.stop_gradient(mae_params)
@@ -153,7 +162,7 @@ def _mae_space(config, abstract: bool) -> FeatureNetwork:
     module, params, _ = artifacts.load(config.feature.mae_path, kind="mae")
     source = str(config.feature.mae_path)
   fn = mae_features(module, params, include_input=bool(config.feature.include_input),
-                    **config.feature.activation_kwargs.to_dict())
+                    remat_policy=config.feature.remat_policy, **config.feature.activation_kwargs.to_dict())
   return FeatureNetwork(fn.apply, frozen_params(params, module.dtype), module.dtype, source)
 
 

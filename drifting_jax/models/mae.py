@@ -45,6 +45,7 @@ import numpy as np
 import optax
 
 from drifting_jax import errors
+from drifting_jax.models import layers as layers_lib
 
 Array = jax.Array
 Dtype = Any
@@ -96,20 +97,26 @@ class ResidualBlock(nn.Module):
 
 
 class ResNetStage(nn.Module):
-  """`num_blocks` residual blocks (`layers_{j}`); only the first one is strided."""
+  """`num_blocks` residual blocks (`layers_{j}`); only the first one is strided.
+
+  `remat_policy` (`layers.REMAT_POLICIES`) rematerialises each block in the backward
+  pass; names and parameters are unchanged.
+  """
 
   filters: int
   num_blocks: int
   stride: int
   dropout_prob: float = 0.0
+  remat_policy: str = "none"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> list[Array]:
     """Returns the output of every block, the last one being the stage's output."""
+    block_cls = layers_lib.remat(ResidualBlock, self.remat_policy)
     outputs = []
     for j in range(self.num_blocks):
-      x = ResidualBlock(self.filters, stride=self.stride if j == 0 else 1, dropout_prob=self.dropout_prob,
+      x = block_cls(self.filters, stride=self.stride if j == 0 else 1, dropout_prob=self.dropout_prob,
                         dtype=self.dtype, name=f"layers_{j}")(x, train=train)
       outputs.append(x)
     return outputs
@@ -126,6 +133,7 @@ class ResNetEncoder(nn.Module):
   base_channels: int
   layers: tuple[int, ...]
   dropout_prob: float = 0.0
+  remat_policy: str = "none"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -137,7 +145,7 @@ class ResNetEncoder(nn.Module):
     for i, num_blocks in enumerate(self.layers):
       filters = self.base_channels * 2**i
       outputs = ResNetStage(filters, num_blocks, stride=1 if i == 0 else 2, dropout_prob=self.dropout_prob,
-                            dtype=self.dtype, name=f"stages_{i}")(x, train=train)
+                            remat_policy=self.remat_policy, dtype=self.dtype, name=f"stages_{i}")(x, train=train)
       name = f"layer{i + 1}"
       blocks[name] = outputs
       x = _group_norm(filters, self.dtype, f"{name}_norm")(outputs[-1])
@@ -207,6 +215,12 @@ class MAEResNet(nn.Module):
   MAE); `patch_size` is the side of the masked squares, in cells of that patched
   input.
 
+  `remat_policy` is not the release's: how the encoder's residual blocks are
+  rematerialised in a backward pass (`layers.REMAT_POLICIES`; runtime-only, left out
+  of stored artifacts). `features.mae_features(remat_policy=...)` sets it
+  (`feature.remat_policy`) for the backward pass from the generated samples'
+  features to the samples.
+
   Call with images `x [B, H, W, in_channels]` and optionally a `mask [B, H', W', 1]`
   over the patched input (1 = hidden; see `draw_mask`): hidden cells are zeroed
   before encoding. Returns `{"reconstruction": [B, H', W', in_channels *
@@ -221,6 +235,7 @@ class MAEResNet(nn.Module):
   layers: tuple[int, ...] = (2, 2, 2, 2)
   use_bf16: bool = False
   input_patch_size: int = 1
+  remat_policy: str = "none"
 
   def __post_init__(self):
     _check_config(self)
@@ -237,7 +252,7 @@ class MAEResNet(nn.Module):
 
   def setup(self):
     self.encoder = ResNetEncoder(self.base_channels, tuple(self.layers), dropout_prob=self.dropout_prob,
-                                 dtype=self.dtype)
+                                 remat_policy=self.remat_policy, dtype=self.dtype)
     self.decoder = UNetDecoder(self.base_channels, self.patched_channels, dtype=self.dtype)
     self.fc = nn.Dense(self.num_classes, dtype=self.dtype)
 
@@ -280,6 +295,8 @@ def _check_config(module: MAEResNet) -> None:
                     f"GroupNorm over concatenated skips uses {_CONCAT_NORM_GROUPS} groups)")
   if not 0.0 <= module.dropout_prob < 1.0:
     problems.append(f"dropout_prob must be in [0, 1), got {module.dropout_prob}")
+  if module.remat_policy not in layers_lib.REMAT_POLICIES:
+    problems.append(f"remat_policy must be one of {', '.join(layers_lib.REMAT_POLICIES)}, got {module.remat_policy!r}")
   if problems:
     raise errors.UsageError("invalid MAEResNet config: " + "; ".join(problems))
 
@@ -318,6 +335,9 @@ def _check_labels(labels: Any, batch_size: int, num_classes: int) -> Array:
 # -----------------------------------------------------------------------------
 
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(MAEResNet) if f.name not in ("parent", "name"))
+# Fields that choose how the network is computed, not what it is; artifact writers
+# leave them out of the stored model_config (the release's loader does not know them).
+RUNTIME_ONLY_KEYS = ("remat_policy",)
 
 # Named sizes; the release's runs all use patch_size 2 and blocks (3, 4, 6, 3).
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
