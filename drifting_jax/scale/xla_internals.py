@@ -539,22 +539,55 @@ def _callee_closure(names: list[str], blocks: dict[str, str]) -> list[str]:
   return order[::-1]
 
 
-def instruction_module(line: str, opcode: str, shape: str, operand_shapes: list[str], blocks: dict[str, str]) -> str:
+def instruction_module(line: str, opcode: str, shape: str, operand_shapes: list[str], blocks: dict[str, str],
+                       then: tuple[str, str] | None = None) -> str:
   """One instruction of an optimized module as a module of its own: its operands become
-  parameters of the same shapes (and layouts), the computations it calls come along."""
+  parameters of the same shapes (and layouts), the computations it calls come along.
+
+  `then` = (line, result shape) of an instruction that reads this one's result only
+  and becomes the root: an async `-done` after its `-start` (XLA's parser takes a
+  `-done` of the async form only with its `-start` as operand)."""
   operands = operand_text(line, opcode)
   body = _STACK_FRAME.sub("", _CONTROL_PREDECESSORS.sub("", line))
   body = body.replace(operands, ", ".join(f"%p{i}" for i in range(len(operand_shapes))), 1)
-  body = re.sub(r"^\s*(ROOT\s+)?", "  ROOT ", body)
-  callees = "\n\n".join(_STACK_FRAME.sub("", blocks[name]) for name in _callee_closure(_called(line), blocks))
+  body = re.sub(r"^\s*(ROOT\s+)?", "  ROOT " if then is None else "  ", body)
+  if then is not None:
+    body += "\n" + re.sub(r"^\s*(ROOT\s+)?", "  ROOT ", _STACK_FRAME.sub("", _CONTROL_PREDECESSORS.sub("", then[0])))
+    shape = then[1]
+  called = _called(line) + (_called(then[0]) if then else [])
+  callees = "\n\n".join(_STACK_FRAME.sub("", blocks[name]) for name in _callee_closure(called, blocks))
   signature = ", ".join(f"p{i}: {s}" for i, s in enumerate(operand_shapes))
   params = "".join(f"  %p{i} = {s} parameter({i})\n" for i, s in enumerate(operand_shapes))
   return f"HloModule instruction\n\n{callees}\n\nENTRY %instruction ({signature}) -> {shape} {{\n{params}{body}\n}}\n"
 
 
+def _operand_names(line: str, opcode: str) -> list[str]:
+  refs = [_OPERAND_REF.search(token.strip()) for token in operand_text(line, opcode).split(",") if token.strip()]
+  return [r.group(1) for r in refs if r]
+
+
 def module_cost_analysis(hlo_text: str) -> dict[str, float]:
   """XLA's HLO cost analysis of a module given as text (any backend's optimized module)."""
   return hlo_module_cost_analysis(_parse_hlo_module(hlo_text))
+
+def _instruction_cost(line: str, opcode: str, shape: str, operands: list[str], shapes: dict[str, str],
+                      costed: dict[str, tuple[str, str, float, float]], blocks: dict[str, str]) -> dict[str, float]:
+  """XLA's cost analysis of one instruction cut out of its module. An async `-done` of
+  the generic form (libtpu's `slice-done` after `slice-start`) parses only after its
+  `-start`: it is costed as the pair less the `-start`'s own cost."""
+  try:
+    return hlo_module_cost_analysis(_parse_hlo_module(
+        instruction_module(line, opcode, shape, [shapes[n] for n in operands], blocks)))
+  except Exception:
+    start = costed.get(operands[0]) if opcode.endswith("-done") and len(operands) == 1 else None
+    if start is None or not start[0].endswith("-start"):
+      raise
+  start_opcode, start_line, start_flops, start_bytes = start
+  pair = hlo_module_cost_analysis(_parse_hlo_module(instruction_module(
+      start_line, start_opcode, shapes[operands[0]], [shapes[n] for n in _operand_names(start_line, start_opcode)],
+      blocks, then=(line, shape))))
+  return {"flops": pair.get("flops", 0.0) - start_flops, "bytes accessed": pair.get("bytes accessed", 0.0) - start_bytes}
+
 
 def instruction_costs(hlo_text: str) -> tuple[list[InstructionCost], list[str]]:
   """XLA's HLO cost analysis of every instruction that runs, one at a time, and the
@@ -570,20 +603,21 @@ def instruction_costs(hlo_text: str) -> tuple[list[InstructionCost], list[str]]:
   costs, failures = [], []
   for computation in _executed_computations(blocks, entry):
     shapes: dict[str, str] = {}
+    instructions: dict[str, tuple[str, str, float, float]] = {}  # name -> (opcode, line, FLOPs, bytes)
     for name, shape, opcode, line in definitions(blocks[computation]):
       shapes[name] = shape
       if opcode in _NOT_COSTED:
         continue
-      refs = [_OPERAND_REF.search(token.strip()) for token in operand_text(line, opcode).split(",") if token.strip()]
+      operands = _operand_names(line, opcode)
       try:
-        module = instruction_module(line, opcode, shape, [shapes[r.group(1)] for r in refs], blocks)
-        cost = hlo_module_cost_analysis(_parse_hlo_module(module))
+        cost = _instruction_cost(line, opcode, shape, operands, shapes, instructions, blocks)
       except Exception as e:  # noqa: BLE001  (one instruction the parser refuses does not stop the rest)
         failures.append(f"{computation}/{name} ({opcode}): {type(e).__name__}: {str(e).splitlines()[0][:160]}")
         continue
+      instructions[name] = (opcode, line, cost.get("flops", 0.0), cost.get("bytes accessed", 0.0))
       op_name = OP_NAME.search(line)
       cycles = ESTIMATED_CYCLES.search(line)
-      costs.append(InstructionCost(computation, name, opcode, shape, tuple(r.group(1) for r in refs),
+      costs.append(InstructionCost(computation, name, opcode, shape, tuple(operands),
                                    op_name.group(1) if op_name else "",
                                    cost.get("flops", 0.0), cost.get("bytes accessed", 0.0),
                                    int(cycles.group(1)) if cycles else None, line))
