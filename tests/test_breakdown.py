@@ -83,6 +83,28 @@ ENTRY %e (p: f32[8,128]) -> f32[4,128] {
   assert sum(c.bytes_accessed for c in costs) == whole and all(c.bytes_accessed > 0 for c in costs)
 
 
+def test_an_instruction_over_several_lines_is_one_instruction():
+  """A Pallas/Mosaic kernel's custom call (splash attention on TPU) prints its
+  kernel_metadata with newlines inside an attribute: the lines after the first belong to it."""
+  text = """HloModule multi_line
+
+ENTRY %e (p: f32[8,128]) -> f32[8,128] {
+  %p = f32[8,128]{1,0} parameter(0)
+  %kernel = f32[8,128]{1,0} custom-call(%p), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+"xprof_metadata":"{\\"block_q\\": 384}"
+}}, metadata={op_name="jit(f)/objective/splash"}
+  ROOT %add = f32[8,128]{1,0} add(%kernel, %kernel), metadata={op_name="jit(f)/objective/add"}
+}
+"""
+  costs, failures = xla_internals.instruction_costs(text)
+  assert not failures and [c.opcode for c in costs] == ["custom-call", "add"]
+  assert costs[0].op_name == "jit(f)/objective/splash" and costs[1].operands == ("kernel", "kernel")
+  b = breakdown.breakdown(text, {}, xla_internals.module_cost_analysis(text))
+  # The custom call, unknown to XLA's analysis, costed from its shapes: reads and writes 4 KiB.
+  assert b["components"]["loss forward"]["bytes"] == 2 * 8 * 128 * 4 + 3 * 8 * 128 * 4
+  assert b["within_tolerance"]
+
+
 def test_components_follow_op_names():
   cases = {
       ("jit(train_step)/transpose(jvp(DiTGenerator))/LightningDiT_0/blocks_0/Attention_0/dot_general", "fusion"):

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # each case is a TPU compile o
 
 from configs import imagenet_latent_ablation  # noqa: E402
 from drifting_jax import errors  # noqa: E402
-from drifting_jax.scale import compile_mode, targets  # noqa: E402
+from drifting_jax.scale import breakdown, compile_mode, targets  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,6 +74,23 @@ def test_report_has_every_field(single_host):
   sources = train["collective_sources"]
   assert sources and [s["bytes"] for s in sources] == sorted((s["bytes"] for s in sources), reverse=True)
   assert any("params" in s["source"] and s["op"] == "all-gather" for s in sources)
+
+
+def test_every_program_breaks_down_and_its_hlo_is_kept(single_host, capsys):
+  """The breakdown adds up to XLA's count of the module (libtpu's bytes differ: its own
+  model), carries libtpu's cycles, and re-reads from the saved HLO without a compile."""
+  report, workdir = single_host
+  for name in ("train", "sample"):
+    b = report["programs"][name]["breakdown"]
+    assert b["within_tolerance"] and not b["not_costed"], (name, b.get("not_costed"))
+    assert b["sum_over_compiler"]["flops"] == pytest.approx(1.0, rel=1e-6)
+    assert b["sum"]["estimated_cycles"] > 0
+    assert (workdir / report["programs"][name]["optimized_hlo"]).exists()
+  train = report["programs"]["train"]["breakdown"]
+  assert {"generator backward: attention", "MAE backward to its input", "loss forward"} <= set(train["components"])
+  assert breakdown.main([str(workdir), "train"]) == 0
+  again = json.loads((workdir / "train.breakdown.json").read_text())
+  assert again["sum"] == pytest.approx(train["sum"]) and "heaviest 20 instructions" in capsys.readouterr().out
 
 
 def test_the_sampling_step_is_compiled_on_the_same_mesh(single_host):

@@ -212,3 +212,40 @@ def lines(b: dict[str, Any], heaviest: int = HEAVIEST) -> list[str]:
     out.append(f"    {i['bytes'] / 1e9:8.3f} GB {i['flops'] / 1e9:9.1f} GFLOP {i['opcode']:12s} [{i['component']}] "
                f"{i['source'][:100] or 'no op_name, charged via ' + str(i.get('charged_via'))}")
   return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  """`python -m drifting_jax.scale.breakdown WORKDIR [PROGRAM]`: the breakdown of a compile
+  report's program (default train) from the optimized HLO the compile mode saved beside it,
+  printed and written to WORKDIR/<PROGRAM>.breakdown.json; no compile."""
+  import gzip
+  import json
+  import pathlib
+  import sys
+
+  args = sys.argv[1:] if argv is None else argv
+  if not args or args[0].startswith("-"):
+    print(main.__doc__, file=sys.stderr)
+    return 2
+  workdir, program = pathlib.Path(args[0]), (args[1] if len(args) > 1 else "train")
+  report = json.loads((workdir / "compile_report.json").read_text())
+  entry = report["programs"].get(program)
+  if entry is None or not entry.get("optimized_hlo"):
+    print(f"{workdir}/compile_report.json has no saved optimized HLO for {program!r} (compile it again with this "
+          "version of the compile mode)", file=sys.stderr)
+    return 2
+  with gzip.open(workdir / entry["optimized_hlo"], "rt") as f:
+    hlo = f.read()
+  library = None
+  if "library_calls" in entry:  # a GPU program
+    from drifting_jax.scale import analysis  # the GPU library calls' FLOPs (analysis imports this module)
+    library = analysis.library_call_flops
+  totals = {"flops": entry["flops_per_device"], "bytes accessed": entry["bytes_accessed_per_device"]}
+  b = breakdown(hlo, totals, xla_internals.module_cost_analysis(hlo), library)
+  (workdir / f"{program}.breakdown.json").write_text(json.dumps(b, indent=2, default=float))
+  print("\n".join(lines(b)))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -24,11 +24,12 @@ Programs (`compile.programs`):
 
 from __future__ import annotations
 
+import gzip
 import json
 import pathlib
 from importlib import metadata as importlib_metadata
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import ml_collections
@@ -79,7 +80,19 @@ def train_program(config: ml_collections.ConfigDict, mesh, objective=None) -> pr
   return program_lib.build_train_program(config, mesh, abstract_features=True, objective=objective)
 
 
-def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target, mesh) -> dict[str, Any]:
+def _save_hlo(compiled, hlo_dir: Optional[pathlib.Path], name: str) -> Optional[str]:
+  """The optimized HLO text, gzipped beside the report: `python -m drifting_jax.scale.breakdown`
+  re-reads it without another compile (tens of minutes at full size)."""
+  if hlo_dir is None:
+    return None
+  path = hlo_dir / f"{name}.optimized_hlo.txt.gz"
+  with gzip.open(path, "wt", compresslevel=6) as f:
+    f.write(compiled.as_text() or "")
+  return path.name
+
+
+def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target, mesh,
+                  hlo_dir: Optional[pathlib.Path] = None) -> dict[str, Any]:
   t = config.train
   start = time.perf_counter()
   # train.microbatches="auto" picks the smallest count that fits, as the run's pre-flight does.
@@ -90,6 +103,7 @@ def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target,
   if choice:
     print(choice, flush=True)
   report = analysis.analyze(compiled, target)
+  report["optimized_hlo"] = _save_hlo(compiled, hlo_dir, "train")
   compiler_flops = report["flops_per_device"]
   report["flops"] = flops_lib.train_section(program, mesh.size, compiler_flops)
   analytical = report["flops"]["analytical_per_device"]
@@ -109,6 +123,8 @@ def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target,
                 feature_param_bytes=int(sum(x.size * x.dtype.itemsize for x in feature_shapes)),
                 mae_architecture=None if config.feature.kind == "pixels" else program.features.source,
                 microbatches=int(program.config.train.microbatches), microbatches_choice=choice,
+                generator_computed_as={"attention_impl": program.generator.attention_impl,
+                                       "remat_policy": program.generator.remat_policy},
                 batch={"classes_per_step": int(t.classes_per_step), "gen_per_class": int(t.gen_per_class),
                        "pos_per_class": int(t.pos_per_class), "neg_per_class": int(t.neg_per_class),
                        "generated_per_step": images})
@@ -143,11 +159,13 @@ def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target,
   return report
 
 
-def compile_sample(config: ml_collections.ConfigDict, target: targets_lib.Target, mesh) -> dict[str, Any]:
+def compile_sample(config: ml_collections.ConfigDict, target: targets_lib.Target, mesh,
+                   hlo_dir: Optional[pathlib.Path] = None) -> dict[str, Any]:
   """The evaluation's sampling step, laid out as evaluation lays it out (`sampling.build_sample_program`)."""
   program = sampling.build_sample_program(config, mesh, target.hosts)
   compiled, seconds = _compile(program, "the sampling step", target)
   report = analysis.analyze(compiled, target)
+  report["optimized_hlo"] = _save_hlo(compiled, hlo_dir, "sample")
   report["flops"] = flops_lib.whole_program_section(program.fn, program.args, program.devices_per_program,
                                                     report["flops_per_device"])
   analytical = report["flops"]["analytical_per_device"]
@@ -161,7 +179,8 @@ def compile_sample(config: ml_collections.ConfigDict, target: targets_lib.Target
   return report
 
 
-def compile_mae(config: ml_collections.ConfigDict, target: targets_lib.Target, mesh) -> dict[str, Any]:
+def compile_mae(config: ml_collections.ConfigDict, target: targets_lib.Target, mesh,
+                hlo_dir: Optional[pathlib.Path] = None) -> dict[str, Any]:
   """The MAE pretraining step of `config.mae` (only MAE configs have that section)."""
   if "mae" not in config:
     raise errors.UsageError("compile.programs names 'mae' but the config has no `mae` section "
@@ -170,6 +189,7 @@ def compile_mae(config: ml_collections.ConfigDict, target: targets_lib.Target, m
   m, b = config.mae, int(config.mae.batch_size)
   compiled, seconds = _compile(program, "the MAE pretraining step", target)
   report = analysis.analyze(compiled, target)
+  report["optimized_hlo"] = _save_hlo(compiled, hlo_dir, "mae")
   report["flops"] = flops_lib.whole_program_section(program.step, program.args(), mesh.size,
                                                     report["flops_per_device"])
   analytical = report["flops"]["analytical_per_device"]
@@ -215,7 +235,10 @@ def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   report: dict[str, Any] = {
       "target": target.to_dict(), "mesh": dict(mesh.shape), "jax": jax.__version__,
       "libtpu": _package_version("libtpu"), "config": {"model": config.model.name, "loss": config.loss.objective,
-                                             "kernel": config.loss.kernel, "remat": bool(config.model.remat)},
+                                             "kernel": config.loss.kernel, "remat": bool(config.model.remat),
+                                             "remat_policy": config.model.remat_policy,
+                                             "attention_impl": config.model.attention_impl,
+                                             "feature_remat_policy": config.feature.remat_policy},
       "label": "every time and rate is the compiler's estimate or a roofline, not a measurement",
       "programs": {},
   }
@@ -226,7 +249,7 @@ def compile_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   refused = {}
   for name in config.compile.programs:
     try:
-      report["programs"][name] = COMPILERS[name](config, target, mesh)
+      report["programs"][name] = COMPILERS[name](config, target, mesh, hlo_dir=out)
     except Exception as e:  # noqa: BLE001  (XlaRuntimeError; its type moves between jax versions)
       if _LIMITED_ROUTING not in str(e):
         raise

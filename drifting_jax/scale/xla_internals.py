@@ -503,6 +503,25 @@ def computation_blocks(hlo_text: str) -> tuple[dict[str, str], str]:
   return blocks, entry
 
 
+_INSTRUCTION_START = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s")
+
+
+def _instructions(block: str) -> Iterator[tuple[str, str, str, str]]:
+  """`definitions` of a computation whose instructions may span lines: a Pallas/Mosaic
+  kernel's custom call carries its `kernel_metadata` with newlines in its attributes;
+  a line that starts no instruction continues the one before."""
+  merged: list[str] = []
+  for line in block.splitlines()[1:]:
+    if merged and not _INSTRUCTION_START.match(line) and line.strip() != "}":
+      merged[-1] += "\n" + line
+    else:
+      merged.append(line)
+  for line in merged:
+    match = DEFINITION.match(COMMENT.sub("", line.split("\n", 1)[0]))
+    if match:
+      yield match.group("name"), match.group("shape"), match.group("op"), COMMENT.sub("", line)
+
+
 def _called(text: str) -> list[str]:
   names = _CALLED.findall(text)
   for group in _BRANCHES.findall(text):
@@ -520,7 +539,7 @@ def _executed_computations(blocks: dict[str, str], entry: str) -> list[str]:
     if name in out or name not in blocks:
       continue
     out.append(name)
-    for _, _, opcode, line in definitions(blocks[name]):
+    for _, _, opcode, line in _instructions(blocks[name]):
       if opcode in ("while", "call", "conditional"):
         todo += _called(line)
   return out
@@ -604,7 +623,7 @@ def instruction_costs(hlo_text: str) -> tuple[list[InstructionCost], list[str]]:
   for computation in _executed_computations(blocks, entry):
     shapes: dict[str, str] = {}
     instructions: dict[str, tuple[str, str, float, float]] = {}  # name -> (opcode, line, FLOPs, bytes)
-    for name, shape, opcode, line in definitions(blocks[computation]):
+    for name, shape, opcode, line in _instructions(blocks[computation]):
       shapes[name] = shape
       if opcode in _NOT_COSTED:
         continue
