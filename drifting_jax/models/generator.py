@@ -588,7 +588,9 @@ def module_for_run(config: Any, devices: Any) -> DiTGenerator:
   policy = effective_remat_policy(bool(config.model.remat),
                                   layers.check_remat_policy(config.model.remat_policy, "model.remat_policy"))
   module = build_module({**model_config_from_run(config), "remat_policy": policy})
-  impl = attention_lib.resolve(config.model.attention_impl, devices, attention_dtype=attention_dtype(module))
+  tokens = (module.input_size // module.patch_size) ** 2 + module.n_cls_tokens
+  impl = attention_lib.resolve(config.model.attention_impl, devices, attention_dtype=attention_dtype(module),
+                               tokens=tokens)
   return module.clone(attention_impl=impl)
 
 
