@@ -66,17 +66,24 @@ def test_cpu_smoke_runs_every_check_and_reports_finite_numbers(smoke):
     assert _finite(mnist[key]), (key, mnist.get(key))
   assert (out / "mnist_samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-  for name, remat in (("ablation_step", False), ("ablation_step_remat", True)):
-    step = report["checks"][name]["result"]
-    assert step["remat"] is remat and step["classes"] == 4
-    for key in ("step_s", "steps_per_s", "tflop_per_step_xla", "achieved_tflops", "loss", "compile_s"):
-      assert _finite(step[key]) and step[key] > 0, (name, key, step.get(key))
-    assert step["mfu"] is None  # no bf16 peak is known for a CPU
-  # The loss-share measurements run with remat off only at toy sizes.
-  off = report["checks"]["ablation_step"]["result"]
+  step = report["checks"]["ablation_step"]["result"]
+  assert step["remat"] is False and step["classes"] == 4
+  for key in ("step_s", "steps_per_s", "tflop_per_step_xla", "achieved_tflops", "loss", "compile_s"):
+    assert _finite(step[key]) and step[key] > 0, (key, step.get(key))
+  assert step["mfu"] is None  # no bf16 peak is known for a CPU
   for key in ("loss_alone_s", "loss_share_alone", "trivial_loss_step_s", "loss_share_trivial"):
-    assert _finite(off[key]), (key, off.get(key))
-  assert report["checks"]["ablation_step_remat"]["result"]["loss_share_alone"] is None
+    assert _finite(step[key]), (key, step.get(key))
+
+  # The levers beside the defaults: on a CPU the old defaults compute as the new ones
+  # (attention "auto" is xla there) and the GPU/TPU kernels are not for it.
+  levers = report["checks"]["ablation_levers"]["result"]
+  assert list(levers["variants"]) == ["defaults", "generator remat dots"]
+  assert levers["skipped"]["old defaults"] == "computes as the defaults do on this device"
+  assert levers["skipped"]["attention cudnn"].startswith("not for cpu")
+  dots = levers["variants"]["generator remat dots"]
+  assert dots["computed_as"]["remat_policy"] == "dots" and _finite(dots["step_over_defaults"])
+  # Remat recomputes the same function: the same loss on the same batch and weights.
+  assert dots["loss"] == pytest.approx(levers["variants"]["defaults"]["loss"], rel=1e-5)
 
   # The release's batch with train.microbatches=auto (4 classes at toy size; on a CPU auto is 1).
   release = report["checks"]["ablation_release_batch"]["result"]
@@ -90,9 +97,10 @@ def test_cpu_smoke_runs_every_check_and_reports_finite_numbers(smoke):
     assert all(_finite(v) and v > 0 for v in row["seconds"].values())
 
   summary = report["summary"]
-  assert set(summary) >= {"mnist", "ablation", "release_batch", "losses", "targets"}
+  assert set(summary) >= {"mnist", "ablation", "levers", "release_batch", "losses", "targets"}
   markdown = (out / "device_check.md").read_text()
-  for heading in ("Paper-scale MNIST", "ImageNet ablation step", "The release's batch on this device", "Loss library",
+  for heading in ("Paper-scale MNIST", "ImageNet ablation step", "The step's levers beside its defaults",
+                  "The release's batch on this device", "Loss library",
                   "Targets"):
     assert heading in markdown
   assert (out / "device_check.log").stat().st_size > 0
@@ -184,20 +192,25 @@ def test_summary_and_markdown_from_a_partial_report():
               "remat": False, "classes": 8, "gen_per_class": 64, "pos_per_class": 64, "neg_per_class": 16,
               "step_s": 0.5, "steps_per_s": 2.0, "tflop_per_step_xla": 250.0, "achieved_tflops": 500.0,
               "mfu": 500 / 989, "peak_memory_gib": 60.0, "loss_share_alone": 0.04, "loss_share_trivial": 0.12}},
-          "ablation_step_remat": {"status": "ok", "seconds": 100.0, "budget_s": 120, "result": {
-              "remat": True, "classes": 64, "gen_per_class": 64, "pos_per_class": 64, "neg_per_class": 16,
-              "step_s": 5.0, "steps_per_s": 0.2, "tflop_per_step_xla": 2600.0, "achieved_tflops": 520.0,
-              "mfu": 520 / 989, "peak_memory_gib": 70.0, "loss_share_alone": None, "loss_share_trivial": None}},
+          "ablation_levers": {"status": "ok", "seconds": 140.0, "budget_s": 150, "result": {
+              "classes": 4, "skipped": {"attention splash": "not for gpu devices"},
+              "variants": {
+                  "defaults": {"step_s": 0.30, "compiled_memory_gib": 60.0,
+                               "computed_as": {"attention_impl": "xla", "remat_policy": "none"}},
+                  "attention cudnn": {"step_s": 0.24, "step_over_defaults": 0.8, "compiled_memory_gib": 40.0,
+                                      "computed_as": {"attention_impl": "cudnn", "remat_policy": "none"}},
+                  "generator remat full": {"error": "does not fit in device memory at these classes"}}}},
       }}
   summary = report_lib._summary(report)
   report["summary"] = summary
-  on = summary["ablation"]["ablation_step_remat"]
-  assert on["mfu_model_flops"] == pytest.approx(250.0 / 8 * 64 / 5.0 / 989)
+  assert summary["levers"]["variants"]["attention cudnn"]["step_over_defaults"] == 0.8
   met = {t["target"]: t["met"] for t in summary["targets"]}
   assert met["MFU >= 40% (ablation_step, XLA-counted FLOPs)"] is True
   assert met["loss share of the step < 10% (ablation_step, alone)"] is True
   assert met["loss share of the step < 10% (ablation_step, trivial)"] is False
   text = report_lib._markdown(report)
   assert "| mnist | timeout | 160 | 160 s | n/a | n/a to n/a |" in text and "n/a" in text and "step 500" in text
+  assert "| attention cudnn | attention_impl cudnn, remat_policy none | 0.240 | 0.800 | 40.0 |" in text
+  assert "does not fit in device memory" in text and "* attention splash: not timed, not for gpu devices" in text
   assert common._peak_for("NVIDIA H100 PCIe") == 756.0 and common._peak_for("NVIDIA H200") == 989.0
   assert common._peak_for("cpu") is None

@@ -16,16 +16,23 @@ cannot take the others' numbers with it:
   used; then samples, the evaluation classifier and the offline metrics, as
   `make demo` does. Reports the steady step time and the projected length of the
   full 12,000-step run.
-* `ablation_step`, `ablation_step_remat` — one training step of the release's
+* `ablation_step` — one training step of the release's
   ImageNet latent ablation (`configs/imagenet_latent_ablation.py`): DiT-B/2
   making 32x32x4 latents, latent-MAE-256 features of generated, positive and
   negative samples, the log-KDE loss, the clipped AdamW update and the EMA, with
   random weights and synthetic latents, at the release's batch (64 classes x 64
   generated, 64 positives, 16 negatives; fewer classes if it does not fit in
-  device memory, said so in the output), remat off and on. Reports step time,
+  device memory, said so in the output). Reports step time,
   XLA-counted FLOPs, MFU against the device's dense bf16 peak, peak memory and
   the loss's share of the step (the loss alone at the same shapes, and the step
   with the loss replaced by a trivial one).
+* `ablation_levers` — the same step with the config's defaults and, timed one
+  after the other in one process at the same classes, with each lever of issue
+  #35 that changes how it computes on this device (`ablation.LEVERS`: the old
+  defaults, the attention kernel, the DiT's and the MAE's remat policies); each
+  variant's step time over the defaults', compiled memory and loss.
+* `ablation_release_batch` — the release's whole batch on this one device with
+  the microbatch count `train.microbatches="auto"` picks.
 * `losses` — the loss library's fwd+bwd time as a multiple of one distance
   matmul at the ablation shapes and one 4096 x 4096 x 256 group, with the
   functions of `drifting_jax.bench.losses`.

@@ -1,9 +1,10 @@
-"""The `ablation_step` and `ablation_step_remat` checks: one training step of the ImageNet latent ablation.
+"""The `ablation_step`, `ablation_levers` and `ablation_release_batch` checks: the ImageNet latent ablation's step.
 
 configs/imagenet_latent_ablation.py with random weights and synthetic latents:
 DiT-B/2 making 32x32x4 latents, latent-MAE-256 features, the log-KDE loss, the
-clipped AdamW update and the EMA, remat off or on, at as many classes as fit in
-device memory. Measures step time, XLA-counted FLOPs, MFU, peak memory and the
+clipped AdamW update and the EMA, at as many classes as fit in device memory;
+with each of the step's levers (attention kernel, remat policies) beside the defaults;
+at the release's batch with microbatches. Measures step time, XLA-counted FLOPs, MFU, peak memory and the
 loss's share of the step. JAX and the trainer are imported at the top: only the
 checks' child processes import this module (`runner.run_child`, from
 `runner.CHECK_FUNCTIONS`), never the parent, which must not start a JAX runtime.
@@ -29,6 +30,7 @@ from drifting_jax.bench.device_check.child_common import _machine
 # RELEASE_CLASSES and FIRST_CLASSES (classes tried first, halved until the step fits)
 # live in common: the parent's --ablation-classes help names them.
 from drifting_jax.bench.device_check.common import FIRST_CLASSES, RELEASE_CLASSES, _memory_stats, _Record
+from drifting_jax.models import generator as generator_lib
 from drifting_jax.train import data as train_data, program as program_lib, trainer
 from drifting_jax.train import train_step as train_step_lib
 
@@ -64,8 +66,11 @@ def _is_out_of_memory(e: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def _ablation_config(args, remat: bool, classes: int, microbatches: int = 1):
+def _ablation_config(args, remat: bool, classes: int, microbatches: int = 1, overrides: Optional[dict] = None):
   config = imagenet_latent_ablation.get_config()
+  for key, value in (overrides or {}).items():  # a lever: "section.field" -> value
+    section, field = key.split(".")
+    config[section][field] = value
   config.train.microbatches = int(microbatches)
   config.data.name = "synthetic_latents"
   config.model.remat = bool(remat)
@@ -145,8 +150,8 @@ class _AblationStep:
   setting the trainer honours apply), with random MAE weights of the named size."""
 
   def __init__(self, args, remat: bool, classes: int, objective_override: Optional[Callable] = None,
-               microbatches: int = 1):
-    config, mae_name = _ablation_config(args, remat, classes, microbatches)
+               microbatches: int = 1, overrides: Optional[dict] = None):
+    config, mae_name = _ablation_config(args, remat, classes, microbatches, overrides)
     trainer.validate_config(config)
     self.config, self.classes = config, classes
     config.compile.mae_model = mae_name  # the architecture when feature.mae_path is not on this machine
@@ -354,9 +359,82 @@ def check_ablation_step(rec: _Record, args) -> None:
   check_ablation(rec, args, remat=False)
 
 
-def check_ablation_step_remat(rec: _Record, args) -> None:
-  """The `ablation_step_remat` check: remat on."""
-  check_ablation(rec, args, remat=True)
+# The step's levers (issue #35), each a change of the config's defaults. "old defaults"
+# is the step as it was before the levers existed; a lever for another platform, or one
+# that leaves the step as the defaults compute it here, is not timed (said so).
+LEVERS: dict[str, dict[str, Any]] = {
+    "old defaults": {"model.attention_impl": "xla", "model.remat_policy": "none", "feature.remat_policy": "none"},
+    "attention cudnn": {"model.attention_impl": "cudnn"},
+    "attention splash": {"model.attention_impl": "splash"},
+    "attention xla": {"model.attention_impl": "xla"},
+    "generator remat dots": {"model.remat_policy": "dots"},
+    "generator remat full": {"model.remat_policy": "full"},
+    "MAE remat dots": {"feature.remat_policy": "dots"},
+}
+_LEVER_PLATFORMS = {"attention cudnn": ("gpu", "cuda"), "attention splash": ("tpu",)}
+
+
+def _computed_as(config, mesh) -> dict[str, str]:
+  """How the step computes on `mesh` under `config`: the resolved attention kernel and the remat policies."""
+  module = generator_lib.module_for_run(config, mesh.devices)
+  return {"attention_impl": module.attention_impl, "remat_policy": module.remat_policy,
+          "feature_remat_policy": str(config.feature.remat_policy)}
+
+
+def check_ablation_levers(rec: _Record, args) -> None:
+  """The `ablation_levers` check: the step with the config's defaults, then with each lever
+  (`LEVERS`) that changes how it computes on this device, timed side by side in one
+  process at the same classes; each variant's time, memory and loss against the defaults'."""
+  device = jax.devices()[0]
+  rec.result["machine"] = _machine()
+  classes = 4 if args.cpu_smoke else (args.ablation_classes or FIRST_CLASSES[False])
+  mesh = partitioning.make_mesh(-1, 1)
+  platform = device.platform
+  base_config, _ = _ablation_config(args, False, classes)
+  defaults = _computed_as(base_config, mesh)
+  plan, skipped = ["defaults"], {}
+  for name, overrides in LEVERS.items():
+    if platform not in _LEVER_PLATFORMS.get(name, (platform,)):
+      skipped[name] = f"not for {platform} devices"
+      continue
+    computed = _computed_as(_ablation_config(args, False, classes, overrides=overrides)[0], mesh)
+    if computed == defaults:
+      skipped[name] = "computes as the defaults do on this device"
+      continue
+    plan.append(name)
+  if args.cpu_smoke:  # two variants keep the smoke run short
+    plan, skipped = plan[:2], {**skipped, **{n: "not timed at --cpu-smoke" for n in plan[2:]}}
+  rec.phase("planned", classes=classes, defaults_computed_as=defaults, planned=plan, skipped=skipped)
+  variants: dict[str, dict] = {}
+  for name in plan:
+    if variants and rec.remaining() < 1.3 * variants["defaults"]["build_and_compile_s"] + 10:
+      skipped[name] = f"the budget left ({rec.remaining():.0f} s) is shorter than a compile and timing"
+      continue
+    start = time.perf_counter()
+    step = _AblationStep(args, False, classes, overrides=LEVERS.get(name))
+    info = step.compile()
+    row: dict[str, Any] = {"overrides": LEVERS.get(name, {}), "computed_as": _computed_as(step.config, mesh),
+                           "build_and_compile_s": time.perf_counter() - start,
+                           "compiled_memory_gib": info["compiled_memory"].get("total", 0) / 2**30 or None}
+    fits, _ = _fits(info["compiled_memory"], device)
+    if fits:
+      try:
+        row["step_s"], row["timed_steps"] = _timed_steps(step, rec, 0.2, 2 if args.cpu_smoke else 20)
+        row["loss"] = step.last_loss
+      except Exception as e:  # out of memory at run time: that is this lever's result
+        if not _is_out_of_memory(e):
+          raise
+        row["error"] = str(e).splitlines()[0][:300]
+    else:
+      row["error"] = "does not fit in device memory at these classes"
+    base = variants.get("defaults", row)
+    if row.get("step_s") and base.get("step_s"):
+      row["step_over_defaults"] = row["step_s"] / base["step_s"]
+    variants[name] = row
+    rec.phase(f"timed {name}", variants=variants, skipped=skipped)
+    del step
+  rec.phase("done", classes=classes, variants=variants, skipped=skipped,
+            note="ratios to the defaults measured in this one process, one after the other")
 
 
 def check_ablation_release_batch(rec: _Record, args) -> None:

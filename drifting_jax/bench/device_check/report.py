@@ -26,20 +26,19 @@ def _summary(report: dict) -> dict:
         "config", "steps_trained", "schedule_steps", "step_ms_median", "step_ms_mean", "projected_minutes_12k",
         "accuracy", "frechet_distance", "precision", "recall")}
   rows = {}
-  for name in ("ablation_step", "ablation_step_remat"):
-    res = checks.get(name, {}).get("result", {})
-    if res:
-      rows[name] = {k: res.get(k) for k in (
-          "remat", "classes", "step_s", "steps_per_s", "tflop_per_step_xla", "achieved_tflops", "mfu",
-          "peak_memory_gib", "loss_share_alone", "loss_share_trivial")}
-  # Model FLOPs of the remat step: the remat-off count per class (remat adds recomputation).
-  off, on = rows.get("ablation_step"), rows.get("ablation_step_remat")
-  if off and on and off.get("tflop_per_step_xla") and on.get("step_s") and on.get("classes") and off.get("classes"):
-    peak = report.get("machine", {}).get("peak_bf16_tflops")
-    model_tflop = off["tflop_per_step_xla"] / off["classes"] * on["classes"]
-    on["mfu_model_flops"] = model_tflop / on["step_s"] / peak if peak else None
+  res = checks.get("ablation_step", {}).get("result", {})
+  if res:
+    rows["ablation_step"] = {k: res.get(k) for k in (
+        "remat", "classes", "step_s", "steps_per_s", "tflop_per_step_xla", "achieved_tflops", "mfu",
+        "peak_memory_gib", "loss_share_alone", "loss_share_trivial")}
   if rows:
     summary["ablation"] = rows
+  levers = checks.get("ablation_levers", {}).get("result", {})
+  if levers.get("variants"):
+    summary["levers"] = {"classes": levers.get("classes"), "skipped": levers.get("skipped"),
+                         "variants": {name: {k: v.get(k) for k in ("step_s", "step_over_defaults",
+                                                                     "compiled_memory_gib", "computed_as", "error")}
+                                      for name, v in levers["variants"].items()}}
   release = checks.get("ablation_release_batch", {}).get("result", {})
   if release:
     summary["release_batch"] = {k: release.get(k) for k in (
@@ -120,14 +119,23 @@ def _markdown(report: dict) -> str:
       shape = f"{_fmt(r.get('classes'), 'd')} x ({res.get('gen_per_class')}, {res.get('pos_per_class')}, " \
               f"{res.get('neg_per_class')})"
       mfu = _fmt(r.get("mfu"), ".1%")
-      if r.get("mfu_model_flops") is not None:
-        mfu += f" ({_fmt(r['mfu_model_flops'], '.1%')} on model FLOPs)"
       lines.append(f"| {name} | {shape} | {_fmt(r.get('step_s'), '.3f')} | {_fmt(r.get('steps_per_s'), '.2f')} | "
                    f"{_fmt(r.get('tflop_per_step_xla'), '.3g')} | {_fmt(r.get('achieved_tflops'), '.3g')} | {mfu} | "
                    f"{_fmt(r.get('peak_memory_gib'), '.1f')} | {_fmt(r.get('loss_share_alone'), '.1%')} / "
                    f"{_fmt(r.get('loss_share_trivial'), '.1%')} |")
     notes = [checks[n]["result"].get("note") for n in rows if checks[n]["result"].get("note")]
     lines += [""] + [f"* {n}" for n in notes]
+
+  levers = report.get("summary", {}).get("levers")
+  if levers:
+    lines += ["", f"## The step's levers beside its defaults ({_fmt(levers.get('classes'), 'd')} classes, one process)",
+              "", "| variant | computed as | step s | step / defaults | compiled memory GiB |", "|---|---|---|---|---|"]
+    for name, v in levers["variants"].items():
+      how = ", ".join(f"{k} {val}" for k, val in (v.get("computed_as") or {}).items())
+      lines.append(f"| {name} | {how} | {_fmt(v.get('step_s'), '.3f')} | {_fmt(v.get('step_over_defaults'), '.3f')} | "
+                   f"{_fmt(v.get('compiled_memory_gib'), '.1f')}" + (f" ({v['error']})" if v.get("error") else "")
+                   + " |")
+    lines += [""] + [f"* {name}: not timed, {why}" for name, why in (levers.get("skipped") or {}).items()]
 
   release = checks.get("ablation_release_batch", {}).get("result", {})
   if release:
