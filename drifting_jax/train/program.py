@@ -292,7 +292,7 @@ def check_fits(compiled, mesh, what: str) -> None:
   if total > limit:
     raise DoesNotFit(f"{what} {fit_verdict(total, limit, device, parts)} (the compiler's memory analysis; "
                      "set train.microbatches (a count or 'auto'), lower train.classes_per_step, raise mesh.fsdp "
-                     "or set model.remat=True)")
+                     "or set model.remat_policy=dots and feature.remat_policy=dots)")
 
 
 # --------------------------------------------------------------------------- microbatches
