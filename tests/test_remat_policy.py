@@ -186,7 +186,8 @@ def _one_step(model_policy, feature_policy):
   return jax.device_get((metrics["loss"], mu))
 
 
-@pytest.mark.slow  # three training steps with the MAE compiled
+@pytest.mark.slow  # three training steps with the MAE compiled (~2 min): the e2e tier; the modules'
+@pytest.mark.e2e   # own remat equalities above run in `make test`
 def test_train_step_with_remat_equals_the_step_without():
   """The ablation's program at toy size (tiny latent DiT, the release's tiny MAE):
   Adam's first moment after one step is (1 - b1) g, the gradient."""

@@ -113,34 +113,6 @@ def collective_sources(hlo_text: str, top: int = 15) -> list[dict[str, Any]]:
 # names, attributes and operand roles are XLA's (xla_internals.CUDNN_CONV_ROLES).
 
 
-def library_call_flops(line: str, shape: str, shapes: dict[str, str]) -> float | None:
-  """FLOPs of one cuBLAS GEMM or cuDNN convolution call from its shapes (None for another call).
-
-  GEMM: 2 x (result elements) x (product of the lhs contracting dimensions). Convolution
-  (forward, or either backward pass of one): 2 x (forward output elements) x (kernel
-  window) x (kernel input features per group).
-  """
-  name = xla_internals.custom_call_target(line)
-  operands = xla_internals.operand_arrays(line, "custom-call", shapes)
-  results = xla_internals.result_arrays(shape)
-  if not results:
-    return None
-  labels = xla_internals.conv_dim_labels(line)
-  if name.startswith("__cublas"):
-    contracting = xla_internals.gemm_contracting_dimensions(line)
-    lhs = operands[0][1] if operands else []
-    k = math.prod(lhs[d] for d in contracting) if contracting is not None and lhs else 0
-    return 2.0 * math.prod(results[0][1]) * k
-  if name in xla_internals.CUDNN_CONV_ROLES and labels and len(operands) >= 2:
-    roles = {"result": results[0][1], "op0": operands[0][1], "op1": operands[1][1]}
-    _, kernel_role, out_role = xla_internals.CUDNN_CONV_ROLES[name]
-    kernel, out = roles[kernel_role], roles[out_role]
-    kernel_labels = labels[1]
-    window = math.prod(kernel[i] for i, c in enumerate(kernel_labels) if c.isdigit())
-    return 2.0 * math.prod(out) * window * kernel[kernel_labels.index("i")]
-  return None
-
-
 def library_calls(hlo_text: str) -> dict[str, Any]:
   """FLOPs and bytes of the cuBLAS/cuDNN calls of a GPU-optimized HLO module, from their shapes.
 
@@ -161,7 +133,7 @@ def library_calls(hlo_text: str) -> dict[str, Any]:
     name = xla_internals.custom_call_target(line)
     operands = xla_internals.operand_arrays(line, "custom-call", shapes)
     results = xla_internals.result_arrays(shape)
-    flops = library_call_flops(line, shape, shapes)
+    flops = breakdown_lib.library_call_flops(line, shape, shapes)
     if flops is None:
       uncounted[name] += 1
       continue
@@ -244,7 +216,7 @@ def step_time_estimate(cost: dict[str, float], target: targets_lib.Target, custo
 def program_breakdown(compiled, cost: dict[str, float], gpu: bool) -> dict[str, Any]:
   """`breakdown.of_compiled`, or why there is none: a report is never lost to its breakdown."""
   try:
-    return breakdown_lib.of_compiled(compiled, cost, library_call_flops if gpu else None)
+    return breakdown_lib.of_compiled(compiled, cost, breakdown_lib.library_call_flops if gpu else None)
   except Exception as e:  # noqa: BLE001
     logging.warning("compile: no per-component breakdown (%s: %s)", type(e).__name__, e)
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}

@@ -10,8 +10,8 @@ come from:
   (`xla_internals.instruction_costs`). The cost analysis of a module is a sum over its
   instructions, so the parts add up to the module's total: nothing is estimated here.
   Custom calls, which that analysis cannot see, are costed from their shapes:
-  cuBLAS/cuDNN calls as the GPU report counts them (`analysis.library_call_flops`,
-  passed in), any other call's bytes as its operands and results, no FLOPs.
+  cuBLAS/cuDNN calls as the GPU report counts them (`library_call_flops`, passed in
+  for GPU programs), any other call's bytes as its operands and results, no FLOPs.
 - Each instruction is charged to a component by its `op_name` metadata
   (`COMPONENT_RULES`): the flax module paths (`DiTGenerator`, `Attention` inside it)
   and the train step's named scopes (`data_features`, `generated_features`,
@@ -34,7 +34,12 @@ not when each is live.
 from __future__ import annotations
 
 import collections
+import gzip
+import json
+import math
+import pathlib
 import re
+import sys
 from typing import Any, Callable, Optional
 
 from drifting_jax.scale import xla_internals
@@ -70,6 +75,34 @@ def component_of(op_name: str, opcode: str) -> str:
     if re.search(pattern, source):
       return component
   return OTHER
+
+
+def library_call_flops(line: str, shape: str, shapes: dict[str, str]) -> float | None:
+  """FLOPs of one cuBLAS GEMM or cuDNN convolution call from its shapes (None for another call).
+
+  GEMM: 2 x (result elements) x (product of the lhs contracting dimensions). Convolution
+  (forward, or either backward pass of one): 2 x (forward output elements) x (kernel
+  window) x (kernel input features per group).
+  """
+  name = xla_internals.custom_call_target(line)
+  operands = xla_internals.operand_arrays(line, "custom-call", shapes)
+  results = xla_internals.result_arrays(shape)
+  if not results:
+    return None
+  labels = xla_internals.conv_dim_labels(line)
+  if name.startswith("__cublas"):
+    contracting = xla_internals.gemm_contracting_dimensions(line)
+    lhs = operands[0][1] if operands else []
+    k = math.prod(lhs[d] for d in contracting) if contracting is not None and lhs else 0
+    return 2.0 * math.prod(results[0][1]) * k
+  if name in xla_internals.CUDNN_CONV_ROLES and labels and len(operands) >= 2:
+    roles = {"result": results[0][1], "op0": operands[0][1], "op1": operands[1][1]}
+    _, kernel_role, out_role = xla_internals.CUDNN_CONV_ROLES[name]
+    kernel, out = roles[kernel_role], roles[out_role]
+    kernel_labels = labels[1]
+    window = math.prod(kernel[i] for i, c in enumerate(kernel_labels) if c.isdigit())
+    return 2.0 * math.prod(out) * window * kernel[kernel_labels.index("i")]
+  return None
 
 
 def _custom_call_cost(cost: xla_internals.InstructionCost, shapes: dict[str, str],
@@ -218,11 +251,6 @@ def main(argv: Optional[list[str]] = None) -> int:
   """`python -m drifting_jax.scale.breakdown WORKDIR [PROGRAM]`: the breakdown of a compile
   report's program (default train) from the optimized HLO the compile mode saved beside it,
   printed and written to WORKDIR/<PROGRAM>.breakdown.json; no compile."""
-  import gzip
-  import json
-  import pathlib
-  import sys
-
   args = sys.argv[1:] if argv is None else argv
   if not args or args[0].startswith("-"):
     print(main.__doc__, file=sys.stderr)
@@ -236,10 +264,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 2
   with gzip.open(workdir / entry["optimized_hlo"], "rt") as f:
     hlo = f.read()
-  library = None
-  if "library_calls" in entry:  # a GPU program
-    from drifting_jax.scale import analysis  # the GPU library calls' FLOPs (analysis imports this module)
-    library = analysis.library_call_flops
+  library = library_call_flops if "library_calls" in entry else None  # a GPU program's cuBLAS/cuDNN calls
   totals = {"flops": entry["flops_per_device"], "bytes accessed": entry["bytes_accessed_per_device"]}
   b = breakdown(hlo, totals, xla_internals.module_cost_analysis(hlo), library)
   (workdir / f"{program}.breakdown.json").write_text(json.dumps(b, indent=2, default=float))
