@@ -44,6 +44,10 @@ def refresh(report: dict) -> dict:
   for p in report["programs"].values():
     p["time"] = analysis.step_time_estimate(p["cost_analysis"], target, p.get("custom_calls", {}))
     proj, s = p.get("projection"), p["time"]["seconds"]
+    if proj and p.get("microbatches", 1) > 1:  # a chunked step's time is undercounted: no projection
+      p["projection"] = {k: (None if k in ("step_seconds", "generated_images_per_second", "images_per_second",
+                                           "run_hours", "mfu") else v) for k, v in proj.items()}
+      continue
     if not proj:
       continue
     images = (p["batch"].get("generated_per_step") or p["batch"].get("samples_per_step")
@@ -89,9 +93,10 @@ def rows(reports: dict[str, dict]) -> list[str]:
           f"| {name} | {target['name']} | {mesh} | {program} | {mem['total_bytes'] / GIB:.2f} / "
           f"{mem['capacity_bytes'] / GIB:.0f} | {'fits' if mem['fits'] else 'does not fit'} | "
           f"{flops.get('compiler_per_device', 0) / 1e12:.2f} | {flops.get('analytical_per_device', 0) / 1e12:.2f} | "
-          f"{time_['seconds'] * 1e3:.1f} | {source} | {rate:,.0f} | "
+          f"{time_['seconds'] * 1e3:.1f}{' (chunks undercounted)' if p.get('microbatches', 1) > 1 else ''} | "
+          f"{source} | {'' if rate is None else format(rate, ',.0f')} | "
           f"{'' if proj.get('run_hours') is None else format(proj['run_hours'], '.1f')} | "
-          f"{100 * (proj.get('mfu') or 0):.0f}% | "
+          f"{'' if proj.get('mfu') is None else format(100 * proj['mfu'], '.0f') + '%'} | "
           f"{'' if share is None else f'time {100 * share:.0f}%'}"
           f"{'' if flops_share is None else f' FLOPs {100 * flops_share:.1f}%'} |")
   return out

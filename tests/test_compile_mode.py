@@ -89,7 +89,7 @@ def test_every_program_breaks_down_and_its_hlo_is_kept(single_host, capsys):
   train = report["programs"]["train"]["breakdown"]
   assert {"generator backward: attention", "MAE backward to its input", "loss forward"} <= set(train["components"])
   assert breakdown.main([str(workdir), "train"]) == 0
-  again = json.loads((workdir / "train.breakdown.json").read_text())
+  again = json.loads((workdir / "compile_report.train.breakdown.json").read_text())
   assert again["sum"] == pytest.approx(train["sum"]) and "heaviest 20 instructions" in capsys.readouterr().out
 
 

@@ -248,18 +248,20 @@ def lines(b: dict[str, Any], heaviest: int = HEAVIEST) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-  """`python -m drifting_jax.scale.breakdown WORKDIR [PROGRAM]`: the breakdown of a compile
-  report's program (default train) from the optimized HLO the compile mode saved beside it,
-  printed and written to WORKDIR/<PROGRAM>.breakdown.json; no compile."""
+  """`python -m drifting_jax.scale.breakdown WORKDIR|REPORT.json [PROGRAM]`: the breakdown of a
+  compile report's program (default train) from the optimized HLO the compile mode saved
+  beside it, printed and written beside the report as <report>.<PROGRAM>.breakdown.json; no compile."""
   args = sys.argv[1:] if argv is None else argv
   if not args or args[0].startswith("-"):
     print(main.__doc__, file=sys.stderr)
     return 2
-  workdir, program = pathlib.Path(args[0]), (args[1] if len(args) > 1 else "train")
-  report = json.loads((workdir / "compile_report.json").read_text())
+  path, program = pathlib.Path(args[0]), (args[1] if len(args) > 1 else "train")
+  report_path = path if path.is_file() else path / "compile_report.json"  # a stored report (docs/compile/) or a workdir
+  workdir = report_path.parent
+  report = json.loads(report_path.read_text())
   entry = report["programs"].get(program)
   if entry is None or not entry.get("optimized_hlo"):
-    print(f"{workdir}/compile_report.json has no saved optimized HLO for {program!r} (compile it again with this "
+    print(f"{report_path} has no saved optimized HLO for {program!r} (compile it again with this "
           "version of the compile mode)", file=sys.stderr)
     return 2
   with gzip.open(workdir / entry["optimized_hlo"], "rt") as f:
@@ -267,7 +269,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   library = library_call_flops if "library_calls" in entry else None  # a GPU program's cuBLAS/cuDNN calls
   totals = {"flops": entry["flops_per_device"], "bytes accessed": entry["bytes_accessed_per_device"]}
   b = breakdown(hlo, totals, xla_internals.module_cost_analysis(hlo), library)
-  (workdir / f"{program}.breakdown.json").write_text(json.dumps(b, indent=2, default=float))
+  (workdir / f"{report_path.stem}.{program}.breakdown.json").write_text(json.dumps(b, indent=2, default=float))
   print("\n".join(lines(b)))
   return 0
 
