@@ -105,6 +105,35 @@ ENTRY %e (p: f32[8,128]) -> f32[8,128] {
   assert b["within_tolerance"]
 
 
+def test_an_instruction_named_after_its_operand():
+  """The GPU compiler's `%input_reduce_fusion.1701 = ... fusion(%input_reduce_fusion)`:
+  the operand list is replaced where it is, not where its text first occurs."""
+  text = """HloModule named_after_operand
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%fused_reduce (param_0: f32[64]) -> f32[] {
+  %param_0 = f32[64]{0} parameter(0)
+  %zero = f32[] constant(0)
+  ROOT %reduce = f32[] reduce(%param_0, %zero), dimensions={0}, to_apply=%add
+}
+
+ENTRY %e (p: f32[64]) -> f32[] {
+  %p = f32[64]{0} parameter(0)
+  %input_reduce_fusion = f32[64]{0} exponential(%p)
+  ROOT %input_reduce_fusion.1701 = f32[] fusion(%input_reduce_fusion), kind=kInput, calls=%fused_reduce
+}
+"""
+  costs, failures = xla_internals.instruction_costs(text)
+  assert not failures and [c.opcode for c in costs] == ["exponential", "fusion"]
+  assert costs[1].bytes_accessed == 64 * 4 + 4
+  assert sum(c.bytes_accessed for c in costs) == xla_internals.module_cost_analysis(text)["bytes accessed"]
+
+
 def test_components_follow_op_names():
   cases = {
       ("jit(train_step)/transpose(jvp(DiTGenerator))/LightningDiT_0/blocks_0/Attention_0/dot_general", "fusion"):

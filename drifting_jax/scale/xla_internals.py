@@ -566,9 +566,11 @@ def instruction_module(line: str, opcode: str, shape: str, operand_shapes: list[
   `then` = (line, result shape) of an instruction that reads this one's result only
   and becomes the root: an async `-done` after its `-start` (XLA's parser takes a
   `-done` of the async form only with its `-start` as operand)."""
-  operands = operand_text(line, opcode)
   body = _STACK_FRAME.sub("", _CONTROL_PREDECESSORS.sub("", line))
-  body = body.replace(operands, ", ".join(f"%p{i}" for i in range(len(operand_shapes))), 1)
+  # The operand list in place (not the text's first match: `%f.2 = ... fusion(%f)` names its operand first).
+  start = body.index(opcode + "(") + len(opcode) + 1
+  body = (body[:start] + ", ".join(f"%p{i}" for i in range(len(operand_shapes)))
+          + body[start + len(operand_text(body, opcode)):])
   body = re.sub(r"^\s*(ROOT\s+)?", "  ROOT " if then is None else "  ", body)
   if then is not None:
     body += "\n" + re.sub(r"^\s*(ROOT\s+)?", "  ROOT ", _STACK_FRAME.sub("", _CONTROL_PREDECESSORS.sub("", then[0])))
