@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 
@@ -131,14 +131,11 @@ def library_calls(hlo_text: str) -> dict[str, Any]:
   uncounted: dict[str, int] = collections.Counter()
   for line, shape in calls:
     name = xla_internals.custom_call_target(line)
-    operands = xla_internals.operand_arrays(line, "custom-call", shapes)
-    results = xla_internals.result_arrays(shape)
     flops = breakdown_lib.library_call_flops(line, shape, shapes)
     if flops is None:
       uncounted[name] += 1
       continue
-    nbytes = (sum(xla_internals.array_bytes(*a) for a in operands)
-              + sum(xla_internals.array_bytes(*a) for a in results))
+    nbytes = breakdown_lib.custom_call_bytes(line, shape, shapes)
     entry = by_target.setdefault(name, {"count": 0, "flops": 0.0, "bytes": 0.0})
     entry["count"] += 1
     entry["flops"] += flops
@@ -213,18 +210,19 @@ def step_time_estimate(cost: dict[str, float], target: targets_lib.Target, custo
   return out
 
 
-def program_breakdown(compiled, cost: dict[str, float], gpu: bool) -> dict[str, Any]:
-  """`breakdown.of_compiled`, or why there is none: a report is never lost to its breakdown."""
+def program_breakdown(hlo: str, cost: dict[str, float], gpu: bool) -> dict[str, Any]:
+  """`breakdown.of_hlo`, or why there is none: a report is never lost to its breakdown."""
   try:
-    return breakdown_lib.of_compiled(compiled, cost, breakdown_lib.library_call_flops if gpu else None)
+    return breakdown_lib.of_hlo(hlo, cost, breakdown_lib.library_call_flops if gpu else None)
   except Exception as e:  # noqa: BLE001
     logging.warning("compile: no per-component breakdown (%s: %s)", type(e).__name__, e)
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
 
 
-def analyze(compiled, target: targets_lib.Target) -> dict[str, Any]:
-  """Memory, cost, estimated time and collectives of one compiled program (per device)."""
-  hlo = compiled.as_text() or ""
+def analyze(compiled, target: targets_lib.Target, hlo: Optional[str] = None) -> dict[str, Any]:
+  """Memory, cost, estimated time, collectives and breakdown of one compiled program (per
+  device); `hlo`: its optimized text when the caller has it already (large at full size)."""
+  hlo = (compiled.as_text() or "") if hlo is None else hlo
   gpu = target.chip.platform == "cuda"
   cost = gpu_cost(compiled, hlo) if gpu else _cost_dict(compiled)
   customs = custom_call_counts(hlo)
@@ -238,7 +236,7 @@ def analyze(compiled, target: targets_lib.Target) -> dict[str, Any]:
       "custom_calls": customs,
       "cost_analysis": {k: v for k, v in cost.items() if not k.startswith("utilization")},
   }
-  out["breakdown"] = program_breakdown(compiled, cost, gpu)
+  out["breakdown"] = program_breakdown(hlo, cost, gpu)
   if gpu:
     out["cost_analysis_source"] = ("XLA's HLO cost analysis of the GPU-optimized module (run by the CPU client), "
                                    "plus the cuBLAS/cuDNN calls' FLOPs and bytes from their shapes")

@@ -105,22 +105,27 @@ def library_call_flops(line: str, shape: str, shapes: dict[str, str]) -> float |
   return None
 
 
-def _custom_call_cost(cost: xla_internals.InstructionCost, shapes: dict[str, str],
+def custom_call_bytes(line: str, shape: str, shapes: dict[str, str]) -> float:
+  """Bytes of a custom call from its shapes: its operands and its results (less a library
+  call's trailing scratch buffer), what XLA's cost analysis cannot see."""
+  operands = xla_internals.operand_arrays(line, "custom-call", shapes)
+  return float(sum(xla_internals.array_bytes(*a) for a in operands)
+               + sum(xla_internals.array_bytes(*a) for a in xla_internals.result_arrays(shape)))
+
+
+def _custom_call_cost(cost: xla_internals.InstructionCost,
                       library_call_flops: Optional[Callable]) -> tuple[float, float]:
   """(FLOPs, bytes) of a custom call: the library's count when it knows the call, else
-  no FLOPs and its operands' and results' bytes."""
+  no FLOPs; its operands' and results' bytes."""
+  shapes = dict(zip(cost.operands, cost.operand_shapes))
   flops = library_call_flops(cost.line, cost.shape, shapes) if library_call_flops else None
-  operands = xla_internals.operand_arrays(cost.line, "custom-call", shapes)
-  nbytes = (sum(xla_internals.array_bytes(*a) for a in operands)
-            + sum(xla_internals.array_bytes(*a) for a in xla_internals.result_arrays(cost.shape)))
-  return float(flops or 0.0), float(nbytes)
+  return float(flops or 0.0), custom_call_bytes(cost.line, cost.shape, shapes)
 
 
 def instructions(hlo_text: str, library_call_flops: Optional[Callable] = None) -> tuple[list[dict], list[str]]:
   """Every instruction that runs: name, opcode, component, source, FLOPs, bytes, estimated
   cycles, result bytes; and the instructions XLA's parser refused (one line each)."""
   costs, failures = xla_internals.instruction_costs(hlo_text)
-  shapes = {name: shape for name, shape, _, _ in xla_internals.definitions(hlo_text)}
   out = []
   readers: dict[str, list[str]] = collections.defaultdict(list)
   for c in costs:
@@ -129,7 +134,7 @@ def instructions(hlo_text: str, library_call_flops: Optional[Callable] = None) -
   for c in costs:
     flops, nbytes = c.flops, c.bytes_accessed
     if c.opcode == "custom-call":
-      flops, nbytes = _custom_call_cost(c, shapes, library_call_flops)
+      flops, nbytes = _custom_call_cost(c, library_call_flops)
     out.append({"name": c.name, "opcode": c.opcode, "component": component_of(c.op_name, c.opcode),
                 "source": xla_internals.op_name_source(c.op_name), "flops": float(flops), "bytes": float(nbytes),
                 "estimated_cycles": c.estimated_cycles,
@@ -209,15 +214,14 @@ def breakdown(hlo_text: str, compiler_totals: dict[str, float], module_totals: O
   return out
 
 
-def of_compiled(compiled, compiler_totals: dict[str, float], library_call_flops: Optional[Callable] = None,
-                heaviest: int = HEAVIEST) -> dict[str, Any]:
-  """`breakdown` of a compiled program, its module's total from XLA's analysis of the whole module."""
-  hlo = compiled.as_text() or ""
+def of_hlo(hlo_text: str, compiler_totals: dict[str, float], library_call_flops: Optional[Callable] = None,
+           heaviest: int = HEAVIEST) -> dict[str, Any]:
+  """`breakdown` of an optimized module's text, its total from XLA's analysis of the whole module."""
   try:
-    module_totals = xla_internals.module_cost_analysis(hlo)
+    module_totals = xla_internals.module_cost_analysis(hlo_text)
   except Exception:  # noqa: BLE001  (the parts alone, said so by the missing "module")
     module_totals = None
-  return breakdown(hlo, compiler_totals, module_totals, library_call_flops, heaviest)
+  return breakdown(hlo_text, compiler_totals, module_totals, library_call_flops, heaviest)
 
 
 def lines(b: dict[str, Any], heaviest: int = HEAVIEST) -> list[str]:
@@ -268,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     hlo = f.read()
   library = library_call_flops if "library_calls" in entry else None  # a GPU program's cuBLAS/cuDNN calls
   totals = {"flops": entry["flops_per_device"], "bytes accessed": entry["bytes_accessed_per_device"]}
-  b = breakdown(hlo, totals, xla_internals.module_cost_analysis(hlo), library)
+  b = of_hlo(hlo, totals, library)
   (workdir / f"{report_path.stem}.{program}.breakdown.json").write_text(json.dumps(b, indent=2, default=float))
   print("\n".join(lines(b)))
   return 0

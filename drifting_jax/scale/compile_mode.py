@@ -80,15 +80,19 @@ def train_program(config: ml_collections.ConfigDict, mesh, objective=None) -> pr
   return program_lib.build_train_program(config, mesh, abstract_features=True, objective=objective)
 
 
-def _save_hlo(compiled, hlo_dir: Optional[pathlib.Path], name: str) -> Optional[str]:
-  """The optimized HLO text, gzipped beside the report: `python -m drifting_jax.scale.breakdown`
-  re-reads it without another compile (tens of minutes at full size)."""
-  if hlo_dir is None:
-    return None
-  path = hlo_dir / f"{name}.optimized_hlo.txt.gz"
-  with gzip.open(path, "wt", compresslevel=6) as f:
-    f.write(compiled.as_text() or "")
-  return path.name
+def _analyze_and_save(compiled, target: targets_lib.Target, hlo_dir: Optional[pathlib.Path], name: str) -> dict:
+  """`analysis.analyze`, and the optimized HLO text gzipped beside the report
+  (`python -m drifting_jax.scale.breakdown` re-reads it without another compile, which
+  takes tens of minutes at full size); the text is taken from the executable once."""
+  hlo = compiled.as_text() or ""
+  report = analysis.analyze(compiled, target, hlo)
+  report["optimized_hlo"] = None
+  if hlo_dir is not None:
+    path = hlo_dir / f"{name}.optimized_hlo.txt.gz"
+    with gzip.open(path, "wt", compresslevel=6) as f:
+      f.write(hlo)
+    report["optimized_hlo"] = path.name
+  return report
 
 
 def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target, mesh,
@@ -102,8 +106,7 @@ def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target,
   seconds = time.perf_counter() - start
   if choice:
     print(choice, flush=True)
-  report = analysis.analyze(compiled, target)
-  report["optimized_hlo"] = _save_hlo(compiled, hlo_dir, "train")
+  report = _analyze_and_save(compiled, target, hlo_dir, "train")
   compiler_flops = report["flops_per_device"]
   report["flops"] = flops_lib.train_section(program, mesh.size, compiler_flops)
   analytical = report["flops"]["analytical_per_device"]
@@ -164,8 +167,7 @@ def compile_sample(config: ml_collections.ConfigDict, target: targets_lib.Target
   """The evaluation's sampling step, laid out as evaluation lays it out (`sampling.build_sample_program`)."""
   program = sampling.build_sample_program(config, mesh, target.hosts)
   compiled, seconds = _compile(program, "the sampling step", target)
-  report = analysis.analyze(compiled, target)
-  report["optimized_hlo"] = _save_hlo(compiled, hlo_dir, "sample")
+  report = _analyze_and_save(compiled, target, hlo_dir, "sample")
   report["flops"] = flops_lib.whole_program_section(program.fn, program.args, program.devices_per_program,
                                                     report["flops_per_device"])
   analytical = report["flops"]["analytical_per_device"]
@@ -188,8 +190,7 @@ def compile_mae(config: ml_collections.ConfigDict, target: targets_lib.Target, m
   program = mae_pretrain.build_program(config, mesh)
   m, b = config.mae, int(config.mae.batch_size)
   compiled, seconds = _compile(program, "the MAE pretraining step", target)
-  report = analysis.analyze(compiled, target)
-  report["optimized_hlo"] = _save_hlo(compiled, hlo_dir, "mae")
+  report = _analyze_and_save(compiled, target, hlo_dir, "mae")
   report["flops"] = flops_lib.whole_program_section(program.step, program.args(), mesh.size,
                                                     report["flops_per_device"])
   analytical = report["flops"]["analytical_per_device"]

@@ -478,6 +478,7 @@ class InstructionCost:
   opcode: str
   shape: str                    # the result's shape text, with its layout
   operands: tuple[str, ...]     # the names of the instructions it reads
+  operand_shapes: tuple[str, ...]  # their shapes' text, in the same order
   op_name: str                  # jax's op_name metadata ("" when none)
   flops: float
   bytes_accessed: float
@@ -639,7 +640,7 @@ def instruction_costs(hlo_text: str) -> tuple[list[InstructionCost], list[str]]:
       op_name = OP_NAME.search(line)
       cycles = ESTIMATED_CYCLES.search(line)
       costs.append(InstructionCost(computation, name, opcode, shape, tuple(operands),
-                                   op_name.group(1) if op_name else "",
+                                   tuple(shapes[n] for n in operands), op_name.group(1) if op_name else "",
                                    cost.get("flops", 0.0), cost.get("bytes accessed", 0.0),
                                    int(cycles.group(1)) if cycles else None, line))
   return costs, failures
