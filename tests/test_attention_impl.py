@@ -78,7 +78,8 @@ def test_auto_resolves_from_the_target_devices_platform():
   cpu = jax.devices()[:1]
   assert attention.resolve("auto", cpu, attention_dtype=jnp.float32) == "xla"
   assert attention.resolve("auto", [tpu, tpu], attention_dtype=jnp.float32) == "splash"
-  # At the ablation's 272 tokens splash cost more HBM than xla (compile reports): xla there.
+  # At the ablation's 272 tokens splash cost more HBM than xla (compile reports): not splash
+  # there, and without the heads' shape not whole_sequence either (tests/test_whole_sequence_attention.py).
   assert attention.resolve("auto", [tpu], attention_dtype=jnp.float32, tokens=272) == "xla"
   assert attention.resolve("auto", [tpu], attention_dtype=jnp.float32, tokens=1040) == "splash"
   # cuDNN takes bf16 only: fp32 attention (attn_fp32) stays on XLA unless asked for.
@@ -121,9 +122,9 @@ def test_splash_compiles_for_a_tpu_slice():
   from drifting_jax.scale import targets
 
   devices = targets.parse("v5p-8").devices()
-  # "auto" at the smoke step's 260 tokens is xla (attention.SPLASH_MIN_TOKENS); asked for, splash.
+  # "auto" at the smoke step's 260 tokens is whole_sequence (below attention.SPLASH_MIN_TOKENS); asked for, splash.
   config = imagenet_latent_ablation.get_config("compile_smoke")
-  assert G.module_for_run(config, devices).attention_impl == "xla"
+  assert G.module_for_run(config, devices).attention_impl == "whole_sequence"
   config.model.attention_impl = "splash"
   assert G.module_for_run(config, devices).attention_impl == "splash"
   text = _compiled_attention(devices, "splash", (8, 272, 12, 64), mesh_shape=(2, 2))

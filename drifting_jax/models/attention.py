@@ -18,9 +18,15 @@ one of these implementations:
     interpreter, `interpret=True`, on any platform). It keeps the inputs' dtype
     (fp32 under `attn_fp32`), accumulates in fp32 and never writes the [N, N]
     logits to memory. See `splash_attention` for its padding.
+  * "whole_sequence": a Pallas TPU kernel for short sequences that holds each
+    example's whole q, k and v in VMEM (`whole_sequence_attention`): no logits in
+    HBM and, unlike splash, no padding of the token axis; TPUs (or the interpreter).
+    It takes heads that tile 128 lanes and sequences up to ~1,000 tokens at DiT-B's
+    width (`whole_sequence_attention.plan` says why not).
   * "auto": resolved before the program is built (`resolve`), from the platform of
-    the devices the program is built for: splash on TPU for sequences of at least
-    `SPLASH_MIN_TOKENS` tokens (xla below: measured, see there), cudnn on GPU when the
+    the devices the program is built for: on TPU splash for sequences of at least
+    `SPLASH_MIN_TOKENS` tokens, whole_sequence below when it takes the shapes (xla
+    otherwise; measured, see `SPLASH_MIN_TOKENS`), cudnn on GPU when the
     attention's inputs are bf16 already (else xla, since cudnn would round fp32
     inputs to bf16), xla elsewhere.
 """
@@ -37,12 +43,15 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 from drifting_jax import errors, partitioning
+from drifting_jax.models import whole_sequence_attention
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "whole_sequence")
 # The ones a module computes with ("auto" is resolved before it is built).
-CONCRETE = ("xla", "cudnn", "splash")
+CONCRETE = ("xla", "cudnn", "splash", "whole_sequence")
+# Pallas TPU kernels: opaque to the SPMD partitioner, so run per device (`_per_device`).
+_PALLAS = ("splash", "whole_sequence")
 
 # Splash's blocks are multiples of the TPU's 128 lanes; a sequence is padded to a
 # multiple of this and its blocks are the largest multiple of it, at most
@@ -59,30 +68,41 @@ _SPLASH_MAX_BLOCK = 512
 SPLASH_MIN_TOKENS = 1024
 
 
-def resolve(impl: str, devices: Sequence[Any], *, attention_dtype: Any, tokens: Optional[int] = None) -> str:
+def resolve(impl: str, devices: Sequence[Any], *, attention_dtype: Any, tokens: Optional[int] = None,
+            heads: Optional[int] = None, head_dim: Optional[int] = None) -> str:
   """The concrete implementation `impl` ("auto" or one of `CONCRETE`) means on `devices`.
 
   `devices` are those the program is built for (`mesh.devices`): in the compile mode
   they are libtpu's or the CUDA plugin's descriptions of devices this host lacks, so
   their `platform` is read, never `jax.devices()`'s. `attention_dtype` is the dtype
-  q, k and v reach the kernel in (fp32 under `attn_fp32`).
+  q, k and v reach the kernel in (fp32 under `attn_fp32`); `tokens`, `heads` and
+  `head_dim` the attention's shape, when known (whole_sequence needs it: a shape it
+  cannot take is refused here, before anything is compiled).
   """
   if impl not in IMPLEMENTATIONS:
     raise errors.UsageError(f"model.attention_impl must be one of {', '.join(IMPLEMENTATIONS)}, got {impl!r}")
   platforms = {d.platform for d in np.asarray(devices).flat}
   platform = platforms.pop() if len(platforms) == 1 else "mixed"
+  shape_known = None not in (tokens, heads, head_dim)
+  whole_sequence_plan = (whole_sequence_attention.plan(tokens, heads, head_dim, attention_dtype) if shape_known
+                         else "the attention's shape is not known")
   if impl == "auto":
     if platform == "tpu":
-      return "splash" if tokens is None or tokens >= SPLASH_MIN_TOKENS else "xla"
+      if tokens is None or tokens >= SPLASH_MIN_TOKENS:
+        return "splash"
+      return "xla" if isinstance(whole_sequence_plan, str) else "whole_sequence"
     if platform in ("gpu", "cuda") and jnp.dtype(attention_dtype) in (jnp.bfloat16, jnp.float16):
       return "cudnn"
     return "xla"
   if impl == "cudnn" and platform not in ("gpu", "cuda"):
     raise errors.UsageError(f"model.attention_impl=cudnn needs NVIDIA GPUs; this program is built for {platform} "
                             "devices (use 'auto' or 'xla')")
-  if impl == "splash" and platform != "tpu":
-    raise errors.UsageError(f"model.attention_impl=splash needs TPUs; this program is built for {platform} devices "
+  if impl in _PALLAS and platform != "tpu":
+    raise errors.UsageError(f"model.attention_impl={impl} needs TPUs; this program is built for {platform} devices "
                             "(use 'auto' or 'xla')")
+  if impl == "whole_sequence" and shape_known and isinstance(whole_sequence_plan, str):
+    raise errors.UsageError(f"model.attention_impl=whole_sequence cannot take {tokens} tokens x {heads} heads of "
+                            f"{head_dim} in {jnp.dtype(attention_dtype).name}: {whole_sequence_plan}")
   return impl
 
 
@@ -90,7 +110,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, impl: str, scale: Opt
   """softmax(scale q k^T) v per head, `[B, N, H, D] -> [B, N, H, D]` in q's dtype.
 
   `scale` defaults to 1/sqrt(D). Under `partitioning.activation_rules` on a mesh of
-  more than one device, "splash" runs per device on its share of the batch
+  more than one device, "splash" and "whole_sequence" run per device on its share of the batch
   (`shard_map`; a Pallas kernel is opaque to the SPMD partitioner, which would
   otherwise gather the whole batch to every device).
   """
@@ -103,21 +123,24 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, impl: str, scale: Opt
       q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn").astype(dtype)
   if impl == "splash":
-    return _sharded_splash(q, k, v, scale)
+    return _per_device(functools.partial(splash_attention, scale=scale), q, k, v)
+  if impl == "whole_sequence":
+    return _per_device(functools.partial(whole_sequence_attention.attention, scale=scale), q, k, v)
   raise errors.UsageError(f"attention implementation must be one of {', '.join(CONCRETE)} when the model is "
                           f"built, got {impl!r} (resolve 'auto' first: attention.resolve)")
 
 
-def _sharded_splash(q: Array, k: Array, v: Array, scale: float) -> Array:
+def _per_device(kernel, q: Array, k: Array, v: Array) -> Array:
+  """`kernel(q, k, v)` on each device's share of the batch (a Pallas call is opaque to the partitioner)."""
   mesh = partitioning.activation_mesh()
   if mesh is None or mesh.size == 1:
-    return splash_attention(q, k, v, scale=scale)
+    return kernel(q, k, v)
   batch_axes = partitioning.logical_to_mesh(("batch",))[0]
   shards = int(np.prod([mesh.shape[a] for a in np.atleast_1d(batch_axes)]))
   # A batch that does not split over the devices (e.g. the one-row batch of `init`) is
   # computed whole on every device, as the SPMD partitioner would.
   spec = P(batch_axes) if q.shape[0] % shards == 0 else P()
-  fn = jax.shard_map(functools.partial(splash_attention, scale=scale), mesh=mesh, in_specs=(spec, spec, spec),
+  fn = jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec),
                      out_specs=spec, check_vma=False)
   return fn(q, k, v)
 

@@ -590,7 +590,7 @@ def module_for_run(config: Any, devices: Any) -> DiTGenerator:
   module = build_module({**model_config_from_run(config), "remat_policy": policy})
   tokens = (module.input_size // module.patch_size) ** 2 + module.n_cls_tokens
   impl = attention_lib.resolve(config.model.attention_impl, devices, attention_dtype=attention_dtype(module),
-                               tokens=tokens)
+                               tokens=tokens, heads=module.num_heads, head_dim=module.hidden_size // module.num_heads)
   return module.clone(attention_impl=impl)
 
 

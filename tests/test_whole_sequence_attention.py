@@ -1,0 +1,200 @@
+"""`model.attention_impl="whole_sequence"`: the Pallas TPU kernel for short sequences.
+
+The kernel runs here in the Pallas interpreter (its own code on the CPU) and is
+compared with XLA's attention, forward and gradients, at the ablation's 272 tokens and
+at odd shapes; the head masking that lets two heads of 64 share 128 lanes is checked
+to be exact (a head's output does not move when another head's inputs do). It is
+compiled for a TPU slice through libtpu (slow tests): a Mosaic call on each chip's
+share of the batch, no [B, H, N, N] logits left in HBM.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from configs import imagenet_latent_ablation
+from drifting_jax import errors, partitioning
+from drifting_jax.models import attention, generator as G, whole_sequence_attention as ws
+
+# The kernel sums each softmax row whole, as XLA does, in fp32; the matmuls' fp32
+# accumulation order differs. Observed differences <= 1.1e-6 on values of order 1,
+# forward and gradients; 1e-5 leaves room for other CPUs and still catches a masking
+# or layout bug (a wrong head or lane gives errors of order 0.1).
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+interpreted = functools.partial(ws.attention, interpret=True)
+xla = functools.partial(attention.dot_product_attention, impl="xla")
+
+
+def _qkv(shape, seed=0, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  return tuple(jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in keys)
+
+
+def _grads(f, q, k, v, cotangent):
+  loss = lambda *x: jnp.sum(f(*x).astype(jnp.float32) * cotangent)
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+@pytest.mark.parametrize("tokens,heads,head_dim", [
+    (272, 4, 64),  # DiT-B/2's 256 patches + 16 registers; two heads share 128 lanes
+    (260, 4, 32),  # the compile smoke's 256 + 4 (not a multiple of 8); four heads a slab
+    (20, 2, 128),  # one head a slab
+    (9, 2, 256),   # a head of two slabs' width, an odd token count
+])
+def test_equals_xla_forward_and_gradients(tokens, heads, head_dim):
+  q, k, v, cotangent = _qkv((2, tokens, heads, head_dim))
+  np.testing.assert_allclose(jax.jit(interpreted)(q, k, v), xla(q, k, v), **TOL)
+  for got, want in zip(_grads(interpreted, q, k, v, cotangent), _grads(xla, q, k, v, cotangent)):
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_scale_is_applied_once():
+  q, k, v, _ = _qkv((1, 16, 2, 64))
+  np.testing.assert_allclose(ws.attention(q, k, v, scale=0.3, interpret=True),
+                             attention.dot_product_attention(q, k, v, impl="xla", scale=0.3), **TOL)
+
+
+def test_heads_sharing_lanes_do_not_see_each_other():
+  """Heads 0 and 1 share a 128-lane slab: head 0's output and gradients must not move,
+  bit for bit, when head 1's q, k and v change (the masking is exact, not approximate)."""
+  q, k, v, cotangent = _qkv((2, 24, 2, 64))
+  q2, k2, v2 = (x.at[:, :, 1].set(10 * x[:, :, 1] + 3) for x in (q, k, v))
+  out, out2 = interpreted(q, k, v), interpreted(q2, k2, v2)
+  np.testing.assert_array_equal(out[:, :, 0], out2[:, :, 0])
+  assert np.max(np.abs(out[:, :, 1] - out2[:, :, 1])) > 0.1
+  head0 = cotangent.at[:, :, 1].set(0)
+  for g, g2 in zip(_grads(interpreted, q, k, v, head0), _grads(interpreted, q2, k2, v2, head0)):
+    np.testing.assert_array_equal(g[:, :, 0], g2[:, :, 0])
+    np.testing.assert_array_equal(g[:, :, 1], 0)  # head 1 gets no gradient from head 0's output
+
+
+def test_bf16_inputs_against_fp32_of_the_same_values():
+  """bf16 q, k, v (attn_fp32=False): output in bf16, the softmax in fp32; against the fp32
+  attention of the same (rounded) inputs, within bf16's rounding of the output and of
+  the probabilities fed to the second matmul (2^-8 relative, values of order 1)."""
+  q, k, v, cotangent = _qkv((2, 32, 4, 64), dtype=jnp.bfloat16)
+  out = interpreted(q, k, v)
+  assert out.dtype == jnp.bfloat16
+  upcast = [x.astype(jnp.float32) for x in (q, k, v)]
+  np.testing.assert_allclose(out.astype(jnp.float32), xla(*upcast), atol=2e-2, rtol=2e-2)
+  for got, want in zip(_grads(interpreted, q, k, v, cotangent), _grads(xla, *upcast, cotangent)):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), want, atol=5e-2 * np.max(np.abs(want)), rtol=5e-2)
+
+
+def test_plan_cuts_and_refusals():
+  ablation = ws.plan(272, 12, 64, jnp.float32)
+  assert (ablation.width, ablation.heads_per_slab, ablation.slabs) == (128, 2, 6)
+  assert (ws.plan(16, 4, 256, jnp.bfloat16).width, ws.plan(16, 4, 256, jnp.bfloat16).slabs) == (256, 4)
+  # One grid step's VMEM at the ablation: 7 blocks of [272, 128] fp32 double-buffered
+  # + 6 fp32 [272, 384] temporaries, well under the budget.
+  assert ablation.vmem_bytes(4, arrays=7) == 2 * 7 * 272 * 128 * 4 + 6 * 272 * 384 * 4
+  assert "lanes" in ws.plan(272, 12, 48, jnp.float32)   # 48 neither divides nor is a multiple of 128
+  assert "lanes" in ws.plan(272, 3, 64, jnp.float32)    # an odd number of 64-wide heads
+  assert "VMEM" in ws.plan(4096, 12, 64, jnp.float32)  # long sequences: splash's
+  assert "dtype" in ws.plan(272, 12, 64, jnp.int32)
+  with pytest.raises(ValueError, match="48"):
+    ws.attention(*_qkv((1, 16, 2, 48))[:3], interpret=True)
+  q, k, v, _ = _qkv((1, 16, 2, 64))
+  with pytest.raises(ValueError, match="share shape"):
+    ws.attention(q, k[:, :8], v, interpret=True)
+
+
+def test_resolve_picks_it_below_splash_lengths_on_tpu_and_refuses_shapes_it_cannot_take():
+  tpu, cpu = types.SimpleNamespace(platform="tpu"), jax.devices()[:1]
+  shape = dict(tokens=272, heads=12, head_dim=64)
+  assert attention.resolve("auto", [tpu], attention_dtype=jnp.float32, **shape) == "whole_sequence"
+  assert attention.resolve("auto", [tpu], attention_dtype=jnp.float32, **{**shape, "tokens": 1040}) == "splash"
+  # A shape the kernel cannot take falls back to XLA under auto...
+  assert attention.resolve("auto", [tpu], attention_dtype=jnp.float32, **{**shape, "head_dim": 48}) == "xla"
+  # ...and is refused in one line when asked for, before anything is compiled.
+  with pytest.raises(errors.UsageError, match="whole_sequence cannot take 272 tokens x 12 heads of 48"):
+    attention.resolve("whole_sequence", [tpu], attention_dtype=jnp.float32, **{**shape, "head_dim": 48})
+  with pytest.raises(errors.UsageError, match="needs TPUs"):
+    attention.resolve("whole_sequence", cpu, attention_dtype=jnp.float32, **shape)
+  assert attention.resolve("auto", cpu, attention_dtype=jnp.float32, **shape) == "xla"
+
+
+def test_generator_with_it_equals_xla(monkeypatch):
+  """The module's wiring (the [B, N, H*D] view, qk-norm, RoPE, the scale), interpreted."""
+  monkeypatch.setattr(ws, "attention", functools.partial(ws.attention, interpret=True))
+  config = G.model_config_for("tiny-latent", depth=1, use_bf16=False)
+  plain, fused = G.build_module(config), G.build_module({**config, "attention_impl": "whole_sequence"})
+  args, kwargs = G.example_inputs(config, batch_size=2)
+  params = jax.jit(plain.init)(jax.random.PRNGKey(0), *args, **kwargs)["params"]
+  # The zero-initialised output layers would make every gradient but theirs zero.
+  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+  noise = G.draw_noise(plain, jax.random.PRNGKey(2), 2)
+  labels, cfg = jnp.array([3, 7]), jnp.array([1.0, 2.5])
+  loss = lambda module, p: jnp.sum(jnp.sin(module.apply({"params": p}, labels, cfg, noise=noise)["samples"]))
+  (loss_x, grad_x), (loss_w, grad_w) = (jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params)
+                                        for m in (plain, fused))
+  np.testing.assert_allclose(loss_w, loss_x, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.max(np.abs(b))),
+               grad_w, grad_x)
+
+
+def test_on_a_mesh_each_device_takes_its_share_of_the_batch(monkeypatch):
+  """Under the activation rules on 4 x 2 CPU devices the kernel runs per device
+  (shard_map over the batch): same values and gradients as XLA's attention."""
+  monkeypatch.setattr(ws, "attention", functools.partial(ws.attention, interpret=True))
+  mesh = partitioning.make_mesh(4, 2)
+  sharding = NamedSharding(mesh, P(("data", "fsdp")))
+  q, k, v, cotangent = (jax.device_put(x, sharding) for x in _qkv((8, 24, 2, 64)))
+
+  def run(impl):
+    def f(q, k, v):
+      with partitioning.activation_rules(mesh):
+        return attention.dot_product_attention(q, k, v, impl=impl)
+    out, grads = jax.jit(lambda *x: (f(*x), jax.grad(lambda *y: jnp.sum(f(*y) * cotangent), argnums=(0, 1, 2))(*x)))(
+        q, k, v)
+    return out, grads
+
+  (out_w, grads_w), (out_x, grads_x) = run("whole_sequence"), run("xla")
+  np.testing.assert_allclose(out_w, out_x, **TOL)
+  for got, want in zip(grads_w, grads_x):
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+def _compiled(devices, impl, shape, mesh_shape=(1, 1)):
+  mesh = partitioning.make_mesh(*mesh_shape, devices=devices)
+  x = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
+
+  def forward_and_backward(q, k, v):
+    with partitioning.activation_rules(mesh):
+      out, pullback = jax.vjp(functools.partial(attention.dot_product_attention, impl=impl), q, k, v)
+      return out, pullback(out)
+
+  return jax.jit(forward_and_backward).lower(x, x, x).compile()
+
+
+@pytest.mark.slow
+def test_compiles_for_a_tpu_slice_without_logits_in_hbm():
+  """v6e-8, data 4 x fsdp 2, DiT-B/2's attention at 272 tokens: a Mosaic call per chip
+  on its share of the batch, no all-gather, and no [.., 272, 272] buffer anywhere in the
+  program (XLA's attention keeps several); its HBM bytes (XLA's count plus the calls'
+  declared traffic) are a fraction of XLA's attention's."""
+  pytest.importorskip("libtpu", reason="TPU targets need libtpu (requirements.txt)")
+  from drifting_jax.scale import targets, xla_internals
+
+  devices = targets.parse("v6e-8").devices()
+  config = imagenet_latent_ablation.get_config()
+  assert G.module_for_run(config, devices).attention_impl == "whole_sequence"  # "auto" at 272 tokens
+  shape = (64, 272, 12, 64)
+  fused, plain = (_compiled(devices, impl, shape, mesh_shape=(4, 2)) for impl in ("whole_sequence", "xla"))
+  text = fused.as_text()
+  assert "tpu_custom_call" in text and "all-gather" not in text
+  logits = re.compile(r"\[[0-9,]*272,272\]")
+  assert not logits.search(text)
+  assert logits.search(plain.as_text())
+  fused_bytes, plain_bytes = (xla_internals.cost_numbers(c)["bytes accessed"] for c in (fused, plain))
+  assert fused_bytes < 0.5 * plain_bytes, (fused_bytes, plain_bytes)
