@@ -26,10 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = False
   # The attention kernel (drifting_jax/models/attention.py): "xla", "cudnn" (NVIDIA
   # GPUs; bf16 inputs, so fp32 q/k/v under attn_fp32 are rounded to bf16), "splash"
-  # (TPUs: the Pallas splash kernel) or "auto", resolved from the platform of the
-  # mesh's devices: splash on TPU from 1,024 tokens on (below, e.g. the ablation's 272,
-  # it cost more HBM than xla: docs/scaling.md), cudnn on GPU only where q/k/v are bf16 already
-  # (attn_fp32=False), else xla (the CPU: bit-identical to the step before the option).
+  # (TPUs: the Pallas splash kernel), "whole_sequence" (TPUs: a Pallas kernel for short
+  # sequences, each example's whole sequence in VMEM, no padding) or "auto", resolved
+  # from the platform of the mesh's devices: on TPU splash from 1,024 tokens on,
+  # whole_sequence below where it takes the shape (the ablation's 272 tokens: splash
+  # pads them to 384 and cost more HBM than xla, docs/scaling.md), else xla; cudnn on GPU
+  # only where q/k/v are bf16 already (attn_fp32=False), else xla (the CPU: bit-identical
+  # to the step before the option).
   c.model.attention_impl = "auto"
   # Start from an existing generator artifact (hf://NAME or a folder) at step 0.
   c.init_from = ""

@@ -60,7 +60,8 @@ _SPLASH_LANES = 128
 _SPLASH_MAX_BLOCK = 512
 
 
-# "auto" picks splash on TPU from this many tokens on. Measured by the compile reports
+# "auto" picks splash on TPU from this many tokens on (whole_sequence below, where it
+# takes the shape; its VMEM per grid step grows with the square of the length). Measured by the compile reports
 # (docs/scaling.md, "The step's levers"): at the ablation's 272 tokens (padded to 384)
 # splash needed 23% more HBM per v6e chip than xla (20.11 against 16.36 GiB) for an
 # estimated 3% shorter step; at 1,040 tokens attention alone needed 2.4x less memory
@@ -130,19 +131,31 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, impl: str, scale: Opt
                           f"built, got {impl!r} (resolve 'auto' first: attention.resolve)")
 
 
-def _per_device(kernel, q: Array, k: Array, v: Array) -> Array:
-  """`kernel(q, k, v)` on each device's share of the batch (a Pallas call is opaque to the partitioner)."""
+def attention_from_projection(qkv: Array, q_weight: Array, k_weight: Array, *, heads: int, epsilon: float,
+                              scale: float, out_dtype: Any) -> Array:
+  """"whole_sequence" from the DiT's fused projection qkv [B, N, 3 H D], qk-norm and RoPE in
+  the kernel (`whole_sequence_attention.attention_from_projection`), per device on a mesh."""
+  kernel = functools.partial(whole_sequence_attention.attention_from_projection, heads=heads, epsilon=epsilon,
+                             scale=scale, out_dtype=out_dtype)
+  return _per_device(kernel, qkv, q_weight, k_weight, batched=(True, False, False))
+
+
+def _per_device(kernel, *args: Array, batched: Optional[Sequence[bool]] = None) -> Array:
+  """`kernel(*args)` on each device's share of the batch (a Pallas call is opaque to the
+  partitioner); `batched` says which args have the batch axis first (default: all), the
+  others are passed whole to every device."""
   mesh = partitioning.activation_mesh()
   if mesh is None or mesh.size == 1:
-    return kernel(q, k, v)
+    return kernel(*args)
+  batched = (True,) * len(args) if batched is None else tuple(batched)
   batch_axes = partitioning.logical_to_mesh(("batch",))[0]
   shards = int(np.prod([mesh.shape[a] for a in np.atleast_1d(batch_axes)]))
   # A batch that does not split over the devices (e.g. the one-row batch of `init`) is
   # computed whole on every device, as the SPMD partitioner would.
-  spec = P(batch_axes) if q.shape[0] % shards == 0 else P()
-  fn = jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec),
-                     out_specs=spec, check_vma=False)
-  return fn(q, k, v)
+  spec = P(batch_axes) if args[0].shape[0] % shards == 0 else P()
+  fn = jax.shard_map(kernel, mesh=mesh, in_specs=tuple(spec if b else P() for b in batched), out_specs=spec,
+                     check_vma=False)
+  return fn(*args)
 
 
 def splash_block(length: int) -> int:

@@ -95,6 +95,13 @@ class Attention(nn.Module):
   def __call__(self, x: Array) -> Array:
     head_dim = self.hidden_size // self.num_heads
     qkv = TorchLinear(3 * self.hidden_size, dtype=self.dtype, name="TorchLinear_0")(x)
+    if self.attention_impl == "whole_sequence" and self._preamble_in_kernel():
+      # The same computation with the split, qk-norm, RoPE and casts inside the kernel
+      # (whole_sequence_attention.attention_from_projection); same parameters.
+      weights = [RMSNorm(epsilon=1e-6, name=name)(qkv, weight_of=head_dim) for name in ("q_norm", "k_norm")]
+      out = attention_lib.attention_from_projection(qkv, *weights, heads=self.num_heads, epsilon=1e-6,
+                                                    scale=head_dim ** -0.5, out_dtype=self.dtype)
+      return TorchLinear(self.hidden_size, dtype=self.dtype, name="TorchLinear_1")(out)
     # The fused projection is laid out as [q | k | v], each split into heads.
     q, k, v = einops.rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=self.num_heads)
     if self.use_qknorm:
@@ -108,6 +115,11 @@ class Attention(nn.Module):
         scale=head_dim ** -0.5)
     out = einops.rearrange(out, "b n h d -> b n (h d)")
     return TorchLinear(self.hidden_size, dtype=self.dtype, name="TorchLinear_1")(out)
+
+  def _preamble_in_kernel(self) -> bool:
+    """Whether whole_sequence takes the projection itself: the release's preamble (RMSNorm
+    qk-norm, RoPE, fp32 attention) is the one it implements; others use its q, k, v form."""
+    return self.use_qknorm and self.use_rmsnorm and self.use_rope and self.attn_fp32
 
 
 class SwiGLUFFN(nn.Module):

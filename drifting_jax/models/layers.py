@@ -8,7 +8,7 @@ release's `ema_params.msgpack` files load into these modules unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -60,11 +60,19 @@ class RMSNorm(nn.Module):
   use_scale: bool = True
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, *, weight_of: Optional[int] = None) -> Array:
+    """The norm of `x` over its last axis; with `weight_of=F`, only the learned weight of a
+    norm over F features (ones without `use_scale`), for a kernel that applies the norm
+    itself (whole_sequence_attention) under this module's parameter names."""
+    features = x.shape[-1] if weight_of is None else int(weight_of)
+    weight = (self.param("weight", nn.initializers.ones, (features,), jnp.float32) if self.use_scale
+              else jnp.ones((features,), jnp.float32))
+    if weight_of is not None:
+      return weight
     mean_square = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
     y = x * jax.lax.rsqrt(mean_square + self.epsilon)
     if self.use_scale:
-      y = y * self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+      y = y * weight
     return y.astype(x.dtype)
 
 

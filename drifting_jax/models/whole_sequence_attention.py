@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -107,25 +107,27 @@ def _softmax_rows(q: Array, k: Array, scale: float) -> Array:
   return weights / jnp.sum(weights, axis=1, keepdims=True)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *, cut: Plan, scale: float):
-  q, k, v = q_ref[0], k_ref[0], v_ref[0]  # [N, width]
+def _masked(x: Array, lanes: Optional[Array]) -> Array:
+  return x if lanes is None else jnp.where(lanes, x, jnp.zeros_like(x))
+
+
+def _attend(q: Array, k: Array, v: Array, cut: Plan, scale: float) -> Array:
+  """One slab's attention output [N, width] in fp32: each head's softmax(scale q k^T) v in its lanes."""
   out = None
   for head in range(cut.heads_per_slab):
     lanes = _head_lanes(cut, head) if cut.heads_per_slab > 1 else None
-    q_head = q if lanes is None else jnp.where(lanes, q, jnp.zeros_like(q))
-    probs = _softmax_rows(q_head, k, scale)
+    probs = _softmax_rows(_masked(q, lanes), k, scale)
     o_head = jnp.dot(probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = o_head if lanes is None else jnp.where(lanes, o_head, 0.0 if out is None else out)
-  o_ref[0] = out.astype(o_ref.dtype)
+  return out
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, cut: Plan, scale: float):
-  q, k, v, do = q_ref[0], k_ref[0], v_ref[0], do_ref[0]  # [N, width]
+def _attend_backward(q: Array, k: Array, v: Array, do: Array, cut: Plan, scale: float) -> tuple[Array, Array, Array]:
+  """One slab's (dq, dk, dv) in fp32, the softmax recomputed from q and k."""
   dq = dk = dv = None
   for head in range(cut.heads_per_slab):
     lanes = _head_lanes(cut, head) if cut.heads_per_slab > 1 else None
-    q_head = q if lanes is None else jnp.where(lanes, q, jnp.zeros_like(q))
-    do_head = do if lanes is None else jnp.where(lanes, do, jnp.zeros_like(do))
+    q_head, do_head = _masked(q, lanes), _masked(do, lanes)
     probs = _softmax_rows(q_head, k, scale)
     # do_head is zero outside the head's lanes, so these are the head's dv and dp.
     dv_head = jnp.dot(probs.T.astype(do.dtype), do_head, preferred_element_type=jnp.float32)
@@ -139,6 +141,15 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, cut
       dq = jnp.where(lanes, dq_head, 0.0 if dq is None else dq)
       dk = jnp.where(lanes, dk_head, 0.0 if dk is None else dk)
       dv = dv_head if dv is None else dv + dv_head
+  return dq, dk, dv
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, *, cut: Plan, scale: float):
+  o_ref[0] = _attend(q_ref[0], k_ref[0], v_ref[0], cut, scale).astype(o_ref.dtype)  # blocks [1, N, width]
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, cut: Plan, scale: float):
+  dq, dk, dv = _attend_backward(q_ref[0], k_ref[0], v_ref[0], do_ref[0], cut, scale)
   dq_ref[0] = dq.astype(dq_ref.dtype)
   dk_ref[0] = dk.astype(dk_ref.dtype)
   dv_ref[0] = dv.astype(dv_ref.dtype)
@@ -206,3 +217,229 @@ def attention(q: Array, k: Array, v: Array, *, scale: Optional[float] = None, in
   flat = lambda x: x.reshape(batch, tokens, heads * head_dim)
   out = _attention_flat(flat(q), flat(k), flat(v), cut, scale, interpret)
   return out.reshape(q.shape)
+
+
+# --------------------------------------------------------------------------- from the projection
+#
+# The DiT's attention as the release computes it (qk-norm by RMSNorm, RoPE, fp32
+# attention) starts from one fused projection qkv [B, N, 3 H D] in the compute dtype.
+# Done in XLA, the split into q, k, v, the norms, RoPE and the casts to fp32 each write
+# [B, N, H, D] tensors to HBM and read them back, forward and backward, and XLA keeps
+# them in a layout with the token axis minor (a head of 64 would fill half of a TPU
+# tile), so the kernel's row-major q, k, v cost a relayout copy each: after the kernel
+# above, 85% of the ablation's attention bytes were this preamble (docs/scaling.md).
+# `attention_from_projection` does the preamble in the kernel: it reads the projection
+# slabs directly and writes the output in the compute dtype (the output projection
+# casts it there anyway); its backward writes the projection's gradient slabs.
+
+
+@dataclasses.dataclass(frozen=True)
+class Preamble:
+  """q, k as the DiT computes them from the projection, per head of `head_dim` lanes:
+
+      y = (x * rsqrt(mean(x^2) + epsilon)) * weight, rounded to the compute dtype
+          (layers.RMSNorm returns its input's dtype), then
+      rope(y) = y cos + rotate_half(y) sin  in fp32 (layers.apply_rope, fp32 tables).
+  """
+  epsilon: float
+
+
+def rope_tables(tokens: int, head_dim: int, width: int) -> tuple[Array, Array]:
+  """cos, sin [tokens, width] in fp32: `layers.apply_rope`'s tables, tiled over the heads of a slab."""
+  half = head_dim // 2
+  inv_freq = 1.0 / (10000.0 ** (jnp.arange(half) / half)).astype(jnp.float32)
+  angles = jnp.outer(jnp.arange(tokens, dtype=jnp.float32), inv_freq)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  tile = lambda t: jnp.tile(t, (1, width // head_dim))
+  return tile(jnp.cos(angles)), tile(jnp.sin(angles))
+
+
+def _lane_iota(cut: Plan) -> Array:
+  return lax.broadcasted_iota(jnp.int32, (1, cut.width), 1)
+
+
+def _rotate_half(x: Array, cut: Plan) -> Array:
+  """Per head: (x1, x2) -> (-x2, x1) over the head's two halves, by lane rotations.
+
+  Which of the two rotations brings lane i - half to lane i is read from a rotated
+  lane index rather than assumed, so the result does not depend on the rotation's
+  direction convention."""
+  half, width = cut.head_dim // 2, cut.width
+  lane = _lane_iota(cut)
+  by_half = pltpu.roll(x, half, 1)
+  by_rest = pltpu.roll(x, width - half, 1) if width != 2 * half else by_half
+  moved = pltpu.roll(lane, half, 1)
+  # True where by_half holds x[i - half] (numpy's roll convention).
+  numpy_convention = moved == jnp.where(lane >= half, lane - half, lane - half + width)
+  from_below = jnp.where(numpy_convention, by_half, by_rest)   # x[i - half]
+  from_above = jnp.where(numpy_convention, by_rest, by_half)   # x[i + half]
+  first_half = None
+  for head in range(cut.heads_per_slab):
+    lanes = (lane >= head * cut.head_dim) & (lane < head * cut.head_dim + half)
+    first_half = lanes if first_half is None else first_half | lanes
+  return jnp.where(first_half, -from_above, from_below)
+
+
+def _head_mean(x: Array, cut: Plan) -> Array:
+  """Each lane's mean of `x` over its head's lanes, [N, width]."""
+  if cut.heads_per_slab == 1:
+    return jnp.mean(x, axis=1, keepdims=True) * jnp.ones_like(x)
+  out = jnp.zeros_like(x)
+  for head in range(cut.heads_per_slab):
+    lanes = _head_lanes(cut, head)
+    out = jnp.where(lanes, jnp.sum(jnp.where(lanes, x, 0.0), axis=1, keepdims=True) / cut.head_dim, out)
+  return out
+
+
+def _norm_and_rope(x: Array, weight: Array, cos: Array, sin: Array, cut: Plan, pre: Preamble, dtype):
+  """(rope(y), y, r) for one slab x [N, width] of q or k in `dtype`: y the rounded norm, r its rsqrt."""
+  x = x.astype(jnp.float32)
+  r = lax.rsqrt(_head_mean(x * x, cut) + pre.epsilon)
+  y = ((x * r) * weight).astype(dtype).astype(jnp.float32)
+  return y * cos + _rotate_half(y, cut) * sin, x, r
+
+
+def _norm_and_rope_backward(d_rope: Array, x: Array, r: Array, weight: Array, cos: Array, sin: Array, cut: Plan,
+                            dtype) -> tuple[Array, Array]:
+  """(dx, dweight summed over the slab's tokens [1, width]) from the gradient of rope(y).
+
+  rotate_half's transpose is minus itself. The cast of y to `dtype` passes its
+  gradient through the same cast, as JAX's transpose of a convert does."""
+  dy = (d_rope * cos - _rotate_half(d_rope * sin, cut)).astype(dtype).astype(jnp.float32)
+  dweight = jnp.sum(dy * x * r, axis=0, keepdims=True)
+  dx = r * weight * dy - x * r * r * r * _head_mean(dy * weight * x, cut)
+  return dx, dweight
+
+
+def _projection_forward_kernel(q_ref, k_ref, v_ref, wq_ref, wk_ref, cos_ref, sin_ref, o_ref, *, cut: Plan,
+                               pre: Preamble, scale: float):
+  dtype, cos, sin = q_ref.dtype, cos_ref[...], sin_ref[...]
+  q, _, _ = _norm_and_rope(q_ref[0], wq_ref[...], cos, sin, cut, pre, dtype)
+  k, _, _ = _norm_and_rope(k_ref[0], wk_ref[...], cos, sin, cut, pre, dtype)
+  o_ref[0] = _attend(q, k, v_ref[0].astype(jnp.float32), cut, scale).astype(o_ref.dtype)
+
+
+def _projection_backward_kernel(q_ref, k_ref, v_ref, wq_ref, wk_ref, cos_ref, sin_ref, do_ref,
+                                dq_ref, dk_ref, dv_ref, dwq_ref, dwk_ref, *, cut: Plan, pre: Preamble, scale: float):
+  dtype, cos, sin = q_ref.dtype, cos_ref[...], sin_ref[...]
+  wq, wk = wq_ref[...], wk_ref[...]
+  q, xq, rq = _norm_and_rope(q_ref[0], wq, cos, sin, cut, pre, dtype)
+  k, xk, rk = _norm_and_rope(k_ref[0], wk, cos, sin, cut, pre, dtype)
+  dq, dk, dv = _attend_backward(q, k, v_ref[0].astype(jnp.float32), do_ref[0].astype(jnp.float32), cut, scale)
+  dxq, dwq = _norm_and_rope_backward(dq, xq, rq, wq, cos, sin, cut, dtype)
+  dxk, dwk = _norm_and_rope_backward(dk, xk, rk, wk, cos, sin, cut, dtype)
+  dq_ref[0] = dxq.astype(dq_ref.dtype)
+  dk_ref[0] = dxk.astype(dk_ref.dtype)
+  dv_ref[0] = dv.astype(dv_ref.dtype)
+  dwq_ref[0] = dwq
+  dwk_ref[0] = dwk
+
+
+def _projection_call(kernel, cut: Plan, qkv: Array, per_slab: tuple[Array, ...], per_example: tuple[Array, ...],
+                     outputs: list[jax.ShapeDtypeStruct], cost: pl.CostEstimate, interpret: bool):
+  """pallas_call over (example, slab): qkv's q, k and v slabs, then `per_slab` arrays [1 or N, width * slabs]
+  (the same block for every example), then `per_example` [B, N, H D] slabs; outputs likewise by shape."""
+  batch, tokens, _ = qkv.shape
+  slabs, width = cut.slabs, cut.width
+  part = lambda which: pl.BlockSpec((1, tokens, width), lambda b, j: (b, 0, which * slabs + j))
+  example_slab = lambda rows: pl.BlockSpec((1, rows, width), lambda b, j: (b, 0, j))
+  shared = lambda rows: pl.BlockSpec((rows, width), lambda b, j: (0, j))
+  in_specs = [part(0), part(1), part(2)] + [shared(a.shape[0]) for a in per_slab] + [
+      example_slab(tokens) for _ in per_example]
+  out_specs = [example_slab(o.shape[1]) for o in outputs]
+  return pl.pallas_call(
+      kernel, grid=(batch, slabs), in_specs=in_specs, out_specs=out_specs, out_shape=outputs,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+      cost_estimate=cost, interpret=interpret)(qkv, qkv, qkv, *per_slab, *per_example)
+
+
+def _projection_cost(cut: Plan, qkv: Array, out_itemsize: int, *, backward: bool) -> pl.CostEstimate:
+  batch = qkv.shape[0]
+  if backward:  # reads q, k, v, do; writes dq, dk, dv
+    base = _cost(cut, batch, qkv.dtype.itemsize, matmuls=5, arrays=6)
+    extra = batch * cut.tokens * cut.slabs * cut.width * out_itemsize
+  else:  # reads q, k, v; writes the output
+    base = _cost(cut, batch, qkv.dtype.itemsize, matmuls=2, arrays=3)
+    extra = batch * cut.tokens * cut.slabs * cut.width * out_itemsize
+  tables = 2 * cut.tokens * cut.width * 4
+  return pl.CostEstimate(flops=base.flops, transcendentals=base.transcendentals,
+                         bytes_accessed=int(base.bytes_accessed + extra + tables))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _from_projection(qkv: Array, q_weight: Array, k_weight: Array, cut: Plan, pre: Preamble, scale: float,
+                     out_dtype: Any, interpret: bool) -> Array:
+  return _from_projection_fwd(qkv, q_weight, k_weight, cut, pre, scale, out_dtype, interpret)[0]
+
+
+def _slab_weights(weight: Array, cut: Plan) -> Array:
+  """A head's norm weight [D] repeated over the heads' lanes of every slab: [1, H D]."""
+  return jnp.tile(weight.astype(jnp.float32), cut.slabs * cut.heads_per_slab)[None]
+
+
+def _from_projection_fwd(qkv, q_weight, k_weight, cut, pre, scale, out_dtype, interpret):
+  batch, tokens, _ = qkv.shape
+  cos, sin = rope_tables(tokens, cut.head_dim, cut.width)
+  columns = cut.slabs * cut.width
+  kernel = functools.partial(_projection_forward_kernel, cut=cut, pre=pre, scale=scale)
+  out = _projection_call(
+      kernel, cut, qkv, (_slab_weights(q_weight, cut), _slab_weights(k_weight, cut), _tile_slabs(cos, cut),
+                         _tile_slabs(sin, cut)), (),
+      [jax.ShapeDtypeStruct((batch, tokens, columns), out_dtype)],
+      _projection_cost(cut, qkv, jnp.dtype(out_dtype).itemsize, backward=False), interpret)[0]
+  return out, (qkv, q_weight, k_weight)
+
+
+def _tile_slabs(table: Array, cut: Plan) -> Array:
+  """A [N, width] table repeated for every slab: [N, H D] (the same block index would do; a
+  per-slab block keeps the kernel's specs uniform)."""
+  return jnp.tile(table, (1, cut.slabs))
+
+
+def _from_projection_bwd(cut, pre, scale, out_dtype, interpret, residuals, d_out):
+  qkv, q_weight, k_weight = residuals
+  batch, tokens, _ = qkv.shape
+  cos, sin = rope_tables(tokens, cut.head_dim, cut.width)
+  columns = cut.slabs * cut.width
+  kernel = functools.partial(_projection_backward_kernel, cut=cut, pre=pre, scale=scale)
+  part = jax.ShapeDtypeStruct((batch, tokens, columns), qkv.dtype)
+  partial_weight = jax.ShapeDtypeStruct((batch, 1, columns), jnp.float32)
+  dq, dk, dv, dwq, dwk = _projection_call(
+      kernel, cut, qkv, (_slab_weights(q_weight, cut), _slab_weights(k_weight, cut), _tile_slabs(cos, cut),
+                         _tile_slabs(sin, cut)), (d_out.astype(out_dtype),),
+      [part, part, part, partial_weight, partial_weight],
+      _projection_cost(cut, qkv, jnp.dtype(out_dtype).itemsize, backward=True), interpret)
+  # The weights' gradients: summed over examples (the kernel summed tokens) and over heads.
+  head_sum = lambda d, w: jnp.sum(d.reshape(-1, cut.head_dim), axis=0).astype(w.dtype)
+  return (jnp.concatenate([dq, dk, dv], axis=-1), head_sum(dwq, q_weight), head_sum(dwk, k_weight))
+
+
+_from_projection.defvjp(_from_projection_fwd, _from_projection_bwd)
+
+
+def attention_from_projection(qkv: Array, q_weight: Array, k_weight: Array, *, heads: int, epsilon: float,
+                              scale: Optional[float] = None, out_dtype: Any = None,
+                              interpret: bool = False) -> Array:
+  """The DiT's attention from its fused projection, on one device: `[B, N, 3 H D] -> [B, N, H D]`.
+
+  q, k, v are qkv's thirds (each split into `heads` heads, as `einops` "(three h d)");
+  q and k go through `Preamble` (RMSNorm with the learned per-head-dim `q_weight` /
+  `k_weight`, rounded to qkv's dtype, then RoPE in fp32), v is cast to fp32, and the
+  attention is computed in fp32 as `attention` does; the output is in `out_dtype`
+  (default qkv's). Equal to `generator.Attention`'s XLA path with use_qknorm,
+  use_rmsnorm, use_rope and attn_fp32 (tests). Raises ValueError for shapes `plan` refuses.
+  """
+  batch, tokens, columns = qkv.shape
+  if columns % (3 * heads):
+    raise ValueError(f"qkv's last axis ({columns}) must be 3 x heads ({heads}) x head size")
+  head_dim = columns // (3 * heads)
+  if head_dim % 2:
+    raise ValueError(f"RoPE needs an even head size, got {head_dim}")
+  cut = plan(tokens, heads, head_dim, jnp.float32)  # the slabs are held in fp32 inside the kernel
+  if isinstance(cut, str):
+    raise ValueError(f"whole-sequence attention cannot take qkv of shape {qkv.shape} ({heads} heads): {cut}")
+  if q_weight.shape != (head_dim,) or k_weight.shape != (head_dim,):
+    raise ValueError(f"q_weight and k_weight must be [{head_dim}], got {q_weight.shape} and {k_weight.shape}")
+  scale = head_dim ** -0.5 if scale is None else float(scale)
+  out_dtype = jnp.dtype(qkv.dtype if out_dtype is None else out_dtype)
+  return _from_projection(qkv, q_weight, k_weight, cut, Preamble(float(epsilon)), scale, out_dtype, interpret)

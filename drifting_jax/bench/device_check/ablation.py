@@ -366,12 +366,14 @@ LEVERS: dict[str, dict[str, Any]] = {
     "old defaults": {"model.attention_impl": "xla", "model.remat_policy": "none", "feature.remat_policy": "none"},
     "attention cudnn": {"model.attention_impl": "cudnn"},
     "attention splash": {"model.attention_impl": "splash"},
+    "attention whole_sequence": {"model.attention_impl": "whole_sequence"},
     "attention xla": {"model.attention_impl": "xla"},
     "generator remat dots": {"model.remat_policy": "dots"},
     "generator remat full": {"model.remat_policy": "full"},
     "MAE remat dots": {"feature.remat_policy": "dots"},
 }
-_LEVER_PLATFORMS = {"attention cudnn": ("gpu", "cuda"), "attention splash": ("tpu",)}
+_LEVER_PLATFORMS = {"attention cudnn": ("gpu", "cuda"), "attention splash": ("tpu",),
+                    "attention whole_sequence": ("tpu",)}
 
 
 def _computed_as(config, mesh) -> dict[str, str]:
