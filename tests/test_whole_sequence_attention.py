@@ -331,3 +331,28 @@ def test_the_modules_attention_compiles_for_a_tpu_with_a_fraction_of_xlas_traffi
   assert not norm_ops.search(text) and norm_ops.search(plain.as_text())
   fused_bytes, plain_bytes = (xla_internals.cost_numbers(c)["bytes accessed"] for c in (fused, plain))
   assert fused_bytes < 0.3 * plain_bytes, (fused_bytes, plain_bytes)
+
+
+def test_analytical_flops_count_the_kernels_declared_work_on_every_shard():
+  """The analytical FLOP count (scale/flops.py) sees a Pallas kernel through its declared
+  cost and a shard_map body once per shard: 2 [N, N] x [N, D] products per head forward,
+  5 more backward (the logits recomputed, then dv, dp, dq, dk), alone or per device on
+  4 x 2 devices. (Before, it counted the kernel body once, as if it were one grid step.)"""
+  from drifting_jax.scale import flops
+
+  batch, tokens, heads, head_dim = 8, 32, 4, 64
+  qkv = jax.ShapeDtypeStruct((batch, tokens, 3 * heads * head_dim), jnp.float32)
+  weight = jax.ShapeDtypeStruct((head_dim,), jnp.float32)
+  product = 2 * batch * heads * tokens * tokens * head_dim
+  mesh = partitioning.make_mesh(4, 2)
+
+  def on_mesh(qkv, q_weight, k_weight):
+    with partitioning.activation_rules(mesh):
+      return attention.attention_from_projection(qkv, q_weight, k_weight, heads=heads, epsilon=1e-6, scale=0.125,
+                                                 out_dtype=jnp.float32)
+
+  alone = functools.partial(ws.attention_from_projection, heads=heads, epsilon=1e-6)
+  for f in (alone, on_mesh):
+    grads = lambda *x, f=f: jax.grad(lambda *y: jnp.sum(f(*y)), argnums=(0, 1, 2))(*x)
+    assert flops.program_flops(f, qkv, weight, weight) == 2 * product
+    assert flops.program_flops(grads, qkv, weight, weight) == 7 * product

@@ -1,8 +1,9 @@
 """Analytical FLOP counts: the matmuls and convolutions of a traced program, before any compiler.
 
 `program_flops(fn, *args)` walks the jaxpr of `fn` (nested calls, custom derivative
-rules, remat, scans times their length) and adds 2 x multiply-adds of every
-`dot_general` and `conv_general_dilated`. Elementwise work, reductions and
+rules, remat, scans times their length, shard_map bodies times their shards) and adds
+2 x multiply-adds of every `dot_general` and `conv_general_dilated`; a Pallas kernel
+counts the FLOPs it declares (else its body's once per grid step). Elementwise work, reductions and
 transcendentals are left out: in a transformer or a ResNet they are a few percent,
 which is what the report's comparison with the compiler's count should show. Two
 independent counts that agree make either one's error visible.
@@ -84,6 +85,22 @@ def _sub_jaxprs(eqn):
         yield name, v
 
 
+def _as_jaxpr(value):
+  return value.jaxpr if isinstance(value, _ClosedJaxpr) else value
+
+
+def _pallas_call_flops(eqn) -> float:
+  """A Pallas kernel's FLOPs: those it declares (`cost_estimate`, as our kernels do: the
+  heads' own matmuls, `whole_sequence_attention._cost`), else its body's matmuls once
+  per grid step."""
+  cost = eqn.params.get("cost_estimate")
+  if cost is not None and getattr(cost, "flops", None) is not None:
+    return float(cost.flops)
+  grid = getattr(eqn.params.get("grid_mapping"), "grid", ()) or ()
+  steps = math.prod(int(g) for g in grid) if all(isinstance(g, int) for g in grid) else 1
+  return steps * jaxpr_flops(_as_jaxpr(eqn.params["jaxpr"]))
+
+
 def jaxpr_flops(jaxpr) -> float:
   total = 0.0
   for eqn in jaxpr.eqns:
@@ -96,6 +113,13 @@ def jaxpr_flops(jaxpr) -> float:
       total += max((jaxpr_flops(b.jaxpr) for b in eqn.params["branches"]), default=0.0)
     elif prim == "scan":
       total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"].jaxpr)
+    elif prim == "pallas_call":
+      total += _pallas_call_flops(eqn)
+    elif prim == "shard_map":
+      # The body is written for one shard and runs on every one of them.
+      mesh = eqn.params["mesh"]
+      manual = eqn.params.get("manual_axes") or tuple(mesh.axis_names)
+      total += math.prod(mesh.shape[a] for a in manual) * jaxpr_flops(_as_jaxpr(eqn.params["jaxpr"]))
     else:
       for name, sub in _sub_jaxprs(eqn):
         # custom_vjp/jvp rules carry their derivative jaxprs too: count only the primal call.
