@@ -21,8 +21,9 @@ one of these implementations:
   * "whole_sequence": a Pallas TPU kernel for short sequences that holds each
     example's whole q, k and v in VMEM (`whole_sequence_attention`): no logits in
     HBM and, unlike splash, no padding of the token axis; TPUs (or the interpreter).
-    It takes heads that tile 128 lanes and sequences up to ~1,000 tokens at DiT-B's
-    width (`whole_sequence_attention.plan` says why not).
+    It takes heads that tile 128 lanes and sequences up to ~550 tokens (its VMEM per
+    grid step grows with the square of the length; `whole_sequence_attention.plan`
+    says why not).
   * "auto": resolved before the program is built (`resolve`), from the platform of
     the devices the program is built for: on TPU splash for sequences of at least
     `SPLASH_MIN_TOKENS` tokens, whole_sequence below when it takes the shapes (xla
@@ -61,7 +62,7 @@ _SPLASH_MAX_BLOCK = 512
 
 
 # "auto" picks splash on TPU from this many tokens on (whole_sequence below, where it
-# takes the shape; its VMEM per grid step grows with the square of the length). Measured by the compile reports
+# takes the shape: up to ~550 tokens; XLA's attention between that and this). Measured by the compile reports
 # (docs/scaling.md, "The step's levers"): at the ablation's 272 tokens (padded to 384)
 # splash needed 23% more HBM per v6e chip than xla (20.11 against 16.36 GiB) for an
 # estimated 3% shorter step; at 1,040 tokens attention alone needed 2.4x less memory

@@ -170,15 +170,15 @@ def _cost(cut: Plan, batch: int, itemsize: int, *, matmuls: int, arrays: int) ->
 def _attention_flat(q: Array, k: Array, v: Array, cut: Plan, scale: float, interpret: bool) -> Array:
   cost = _cost(cut, q.shape[0], q.dtype.itemsize, matmuls=2, arrays=4)
   kernel = functools.partial(_forward_kernel, cut=cut, scale=scale)
-  return _call(kernel, (q, k, v), 1, cost, interpret)[0]
+  return _call(kernel, cut, (q, k, v), 1, cost, interpret)[0]
 
 
-def _call(kernel, arrays, outputs, cost, interpret):
-  batch, tokens, columns = arrays[0].shape
-  width = kernel.keywords["cut"].width
-  spec = pl.BlockSpec((1, tokens, width), lambda example, slab: (example, 0, slab))
+def _call(kernel, cut: Plan, arrays, outputs, cost, interpret):
+  """pallas_call over (example, slab), every array [B, N, H D] cut into [1, N, width] blocks."""
+  batch, tokens, _ = arrays[0].shape
+  spec = pl.BlockSpec((1, tokens, cut.width), lambda example, slab: (example, 0, slab))
   return pl.pallas_call(
-      kernel, grid=(batch, columns // width), in_specs=[spec] * len(arrays), out_specs=[spec] * outputs,
+      kernel, grid=(batch, cut.slabs), in_specs=[spec] * len(arrays), out_specs=[spec] * outputs,
       out_shape=[jax.ShapeDtypeStruct(arrays[0].shape, arrays[0].dtype) for _ in range(outputs)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       cost_estimate=cost, interpret=interpret)(*arrays)
@@ -193,7 +193,7 @@ def _attention_flat_bwd(cut, scale, interpret, residuals, d_out):
   # Recomputes the logits (1 matmul), then dv, dp, dq, dk (4): 5 products, 1 exponential per logit.
   cost = _cost(cut, q.shape[0], q.dtype.itemsize, matmuls=5, arrays=7)
   kernel = functools.partial(_backward_kernel, cut=cut, scale=scale)
-  dq, dk, dv = _call(kernel, (q, k, v, d_out.astype(q.dtype)), 3, cost, interpret)
+  dq, dk, dv = _call(kernel, cut, (q, k, v, d_out.astype(q.dtype)), 3, cost, interpret)
   return dq, dk, dv
 
 
