@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import imagenet_latent_ablation, mnist_demo
 from drifting_jax import errors, partitioning
 from drifting_jax.models import attention, generator as G
+from attention_checks import assert_generator_equals_xla, compiled_attention
 
 # The splash kernel sums the softmax block by block (online softmax) where XLA sums a
 # whole row at once: the same fp32 arithmetic in another order. Observed differences
@@ -57,20 +57,7 @@ def test_generator_with_splash_equals_xla(monkeypatch):
   """The module's wiring (layout, qk-norm, RoPE, the scale) with the kernel interpreted."""
   monkeypatch.setattr(attention, "splash_attention",
                       functools.partial(attention.splash_attention, interpret=True))
-  config = G.model_config_for("tiny-latent", depth=1, use_bf16=False)
-  xla, splash = G.build_module(config), G.build_module({**config, "attention_impl": "splash"})
-  args, kwargs = G.example_inputs(config, batch_size=2)
-  params = jax.jit(xla.init)(jax.random.PRNGKey(0), *args, **kwargs)["params"]
-  # The zero-initialised output layers would make every gradient but theirs zero.
-  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
-  noise = G.draw_noise(xla, jax.random.PRNGKey(2), 2)
-  labels, cfg = jnp.array([3, 7]), jnp.array([1.0, 2.5])
-  loss = lambda module, p: jnp.sum(jnp.sin(module.apply({"params": p}, labels, cfg, noise=noise)["samples"]))
-  (loss_x, grad_x), (loss_s, grad_s) = (jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params)
-                                        for m in (xla, splash))
-  np.testing.assert_allclose(loss_s, loss_x, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.max(np.abs(b))),
-               grad_s, grad_x)
+  assert_generator_equals_xla(G.model_config_for("tiny-latent", depth=1, use_bf16=False), attention_impl="splash")
 
 
 def test_auto_resolves_from_the_target_devices_platform():
@@ -102,18 +89,6 @@ def test_the_default_on_cpu_is_the_module_of_before():
   assert module == G.build_module(G.model_config_from_run(config))
 
 
-def _compiled_attention(devices, impl, shape, mesh_shape=(1, 1), compiler_options=None):
-  mesh = partitioning.make_mesh(*mesh_shape, devices=devices)
-  x = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
-
-  def forward_and_backward(q, k, v):
-    with partitioning.activation_rules(mesh):
-      out, pullback = jax.vjp(functools.partial(attention.dot_product_attention, impl=impl), q, k, v)
-      return out, pullback(out)
-
-  return jax.jit(forward_and_backward).lower(x, x, x).compile(compiler_options=compiler_options).as_text()
-
-
 @pytest.mark.slow
 def test_splash_compiles_for_a_tpu_slice():
   """v5p-8 (4 chips), data 2 x fsdp 2: the kernel (a Mosaic custom call) runs on each
@@ -127,7 +102,7 @@ def test_splash_compiles_for_a_tpu_slice():
   assert G.module_for_run(config, devices).attention_impl == "whole_sequence"
   config.model.attention_impl = "splash"
   assert G.module_for_run(config, devices).attention_impl == "splash"
-  text = _compiled_attention(devices, "splash", (8, 272, 12, 64), mesh_shape=(2, 2))
+  text = compiled_attention(devices, "splash", (8, 272, 12, 64), mesh_shape=(2, 2)).as_text()
   assert "tpu_custom_call" in text
   assert "all-gather" not in text
 
@@ -147,6 +122,6 @@ def test_cudnn_compiles_to_fused_attention_for_an_h100(monkeypatch):
     # the plugin but no cuDNN library: the version the plugin was built against stands in.
     _, cudnn = xla_internals._cuda_plugin_build_versions()  # pylint: disable=protected-access
     monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: cudnn)
-  text = _compiled_attention(devices, "cudnn", (2, 272, 4, 64), compiler_options=targets.compiler_options(target))
+  text = compiled_attention(devices, "cudnn", (2, 272, 4, 64), compiler_options=targets.compiler_options(target)).as_text()
   calls = set(re.findall(r'custom_call_target="([^"]+)"', text))
   assert {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"} <= calls, calls

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import imagenet_latent_ablation
 from drifting_jax import errors, partitioning
 from drifting_jax.models import attention, generator as G, layers, whole_sequence_attention as ws
+from attention_checks import assert_generator_equals_xla, compiled_attention
 
 # The kernel sums each softmax row whole, as XLA does, in fp32; the matmuls' fp32
 # accumulation order differs. Observed differences <= 1.1e-6 on values of order 1,
@@ -141,21 +142,8 @@ def test_generator_with_it_equals_xla(interpreted_kernels, monkeypatch, preamble
   from_projection = ws.attention_from_projection
   monkeypatch.setattr(ws, "attention_from_projection", lambda *a, **k: calls.append(1) or from_projection(*a, **k))
   config = G.model_config_for("tiny-latent", depth=1, use_bf16=False, use_qknorm=preamble_in_kernel)
-  plain, fused = G.build_module(config), G.build_module({**config, "attention_impl": "whole_sequence"})
-  args, kwargs = G.example_inputs(config, batch_size=2)
-  params = jax.jit(plain.init)(jax.random.PRNGKey(0), *args, **kwargs)["params"]
-  # The zero-initialised output layers would make every gradient but theirs zero.
-  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
-  noise = G.draw_noise(plain, jax.random.PRNGKey(2), 2)
-  labels, cfg = jnp.array([3, 7]), jnp.array([1.0, 2.5])
-  loss = lambda module, p: jnp.sum(jnp.sin(module.apply({"params": p}, labels, cfg, noise=noise)["samples"]))
-  (loss_x, grad_x), (loss_w, grad_w) = (jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params)
-                                        for m in (plain, fused))
+  assert_generator_equals_xla(config, attention_impl="whole_sequence")
   assert bool(calls) == preamble_in_kernel
-  np.testing.assert_allclose(loss_w, loss_x, rtol=1e-5)
-  assert jax.tree.structure(grad_w) == jax.tree.structure(grad_x)  # the same parameters
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.max(np.abs(b))),
-               grad_w, grad_x)
 
 
 def test_on_a_mesh_each_device_takes_its_share_of_the_batch(interpreted_kernels):
@@ -265,18 +253,6 @@ def test_from_projection_on_a_mesh_sums_the_norm_weights_gradients_over_devices(
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
 
 
-def _compiled(devices, impl, shape, mesh_shape=(1, 1)):
-  mesh = partitioning.make_mesh(*mesh_shape, devices=devices)
-  x = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
-
-  def forward_and_backward(q, k, v):
-    with partitioning.activation_rules(mesh):
-      out, pullback = jax.vjp(functools.partial(attention.dot_product_attention, impl=impl), q, k, v)
-      return out, pullback(out)
-
-  return jax.jit(forward_and_backward).lower(x, x, x).compile()
-
-
 @pytest.mark.slow
 def test_compiles_for_a_tpu_slice_without_logits_in_hbm():
   """v6e-8, data 4 x fsdp 2, DiT-B/2's attention at 272 tokens: a Mosaic call per chip
@@ -290,7 +266,7 @@ def test_compiles_for_a_tpu_slice_without_logits_in_hbm():
   config = imagenet_latent_ablation.get_config()
   assert G.module_for_run(config, devices).attention_impl == "whole_sequence"  # "auto" at 272 tokens
   shape = (64, 272, 12, 64)
-  fused, plain = (_compiled(devices, impl, shape, mesh_shape=(4, 2)) for impl in ("whole_sequence", "xla"))
+  fused, plain = (compiled_attention(devices, impl, shape, mesh_shape=(4, 2)) for impl in ("whole_sequence", "xla"))
   text = fused.as_text()
   assert "tpu_custom_call" in text and "all-gather" not in text
   logits = re.compile(r"\[[0-9,]*272,272\]")
