@@ -115,10 +115,13 @@ def custom_call_bytes(line: str, shape: str, shapes: dict[str, str]) -> float:
 
 def _custom_call_cost(cost: xla_internals.InstructionCost,
                       library_call_flops: Optional[Callable]) -> tuple[float, float]:
-  """(FLOPs, bytes) of a custom call: the library's count when it knows the call, else
-  no FLOPs; its operands' and results' bytes."""
+  """(FLOPs, bytes) of a custom call: the library's count when it knows the call, else a
+  Pallas kernel's declared FLOPs (which libtpu counts too), else none; its operands' and
+  results' bytes."""
   shapes = dict(zip(cost.operands, cost.operand_shapes))
   flops = library_call_flops(cost.line, cost.shape, shapes) if library_call_flops else None
+  if flops is None:
+    flops = xla_internals.mosaic_declared_flops(cost.line)
   return float(flops or 0.0), custom_call_bytes(cost.line, cost.shape, shapes)
 
 

@@ -109,6 +109,11 @@ INTERNALS: dict[str, Internal] = {
         "libtpu's per-kernel cost-model estimate in HLO text (`\"estimated_cycles\":\"N\"` in a kernel's "
         "backend_config)", ("libtpu",), "the breakdown's time view on TPU (breakdown.breakdown)",
         "self_check(tpu=True): the small libtpu program's kernels carry it"),
+    "hlo_text.mosaic_cost_estimate": Internal(
+        "a Pallas kernel's declared cost in its Mosaic custom call's backend_config "
+        "(`\"cost_estimate\":{\"flops\":\"N\"`), which libtpu adds to the program's FLOPs", ("jax", "libtpu"),
+        "the breakdown's FLOPs of Pallas kernels (breakdown.instructions), which XLA's cost analysis cannot see",
+        "self_check(tpu=True): a small kernel's declared FLOPs are in its call's line and in libtpu's total"),
     "hlo_text.collectives": Internal(
         "the optimized HLO text's collective lines (`%x = <shape> all-reduce(...`)", ("jaxlib", "libtpu"),
         "the reports' collectives (analysis.collectives)", "the CPU program's psum and all-gather"),
@@ -465,6 +470,13 @@ _CONTROL_PREDECESSORS = re.compile(r",\s*control-predecessors=\{[^}]*\}")
 _STACK_FRAME = re.compile(r"\s*stack_frame_id=\d+")
 # libtpu's per-kernel cost-model estimate in each kernel's backend_config.
 ESTIMATED_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+MOSAIC_COST_ESTIMATE = re.compile(r'"cost_estimate":\{"flops":"(\d+)"')
+
+
+def mosaic_declared_flops(line: str) -> float | None:
+  """The FLOPs a Pallas kernel declared (`pl.CostEstimate`) from its custom call's line, if any."""
+  found = MOSAIC_COST_ESTIMATE.search(line)
+  return float(found.group(1)) if found else None
 # Instructions that run no code of their own: control flow (its bodies' instructions are
 # costed one by one, as XLA's cost analysis costs a loop body once), names for values.
 _NOT_COSTED = ("parameter", "constant", "while", "call", "conditional")
@@ -1026,7 +1038,7 @@ def _check_cuda_plugin(c: _Checks) -> None:
 
 
 def _check_libtpu(c: _Checks, tpu: bool) -> None:
-  keys = ("tpu_topology_desc", "libtpu_environment", "hlo_text.estimated_cycles")
+  keys = ("tpu_topology_desc", "libtpu_environment", "hlo_text.estimated_cycles", "hlo_text.mosaic_cost_estimate")
   if not tpu or importlib.util.find_spec("libtpu") is None:
     why = "libtpu is not installed" if tpu else "self_check(tpu=True) compiles a small program with libtpu"
     for key in keys:
@@ -1042,12 +1054,14 @@ def _check_libtpu(c: _Checks, tpu: bool) -> None:
            f"{sorted(LIBTPU_COMPILE_ENVIRONMENT)} are not all set")
   if not c.expect("tpu_topology_desc", len(topology.devices) == 4,
                   f"describes {len(topology.devices)} devices for v5e:2x2, not 4"):
-    c.skip("hlo_text.estimated_cycles", "no program compiled (see tpu_topology_desc)")
+    for key in keys[2:]:
+      c.skip(key, "no program compiled (see tpu_topology_desc)")
     return
   collect, args = _collecting_program(topology.devices, [((8, 1024), jnp.float32), ((64, 1024), jnp.bfloat16)])
   compiled = c.run("tpu_topology_desc", lambda: jax.jit(collect).lower(*args).compile())
   if compiled is None:
-    c.skip("hlo_text.estimated_cycles", "no program compiled (see tpu_topology_desc)")
+    for key in keys[2:]:
+      c.skip(key, "no program compiled (see tpu_topology_desc)")
     return
   found = _collective_totals(_program_text(compiled))
   expected = {"all-reduce": {"count": 1, "bytes": 2 * 1024 * 4}, "all-gather": {"count": 1, "bytes": 64 * 1024 * 2}}
@@ -1060,10 +1074,34 @@ def _check_libtpu(c: _Checks, tpu: bool) -> None:
     cycles = ESTIMATED_CYCLES.findall(_program_text(matmul))
     c.expect("hlo_text.estimated_cycles", bool(cycles) and all(int(n) > 0 for n in cycles),
              "libtpu's matmul has no kernel with a positive \"estimated_cycles\" in its backend_config")
+  kernel = c.run("hlo_text.mosaic_cost_estimate", lambda: _declared_cost_kernel(one_chip))
+  if kernel is not None:
+    line = next((l for l in _program_text(kernel).splitlines() if "tpu_custom_call" in l), "")
+    declared = mosaic_declared_flops(line)
+    total = cost_numbers(kernel).get("flops", 0.0)
+    c.expect("hlo_text.mosaic_cost_estimate", declared == _DECLARED_FLOPS and total >= _DECLARED_FLOPS,
+             f"a kernel declaring {_DECLARED_FLOPS} FLOPs reads as {declared} in its call's line and libtpu "
+             f"counts {total} FLOPs for its program")
   cost = cost_numbers(compiled)
   c.expect("cost_analysis_keys", all(k in cost for k in COST_TOTALS) and cost.get("optimal_seconds", 0) > 0,
            f"libtpu's cost analysis has keys {sorted(cost)}, not {list(COST_TOTALS)} and a positive "
            "optimal_seconds")
+
+
+_DECLARED_FLOPS = 123_456_789.0
+
+
+def _declared_cost_kernel(sharding):
+  """A Pallas copy kernel declaring `_DECLARED_FLOPS`, compiled for one described TPU chip."""
+  from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
+
+  def copy(x_ref, o_ref):
+    o_ref[...] = x_ref[...] + 1.0
+
+  call = lambda x: pl.pallas_call(copy, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                  cost_estimate=pl.CostEstimate(flops=int(_DECLARED_FLOPS), transcendentals=0,
+                                                                bytes_accessed=2 * 8 * 128 * 4))(x)
+  return jax.jit(call).lower(jax.ShapeDtypeStruct((8, 128), jnp.float32, sharding=sharding)).compile()
 
 
 def checks(tpu: bool = False) -> list[Check]:
