@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 from jax.experimental import topologies
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -1093,8 +1094,6 @@ _DECLARED_FLOPS = 123_456_789.0
 
 def _declared_cost_kernel(sharding):
   """A Pallas copy kernel declaring `_DECLARED_FLOPS`, compiled for one described TPU chip."""
-  from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
-
   def copy(x_ref, o_ref):
     o_ref[...] = x_ref[...] + 1.0
 
