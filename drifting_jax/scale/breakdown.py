@@ -42,7 +42,7 @@ import re
 import sys
 from typing import Any, Callable, Optional
 
-from drifting_jax.scale import xla_internals
+from drifting_jax.scale import flops as flops_lib, xla_internals
 
 # (component, pattern searched in the op_name without its jit(...)/ prefixes); first match wins.
 COMPONENT_RULES: tuple[tuple[str, str], ...] = (
@@ -82,7 +82,10 @@ def library_call_flops(line: str, shape: str, shapes: dict[str, str]) -> float |
 
   GEMM: 2 x (result elements) x (product of the lhs contracting dimensions). Convolution
   (forward, or either backward pass of one): 2 x (forward output elements) x (kernel
-  window) x (kernel input features per group).
+  window) x (kernel input features per group), counting only the (output position,
+  kernel tap) pairs that read a real input element, not the padding (`flops.window_taps`:
+  as the analytical count and XLA's own cost analysis count; cuDNN multiplies the
+  padding's zeros too, which on a 4x4 map is 31% of a 3x3 window's work).
   """
   name = xla_internals.custom_call_target(line)
   operands = xla_internals.operand_arrays(line, "custom-call", shapes)
@@ -98,10 +101,22 @@ def library_call_flops(line: str, shape: str, shapes: dict[str, str]) -> float |
   if name in xla_internals.CUDNN_CONV_ROLES and labels and len(operands) >= 2:
     roles = {"result": results[0][1], "op0": operands[0][1], "op1": operands[1][1]}
     _, kernel_role, out_role = xla_internals.CUDNN_CONV_ROLES[name]
-    kernel, out = roles[kernel_role], roles[out_role]
-    kernel_labels = labels[1]
-    window = math.prod(kernel[i] for i, c in enumerate(kernel_labels) if c.isdigit())
-    return 2.0 * math.prod(out) * window * kernel[kernel_labels.index("i")]
+    input_role = xla_internals.CUDNN_CONV_ROLES[name][0]
+    kernel, out, lhs = roles[kernel_role], roles[out_role], roles[input_role]
+    input_labels, kernel_labels, out_labels = labels
+    spatial = sorted(c for c in kernel_labels if c.isdigit())
+    window = xla_internals.conv_window(line)
+    if window is None or len(window["size"]) != len(spatial):
+      taps = math.prod(out[out_labels.index(d)] for d in spatial) * math.prod(kernel[kernel_labels.index(d)]
+                                                                             for d in spatial)
+    else:
+      taps = math.prod(
+          flops_lib.window_taps(out[out_labels.index(d)], kernel[kernel_labels.index(d)], lhs[input_labels.index(d)],
+                                window["stride"][i], window["pad"][i][0], window["lhs_dilate"][i],
+                                window["rhs_dilate"][i])
+          for i, d in enumerate(spatial))
+    per_position = out[out_labels.index("b")] * out[out_labels.index("f")]
+    return 2.0 * per_position * taps * kernel[kernel_labels.index("i")]
   return None
 
 

@@ -39,7 +39,7 @@ def _dot_general_flops(eqn) -> float:
   return 2.0 * batch * lhs_free * rhs_free * contract
 
 
-def _window_taps(out_size: int, kernel_size: int, in_size: int, stride: int, pad_low: int, lhs_dilation: int,
+def window_taps(out_size: int, kernel_size: int, in_size: int, stride: int, pad_low: int, lhs_dilation: int,
                  rhs_dilation: int) -> int:
   """Pairs (output position, kernel tap) of one spatial dimension that read a real input
   element: not the padding, not a hole of a dilated (transposed) input."""
@@ -66,7 +66,7 @@ def _conv_flops(eqn) -> float:
   lhs_dilation = eqn.params.get("lhs_dilation") or (1,) * ndim
   rhs_dilation = eqn.params.get("rhs_dilation") or (1,) * ndim
   taps = math.prod(
-      _window_taps(out[out_spec[2 + d]], kernel[rhs_spec[2 + d]], lhs[lhs_spec[2 + d]], strides[d], padding[d][0],
+      window_taps(out[out_spec[2 + d]], kernel[rhs_spec[2 + d]], lhs[lhs_spec[2 + d]], strides[d], padding[d][0],
                    lhs_dilation[d], rhs_dilation[d]) for d in range(ndim))
   in_features = kernel[rhs_spec[1]]  # per feature group
   out_elements_per_position = out[out_spec[0]] * out[out_spec[1]]

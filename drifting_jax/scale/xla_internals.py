@@ -140,7 +140,8 @@ INTERNALS: dict[str, Internal] = {
         "the CPU program's LAPACK call"),
     "hlo_text.library_calls": Internal(
         "cuBLAS/cuDNN custom calls in HLO text (targets `__cublas$...`/`__cudnn$conv...`, "
-        "`lhs_contracting_dimensions` in backend_config, `dim_labels=`, a trailing s8/u8 scratch buffer)",
+        "`lhs_contracting_dimensions` in backend_config, `dim_labels=`, `window={size=.. stride=.. pad=..}`, a "
+        "trailing s8/u8 scratch buffer)",
         ("jaxlib", "jax-cuda12-plugin"), "the GPU reports' library-call FLOPs and bytes (analysis.library_calls)",
         "a stored module of the GPU compiler's form through the installed XLA's parser and printer"),
     "cost_analysis_keys": Internal(
@@ -249,6 +250,7 @@ DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\
 ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 CONTRACTING = re.compile(r'"lhs_contracting_dimensions"\s*:\s*\[([^\]]*)\]')
 DIM_LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
+WINDOW = re.compile(r"window=\{([^}]*)\}")
 _OPERAND_REF = re.compile(r"%?([\w.\-]+)\s*$")
 # The printer's `/*index=5*/` before every fifth element of a long tuple or operand list
 # (a combined all-reduce of many gradients): its "=" would end a shape's match.
@@ -407,6 +409,24 @@ def conv_dim_labels(line: str) -> tuple[str, str, str] | None:
   """A convolution's (input, kernel, output) dimension labels, e.g. ("b01f", "01io", "b01f")."""
   labels = DIM_LABELS.search(line)
   return (labels.group(1), labels.group(2), labels.group(3)) if labels else None
+
+
+def conv_window(line: str) -> dict[str, list] | None:
+  """A convolution's window per spatial dimension, e.g. `window={size=3x3 stride=2x2 pad=1_1x1_1}`
+  -> {"size": [3, 3], "stride": [2, 2], "pad": [(1, 1), (1, 1)], "lhs_dilate": [1, 1],
+  "rhs_dilate": [1, 1]} (absent fields at their defaults); None without a window."""
+  found = WINDOW.search(line)
+  if not found:
+    return None
+  fields = dict(part.split("=", 1) for part in found.group(1).split() if "=" in part)
+  if "size" not in fields:
+    return None
+  size = [int(x) for x in fields["size"].split("x")]
+  ints = lambda key: [int(x) for x in fields[key].split("x")] if key in fields else [1] * len(size)
+  pads = ([tuple(int(v) for v in p.split("_")) for p in fields["pad"].split("x")] if "pad" in fields
+          else [(0, 0)] * len(size))
+  return {"size": size, "stride": ints("stride"), "pad": pads, "lhs_dilate": ints("lhs_dilate"),
+          "rhs_dilate": ints("rhs_dilate")}
 
 
 # --------------------------------------------------------------------------- compiled programs
