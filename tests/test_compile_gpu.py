@@ -83,7 +83,12 @@ def test_compile_smoke_for_one_host_of_eight_h100s(tmp_path):
   assert mem["capacity_bytes"] == 80 * 2**30 and mem["code_bytes"] == 0 and mem["temporaries_bytes"] > 0
   # FLOPs: the HLO cost analysis (elementwise work) plus the cuBLAS/cuDNN calls (the matmuls).
   assert train["cost_analysis"]["library_call_flops"] > 0.9 * train["flops"]["analytical_per_device"]
-  assert 0.95 <= train["flops"]["compiler_over_analytical"] <= 1.1, train["flops"]
+  # The GPU compiler runs a strided convolution's input gradient as a forward convolution
+  # over a zero-dilated copy of the output gradient: cuDNN multiplies the inserted zeros
+  # (real work on the GPU, not in the analytical count of useful products). On the toy
+  # step's 2x2-16x16 maps those calls are 0.91 of 7.55 GFLOP per GPU, ~3/4 of it zeros:
+  # 1.14 measured, about 1.04 counting only their useful quarter (docs/scaling.md, "Convolutions' FLOPs on GPU").
+  assert 0.95 <= train["flops"]["compiler_over_analytical"] <= 1.2, train["flops"]
   assert train["library_calls"]["not_counted"] == {}
   assert train["time"]["source"].startswith("roofline only") and train["time"]["seconds"] > 0
   assert train["projection"]["label"].startswith("roofline estimate")
