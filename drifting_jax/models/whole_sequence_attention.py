@@ -335,32 +335,38 @@ def _projection_backward_kernel(q_ref, k_ref, v_ref, wq_ref, wk_ref, cos_ref, si
   dwk_ref[0] = dwk
 
 
-def _projection_call(kernel, cut: Plan, qkv: Array, per_slab: tuple[Array, ...], per_example: tuple[Array, ...],
+def _shared_inputs(q_weight: Array, k_weight: Array, cut: Plan) -> tuple[Array, ...]:
+  """What every slab reads alike, one slab wide: the norm weights [1, width] (a head's [D]
+  repeated over the slab's heads) and RoPE's cos, sin [N, width]."""
+  weight = lambda w: jnp.tile(w.astype(jnp.float32), cut.heads_per_slab)[None]
+  return (weight(q_weight), weight(k_weight), *rope_tables(cut.tokens, cut.head_dim, cut.width))
+
+
+def _projection_call(kernel, cut: Plan, qkv: Array, shared: tuple[Array, ...], per_example: tuple[Array, ...],
                      outputs: list[jax.ShapeDtypeStruct], cost: pl.CostEstimate, interpret: bool):
-  """pallas_call over (example, slab): qkv's q, k and v slabs, then `per_slab` arrays [1 or N, width * slabs]
-  (the same block for every example), then `per_example` [B, N, H D] slabs; outputs likewise by shape."""
+  """pallas_call over (example, slab): qkv's q, k and v slabs, then the `shared` arrays
+  (`_shared_inputs`: the same block at every grid step, so fetched once), then
+  `per_example` [B, N, H D] slabs; outputs [B, rows, H D] by slab likewise."""
   batch, tokens, _ = qkv.shape
   slabs, width = cut.slabs, cut.width
   part = lambda which: pl.BlockSpec((1, tokens, width), lambda b, j: (b, 0, which * slabs + j))
   example_slab = lambda rows: pl.BlockSpec((1, rows, width), lambda b, j: (b, 0, j))
-  shared = lambda rows: pl.BlockSpec((rows, width), lambda b, j: (0, j))
-  in_specs = [part(0), part(1), part(2)] + [shared(a.shape[0]) for a in per_slab] + [
-      example_slab(tokens) for _ in per_example]
+  whole = lambda a: pl.BlockSpec(a.shape, lambda b, j: (0, 0))
+  in_specs = [part(0), part(1), part(2)] + [whole(a) for a in shared] + [example_slab(tokens) for _ in per_example]
   out_specs = [example_slab(o.shape[1]) for o in outputs]
   return pl.pallas_call(
       kernel, grid=(batch, slabs), in_specs=in_specs, out_specs=out_specs, out_shape=outputs,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-      cost_estimate=cost, interpret=interpret)(qkv, qkv, qkv, *per_slab, *per_example)
+      cost_estimate=cost, interpret=interpret)(qkv, qkv, qkv, *shared, *per_example)
 
 
 def _projection_cost(cut: Plan, qkv: Array, out_itemsize: int, *, backward: bool) -> pl.CostEstimate:
   batch = qkv.shape[0]
-  if backward:  # reads q, k, v, do; writes dq, dk, dv
-    base = _cost(cut, batch, qkv.dtype.itemsize, matmuls=5, arrays=6)
-    extra = batch * cut.tokens * cut.slabs * cut.width * out_itemsize
-  else:  # reads q, k, v; writes the output
-    base = _cost(cut, batch, qkv.dtype.itemsize, matmuls=2, arrays=3)
-    extra = batch * cut.tokens * cut.slabs * cut.width * out_itemsize
+  # Forward: reads q, k, v, writes the output; backward: reads q, k, v and the output's
+  # gradient, writes dq, dk, dv. The output (or its gradient) is in the output's dtype.
+  base = (_cost(cut, batch, qkv.dtype.itemsize, matmuls=5, arrays=6) if backward
+          else _cost(cut, batch, qkv.dtype.itemsize, matmuls=2, arrays=3))
+  extra = batch * cut.tokens * cut.slabs * cut.width * out_itemsize
   tables = 2 * cut.tokens * cut.width * 4
   return pl.CostEstimate(flops=base.flops, transcendentals=base.transcendentals,
                          bytes_accessed=int(base.bytes_accessed + extra + tables))
@@ -372,41 +378,26 @@ def _from_projection(qkv: Array, q_weight: Array, k_weight: Array, cut: Plan, pr
   return _from_projection_fwd(qkv, q_weight, k_weight, cut, pre, scale, out_dtype, interpret)[0]
 
 
-def _slab_weights(weight: Array, cut: Plan) -> Array:
-  """A head's norm weight [D] repeated over the heads' lanes of every slab: [1, H D]."""
-  return jnp.tile(weight.astype(jnp.float32), cut.slabs * cut.heads_per_slab)[None]
-
-
 def _from_projection_fwd(qkv, q_weight, k_weight, cut, pre, scale, out_dtype, interpret):
   batch, tokens, _ = qkv.shape
-  cos, sin = rope_tables(tokens, cut.head_dim, cut.width)
   columns = cut.slabs * cut.width
   kernel = functools.partial(_projection_forward_kernel, cut=cut, pre=pre, scale=scale)
   out = _projection_call(
-      kernel, cut, qkv, (_slab_weights(q_weight, cut), _slab_weights(k_weight, cut), _tile_slabs(cos, cut),
-                         _tile_slabs(sin, cut)), (),
+      kernel, cut, qkv, _shared_inputs(q_weight, k_weight, cut), (),
       [jax.ShapeDtypeStruct((batch, tokens, columns), out_dtype)],
       _projection_cost(cut, qkv, jnp.dtype(out_dtype).itemsize, backward=False), interpret)[0]
   return out, (qkv, q_weight, k_weight)
 
 
-def _tile_slabs(table: Array, cut: Plan) -> Array:
-  """A [N, width] table repeated for every slab: [N, H D] (the same block index would do; a
-  per-slab block keeps the kernel's specs uniform)."""
-  return jnp.tile(table, (1, cut.slabs))
-
-
 def _from_projection_bwd(cut, pre, scale, out_dtype, interpret, residuals, d_out):
   qkv, q_weight, k_weight = residuals
   batch, tokens, _ = qkv.shape
-  cos, sin = rope_tables(tokens, cut.head_dim, cut.width)
   columns = cut.slabs * cut.width
   kernel = functools.partial(_projection_backward_kernel, cut=cut, pre=pre, scale=scale)
   part = jax.ShapeDtypeStruct((batch, tokens, columns), qkv.dtype)
   partial_weight = jax.ShapeDtypeStruct((batch, 1, columns), jnp.float32)
   dq, dk, dv, dwq, dwk = _projection_call(
-      kernel, cut, qkv, (_slab_weights(q_weight, cut), _slab_weights(k_weight, cut), _tile_slabs(cos, cut),
-                         _tile_slabs(sin, cut)), (d_out.astype(out_dtype),),
+      kernel, cut, qkv, _shared_inputs(q_weight, k_weight, cut), (d_out.astype(out_dtype),),
       [part, part, part, partial_weight, partial_weight],
       _projection_cost(cut, qkv, jnp.dtype(out_dtype).itemsize, backward=True), interpret)
   # The weights' gradients: summed over examples (the kernel summed tokens) and over heads.

@@ -100,8 +100,7 @@ def library_call_flops(line: str, shape: str, shapes: dict[str, str]) -> float |
     return 2.0 * math.prod(results[0][1]) * k
   if name in xla_internals.CUDNN_CONV_ROLES and labels and len(operands) >= 2:
     roles = {"result": results[0][1], "op0": operands[0][1], "op1": operands[1][1]}
-    _, kernel_role, out_role = xla_internals.CUDNN_CONV_ROLES[name]
-    input_role = xla_internals.CUDNN_CONV_ROLES[name][0]
+    input_role, kernel_role, out_role = xla_internals.CUDNN_CONV_ROLES[name]
     kernel, out, lhs = roles[kernel_role], roles[out_role], roles[input_role]
     input_labels, kernel_labels, out_labels = labels
     spatial = sorted(c for c in kernel_labels if c.isdigit())

@@ -491,16 +491,17 @@ _CONTROL_PREDECESSORS = re.compile(r",\s*control-predecessors=\{[^}]*\}")
 _STACK_FRAME = re.compile(r"\s*stack_frame_id=\d+")
 # libtpu's per-kernel cost-model estimate in each kernel's backend_config.
 ESTIMATED_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+# A Pallas kernel's declared cost (`pl.CostEstimate`) in its Mosaic call's backend_config.
 MOSAIC_COST_ESTIMATE = re.compile(r'"cost_estimate":\{"flops":"(\d+)"')
+# Instructions that run no code of their own: control flow (its bodies' instructions are
+# costed one by one, as XLA's cost analysis costs a loop body once), names for values.
+_NOT_COSTED = ("parameter", "constant", "while", "call", "conditional")
 
 
 def mosaic_declared_flops(line: str) -> float | None:
   """The FLOPs a Pallas kernel declared (`pl.CostEstimate`) from its custom call's line, if any."""
   found = MOSAIC_COST_ESTIMATE.search(line)
   return float(found.group(1)) if found else None
-# Instructions that run no code of their own: control flow (its bodies' instructions are
-# costed one by one, as XLA's cost analysis costs a loop body once), names for values.
-_NOT_COSTED = ("parameter", "constant", "while", "call", "conditional")
 
 
 @dataclasses.dataclass(frozen=True)
