@@ -113,12 +113,19 @@ def _references(groups: _Groups) -> _References:
   return _References(points, weights, cg + groups.neg.shape[1], self_mask)
 
 
+def _reference_distances(groups: _Groups, refs: _References) -> list[tuple[Array, Array]]:
+  """The generated-to-reference distances of the batch-mean scale, as one column block."""
+  return [(_common.pairwise_distances(jax.lax.stop_gradient(groups.gen), refs.points), refs.weights)]
+
+
 def _distance_scale(groups: _Groups, refs: _References | None, normalize_distances: bool, distance_scale,
-                    distances: Sequence[tuple[Array, Array]] | None = None) -> Array:
+                    distances: Sequence[tuple[Array, Array]] | None = None, batch_scale=None) -> Array:
   """Per-group scale [G] that distances (and coordinates) are divided by.
 
   `distances`: the generated-to-reference distances where the caller has them, as
   column blocks [(dist [G, Cg, Mb], weights [G, Mb])]; else computed from `refs`.
+  `batch_scale`: the whole batch's batch-mean scale where these groups are part of
+  it (`statistics.BatchStatistics`); it replaces theirs, floored the same way.
   """
   num_groups = groups.gen.shape[0]
   if distance_scale is not None:
@@ -130,8 +137,11 @@ def _distance_scale(groups: _Groups, refs: _References | None, normalize_distanc
     return jax.lax.stop_gradient(jnp.broadcast_to(scale, (num_groups,)))
   if not normalize_distances:
     return jnp.ones((num_groups,), groups.gen.dtype)
+  if batch_scale is not None:
+    scale = jnp.maximum(jnp.asarray(batch_scale, groups.gen.dtype), _MIN_DISTANCE_SCALE)
+    return jax.lax.stop_gradient(jnp.broadcast_to(scale, (num_groups,)))
   if distances is None:
-    distances = [(_common.pairwise_distances(jax.lax.stop_gradient(groups.gen), refs.points), refs.weights)]
+    distances = _reference_distances(groups, refs)
   if len(distances) == 1:
     scale = batch_distance_scale(*distances[0])
   else:  # batch_distance_scale of the blocks side by side, without concatenating them
@@ -201,6 +211,8 @@ def per_feature_group(objective: Callable[..., tuple[Array, Info]]) -> Callable[
   @functools.wraps(objective)
   def dispatch(gen, fixed_pos, fixed_neg=None, weight_gen=None, weight_pos=None, weight_neg=None, **options):
     if isinstance(gen, Mapping):
+      if options.get("return_batch_sums"):
+        raise ValueError("return_batch_sums takes one feature group: call the objective per group")
       return sum_over_feature_groups(objective, gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg,
                                      **options)
     return objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, **options)

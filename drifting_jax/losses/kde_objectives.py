@@ -16,7 +16,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from drifting_jax.losses import _common
+from drifting_jax.losses import _common, statistics as statistics_lib
 from drifting_jax.losses.groups import (Info, _distance_scale, _generated_probabilities, _Groups, _kernels,
                                         _nan_if_invalid, _per_row, _prepare, per_feature_group)
 from drifting_jax.losses.kernels import Kernel
@@ -41,7 +41,9 @@ class _KDEOperands(NamedTuple):
   scale: Array           # [G]
 
 
-def _kde_operands(groups: _Groups, normalize_distances: bool, distance_scale) -> _KDEOperands:
+def _kde_operands(groups: _Groups, normalize_distances: bool, distance_scale,
+                  batch_scale=None) -> tuple[_KDEOperands, list[tuple[Array, Array]]]:
+  """The KDEs' operands, and the distance blocks of the batch-mean scale (for `BatchSums`)."""
   cg = groups.gen.shape[1]
   gen_sg = jax.lax.stop_gradient(groups.gen)
   points_q = jnp.concatenate([gen_sg, groups.neg], axis=1)
@@ -52,8 +54,9 @@ def _kde_operands(groups: _Groups, normalize_distances: bool, distance_scale) ->
   dist_q = jnp.where(is_self, math.sqrt(_common.SQUARED_DISTANCE_EPS),
                      _common.pairwise_distances(gen_sg, points_q))
   dist_p = _common.pairwise_distances(gen_sg, groups.pos)
-  scale = _distance_scale(groups, None, normalize_distances, distance_scale,
-                          distances=[(dist_q, w_q), (dist_p, groups.w_pos)])
+  blocks = [(dist_q, w_q), (dist_p, groups.w_pos)]
+  scale = _distance_scale(groups, None, normalize_distances, distance_scale, distances=blocks,
+                          batch_scale=batch_scale)
   inv_scale = 1.0 / scale[:, None, None]
   log_w_q = _common.safe_log(w_q)
   # q's references exclude the sample itself: weight 0 on the diagonal.
@@ -63,7 +66,7 @@ def _kde_operands(groups: _Groups, normalize_distances: bool, distance_scale) ->
   log_w_p = _common.safe_log(groups.w_pos)
   p = _Side(groups.pos, dist_p * inv_scale, log_w_p[:, None, :], jnp.max(log_w_p, -1, keepdims=True),
             jnp.log(jnp.sum(groups.w_pos, -1, keepdims=True)))
-  return _KDEOperands(q, p, _generated_probabilities(groups), scale)
+  return _KDEOperands(q, p, _generated_probabilities(groups), scale), blocks
 
 
 class _KernelPair(NamedTuple):
@@ -117,8 +120,9 @@ def _kde_side(pair: _KernelPair, side: _Side, r_min: Array) -> tuple[Array, Arra
 
 
 def _kde_values_and_gradients(gen: Array, ops: _KDEOperands, *, kernels: Sequence[Kernel], sharp: bool,
-                              take_log: bool, normalize_gradients: bool):
-  """Per-bandwidth values [H, G] and the gradient of sum_h value_h[g] w.r.t. gen [G, Cg, S].
+                              take_log: bool, normalize_gradients: bool, field_mean_square: Array | None = None):
+  """Per-bandwidth values [H, G], the gradient of sum_h value_h[g] w.r.t. gen [G, Cg, S], and
+  each bandwidth's summed squared gradient [H] (zeros without `normalize_gradients`).
 
   The gradient is formed analytically in the same pass as the values. With
   r_ij = |x_i - y_j| / c, K the KDE's kernel (k# for the log-KDE) and
@@ -165,35 +169,42 @@ def _kde_values_and_gradients(gen: Array, ops: _KDEOperands, *, kernels: Sequenc
 
   if normalize_gradients:
     grads = [to_gen(c_q, c_p) for c_q, c_p in coefficients]
-    unit = sum(g / jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(g))), 1e-30) for g in grads)
+    field_square = jnp.stack([jnp.sum(jnp.square(g)) for g in grads])
+    # Each bandwidth's gradient divided by its RMS over the batch: these groups', or
+    # the whole batch's where they are a chunk of it (statistics.BatchStatistics).
+    mean_squares = ([jnp.mean(jnp.square(g)) for g in grads] if field_mean_square is None
+                    else list(field_mean_square))
+    unit = sum(g / jnp.maximum(jnp.sqrt(ms), 1e-30) for g, ms in zip(grads, mean_squares))
     gradient = unit / (gen.shape[1] * gen.shape[2])
   else:
     gradient = to_gen(sum(c for c, _ in coefficients), sum(c for _, c in coefficients))
-  return jnp.stack(values), gradient
+    field_square = jnp.zeros((len(kernels),), gradient.dtype)
+  return jnp.stack(values), gradient, field_square
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _with_precomputed_gradient(values_and_gradient_fn: Callable, gen: Array, operands: Any):
-  """(sum_h values[h], values) as a function of gen, differentiated with the precomputed gradient.
+  """(sum_h values[h], values, field_square) as a function of gen, differentiated with the precomputed gradient.
 
-  `values_and_gradient_fn(gen, operands) -> (values [H, G], gradient [G, Cg, S])`, the
-  gradient of sum_h values[h, g] for every g at once. Returns the total [G] and the
-  per-bandwidth values [H, G] from one evaluation. Only the total is differentiated:
-  the cotangent of the per-bandwidth values is ignored, so callers must stop their
-  gradient (they are for logging). The operands get a zero cotangent. First-order only.
+  `values_and_gradient_fn(gen, operands) -> (values [H, G], gradient [G, Cg, S],
+  field_square [H])`, the gradient of sum_h values[h, g] for every g at once. Returns
+  the total [G], the per-bandwidth values [H, G] and the squared gradients' sums from
+  one evaluation. Only the total is differentiated: the cotangents of the others are
+  ignored, so callers must stop their gradient (they are for logging and batch
+  statistics). The operands get a zero cotangent. First-order only.
   """
-  values = values_and_gradient_fn(gen, operands)[0]
-  return jnp.sum(values, axis=0), values
+  values, _, field_square = values_and_gradient_fn(gen, operands)
+  return jnp.sum(values, axis=0), values, field_square
 
 
 def _precomputed_fwd(values_and_gradient_fn, gen, operands):
-  values, gradient = values_and_gradient_fn(gen, operands)
-  return (jnp.sum(values, axis=0), values), (gradient, operands)
+  values, gradient, field_square = values_and_gradient_fn(gen, operands)
+  return (jnp.sum(values, axis=0), values, field_square), (gradient, operands)
 
 
 def _precomputed_bwd(values_and_gradient_fn, residuals, cotangents):
   gradient, operands = residuals
-  cotangent = cotangents[0]  # the per-bandwidth values' cotangent is ignored, see above
+  cotangent = cotangents[0]  # the other outputs' cotangents are ignored, see above
   return (cotangent[:, None, None] * gradient).astype(gradient.dtype), jax.tree.map(jnp.zeros_like, operands)
 
 
@@ -201,22 +212,30 @@ _with_precomputed_gradient.defvjp(_precomputed_fwd, _precomputed_bwd)
 
 
 def _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, *, kernel, bandwidths,
-                   normalize_distances, distance_scale, normalize_gradients, sharp, take_log):
+                   normalize_distances, distance_scale, normalize_gradients, sharp, take_log, statistics,
+                   return_batch_sums):
   groups = _prepare(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg)
   if groups.gen.shape[1] + groups.neg.shape[1] < 2:
     raise ValueError("the model KDE q needs a reference besides the sample itself: use Cg >= 2 "
                      "generated samples per group or pass fixed_neg")
   kernels = _kernels(kernel, bandwidths)
-  ops = _kde_operands(groups, normalize_distances, distance_scale)
+  statistics = statistics_lib.check_statistics(statistics, len(kernels))
+  ops, blocks = _kde_operands(groups, normalize_distances, distance_scale, statistics.distance_scale)
   fn = functools.partial(_kde_values_and_gradients, kernels=kernels, sharp=sharp, take_log=take_log,
-                         normalize_gradients=normalize_gradients)
-  total, per_bandwidth = _with_precomputed_gradient(fn, groups.gen, ops)
+                         normalize_gradients=normalize_gradients, field_mean_square=statistics.field_mean_square)
+  total, per_bandwidth, field_square = _with_precomputed_gradient(fn, groups.gen, ops)
   per_bandwidth = jax.lax.stop_gradient(per_bandwidth)
   loss = _per_row(groups, _nan_if_invalid(groups, total))
   info = {"scale": jnp.mean(ops.scale)}
   for kern, term in zip(kernels, per_bandwidth):
     info[f"loss_{kern.bandwidth:g}"] = jnp.mean(term)
-  return loss, info
+  if not return_batch_sums:
+    return loss, info
+  sums = statistics_lib.batch_sums(blocks, None, len(kernels))
+  if normalize_gradients:
+    sums = sums._replace(field_square=jax.lax.stop_gradient(field_square),
+                         field_count=jnp.asarray(float(groups.gen.size), sums.field_count.dtype))
+  return loss, info, sums
 
 
 @per_feature_group
@@ -233,6 +252,8 @@ def log_kde_loss(
     normalize_distances: bool = True,
     distance_scale: Array | float | None = None,
     normalize_gradients: bool = False,
+    statistics: statistics_lib.BatchStatistics | None = None,
+    return_batch_sums: bool = False,
 ) -> tuple[Array, Info]:
   """The log-KDE loss with the sharp kernel (FHM Eq. 19), per group.
 
@@ -255,14 +276,17 @@ def log_kde_loss(
     normalize_gradients: rescale each bandwidth's gradient to unit RMS (custom VJP),
       the analogue of the release's per-temperature force normalization. The loss
       value is unchanged.
+    statistics: the whole batch's distance scale and gradient mean squares where
+      these groups are a chunk of it (`losses.statistics`); None: their own.
+    return_batch_sums: also return this call's `BatchSums` (one feature group only).
 
   Returns:
-    loss [B] and info {"scale", "loss_<s>" for each bandwidth}.
+    loss [B] and info {"scale", "loss_<s>" for each bandwidth} (and the `BatchSums`).
   """
   return _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, kernel=kernel,
                         bandwidths=bandwidths, normalize_distances=normalize_distances,
                         distance_scale=distance_scale, normalize_gradients=normalize_gradients,
-                        sharp=True, take_log=True)
+                        sharp=True, take_log=True, statistics=statistics, return_batch_sums=return_batch_sums)
 
 
 @per_feature_group
@@ -280,6 +304,8 @@ def mmd_loss(
     normalize_distances: bool = True,
     distance_scale: Array | float | None = None,
     normalize_gradients: bool = False,
+    statistics: statistics_lib.BatchStatistics | None = None,
+    return_batch_sums: bool = False,
 ) -> tuple[Array, Info]:
   """The MMD objective in witness form: loss[b] = sum_i w_i (q_hat(x_i) - p_hat(x_i)).
 
@@ -287,8 +313,9 @@ def mmd_loss(
   The gradient with respect to x_i is half that of the U-statistic MMD^2 between
   the generated samples and the data. With `sharp=True` the kernel is k#, and the
   gradient is -w_i times the unnormalized drifting field of k (FHM Prop. 7).
+  `statistics` and `return_batch_sums` as in `log_kde_loss`.
   """
   return _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, kernel=kernel,
                         bandwidths=bandwidths, normalize_distances=normalize_distances,
                         distance_scale=distance_scale, normalize_gradients=normalize_gradients,
-                        sharp=sharp, take_log=False)
+                        sharp=sharp, take_log=False, statistics=statistics, return_batch_sums=return_batch_sums)

@@ -78,9 +78,19 @@ def topk_scale_update(state: TopKScaleState, samples: Array, class_ids: Array, *
   The first observation of a class sets its scale directly (no bias towards the
   arbitrary initial value). Duplicate class ids in one call: the last one wins.
   """
+  return topk_scale_apply(state, topk_mean_distance(samples, k), class_ids, beta=beta)
+
+
+def topk_scale_apply(state: TopKScaleState, value: Array, class_ids: Array, *,
+                     beta: float = 0.99) -> tuple[TopKScaleState, Array]:
+  """`topk_scale_update` from its statistic `value` [C] (`topk_mean_distance`), computed beforehand.
+
+  A trainer that sees a step's classes in chunks gathers their statistics first, then
+  applies them in one update, as if it had seen the whole batch at once.
+  """
   if not 0.0 <= beta < 1.0:
     raise ValueError(f"EMA beta must be in [0, 1), got {beta}")
-  value = jax.lax.stop_gradient(topk_mean_distance(samples, k))
+  value = jax.lax.stop_gradient(value)
   old = state.scale[class_ids]
   new = jnp.where(state.initialized[class_ids], beta * old + (1.0 - beta) * value, value)
   return TopKScaleState(state.scale.at[class_ids].set(new), state.initialized.at[class_ids].set(True)), new

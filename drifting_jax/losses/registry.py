@@ -7,7 +7,9 @@ section of a config. Both live here, so a trainer calls
     objective = losses.objective_from_config(config.loss)
     loss, info = objective(gen, pos, neg, weight_neg=..., distance_scale=...)
 
-and never branches on an objective's name. Adding an objective is a function
+and never branches on an objective's name. An objective evaluated on chunks of a
+batch gets the whole batch's statistics (`losses.statistics`): the configured
+objective says which it needs (`batch_statistics`) and sums them (`batch_sums`). Adding an objective is a function
 (with the release's signature), an options reader `reader(loss_config) -> dict`,
 and one row of `OBJECTIVE_TABLE`; `sinkhorn` is the worked example
 (`sinkhorn.sinkhorn_loss` and `sinkhorn.options_from_config`).
@@ -25,13 +27,14 @@ bandwidth_anneal_rate, mmd_sharp, sinkhorn_*.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
-from drifting_jax.losses import sinkhorn
+from drifting_jax.losses import sinkhorn, statistics as statistics_lib
 from drifting_jax.losses.drift_objectives import corrected_drift_loss, joint_drift_loss, release_drift_loss
 from drifting_jax.losses.kde_objectives import log_kde_loss, mmd_loss
 from drifting_jax.losses.kernels import get_kernel
-from drifting_jax.losses.normalization import topk_scale_init, topk_scale_update
+from drifting_jax.losses.normalization import topk_mean_distance, topk_scale_apply, topk_scale_init
 
 FEATURE_NORMALIZATIONS = ("batch_mean", "topk_ema", "none")
 
@@ -47,11 +50,25 @@ class ObjectiveSpec:
   takes_distance_scale: whether fn takes the trainer's `distance_scale` (top-k EMA or
     annealing); the release's field computes its own batch-mean scale.
   equation: where it comes from, for error messages and docs.
+  batch_statistics: fn's options -> the whole-batch statistics they normalize by
+    (`statistics.DISTANCE_SCALE`, `statistics.FIELD`, in the order they are computed).
   """
   fn: Callable[..., Any]
   read_options: OptionsReader
   takes_distance_scale: bool = True
   equation: str = ""
+  batch_statistics: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
+
+  def statistics_of(self, options: dict[str, Any]) -> tuple[str, ...]:
+    if self.batch_statistics is not None:
+      return self.batch_statistics(options)
+    return _normalizations_in(options)
+
+
+def _normalizations_in(options: dict[str, Any]) -> tuple[str, ...]:
+  """The statistics a kernel objective's `normalize_distances` / `normalize_gradients` ask for."""
+  return ((statistics_lib.DISTANCE_SCALE,) if options.get("normalize_distances") else ()) + (
+      (statistics_lib.FIELD,) if options.get("normalize_gradients") else ())
 
 
 def check_common(loss_config) -> str:
@@ -101,7 +118,8 @@ OBJECTIVE_TABLE: dict[str, ObjectiveSpec] = {
     "log_kde": ObjectiveSpec(log_kde_loss, kernel_options, equation="FHM Eq. 19"),
     "corrected": ObjectiveSpec(corrected_drift_loss, kernel_options, equation="FHM Eq. 1, 3"),
     "release": ObjectiveSpec(release_drift_loss, release_options, takes_distance_scale=False,
-                             equation="the release's drift_loss (FHM Eq. 21)"),
+                             equation="the release's drift_loss (FHM Eq. 21)",
+                             batch_statistics=lambda _: (statistics_lib.DISTANCE_SCALE, statistics_lib.FIELD)),
     "joint": ObjectiveSpec(joint_drift_loss, kernel_options, equation="Deng et al. Alg. 2 (FHM App. D)"),
     "mmd": ObjectiveSpec(mmd_loss, mmd_options, equation="FHM Prop. 7"),
     "sinkhorn": ObjectiveSpec(sinkhorn.sinkhorn_loss, _sinkhorn_options, equation="debiased Sinkhorn divergence"),
@@ -114,22 +132,42 @@ def get_spec(name: str) -> ObjectiveSpec:
   return OBJECTIVE_TABLE[name]
 
 
-def objective_from_config(loss_config) -> Callable[..., Any]:
-  """`objective(gen, pos, neg=None, *, weight_neg=None, distance_scale=None) -> (loss [B], info)`.
+@dataclasses.dataclass(frozen=True)
+class ConfiguredObjective:
+  """An objective of the table with its options read, behind keyword-only calls.
 
-  The objective `loss_config.objective` with its options read (and checked) once,
-  behind one keyword-only call, so the caller never spells positional Nones or
-  knows which objective takes which option. `distance_scale` is dropped for
-  objectives that compute their own (the release's).
+  `objective(gen, pos, neg=None, *, weight_neg=None, distance_scale=None,
+  statistics=None) -> (loss [B], info)`, so the caller never spells positional Nones
+  or knows which objective takes which option. `distance_scale` is dropped for
+  objectives that compute their own (the release's). On a chunk of a batch,
+  `statistics` is the whole batch's (`losses.statistics`): `batch_statistics` names
+  the ones the options need, `batch_sums` sums them over a chunk.
   """
+  spec: ObjectiveSpec
+  options: dict[str, Any]
+
+  @property
+  def batch_statistics(self) -> tuple[str, ...]:
+    return self.spec.statistics_of(self.options)
+
+  def _call(self, gen, pos, neg, weight_neg, distance_scale, statistics, return_batch_sums):
+    scale = {"distance_scale": distance_scale} if self.spec.takes_distance_scale else {}
+    return self.spec.fn(gen, pos, neg, weight_neg=weight_neg, statistics=statistics,
+                        return_batch_sums=return_batch_sums, **scale, **self.options)
+
+  def __call__(self, gen, pos, neg=None, *, weight_neg=None, distance_scale=None, statistics=None):
+    return self._call(gen, pos, neg, weight_neg, distance_scale, statistics, False)
+
+  def batch_sums(self, gen, pos, neg=None, *, weight_neg=None, distance_scale=None,
+                 statistics=None) -> statistics_lib.BatchSums:
+    """These groups' `BatchSums`; the field sums are formed with `statistics`' distance scale."""
+    return self._call(gen, pos, neg, weight_neg, distance_scale, statistics, True)[2]
+
+
+def objective_from_config(loss_config) -> ConfiguredObjective:
+  """The objective `loss_config.objective` with its options read (and checked) once."""
   spec = get_spec(loss_config.objective)
-  options = spec.read_options(loss_config)
-
-  def objective(gen, pos, neg=None, *, weight_neg=None, distance_scale=None):
-    scale = {"distance_scale": distance_scale} if spec.takes_distance_scale else {}
-    return spec.fn(gen, pos, neg, weight_neg=weight_neg, **scale, **options)
-
-  return objective
+  return ConfiguredObjective(spec, spec.read_options(loss_config))
 
 
 # --------------------------------------------------------------------------- distance scaling
@@ -143,14 +181,20 @@ class DistanceScaling:
     (FHM's per-class top-k EMA); then `init(num_classes)` makes one group's state and
     `update(state, positives [B, P, F], class_ids [B])` returns (new state, scale [B]),
     the scale the objective divides distances by (its `distance_scale`).
+  `update` is `apply(state, statistic(positives), class_ids)`: a trainer that sees the
+  classes in chunks gathers `statistic` [C] per chunk and applies them once.
   Stateless ones pass no scale: the objective uses its own batch mean ("batch_mean")
   or raw distances ("none").
   min_positives: the fewest positives per class the scaling works with (top-k needs k + 1).
   """
   stateful: bool = False
   init: Callable[[int], Any] | None = None
-  update: Callable[..., tuple[Any, Any]] | None = None
+  statistic: Callable[[Any], Any] | None = None
+  apply: Callable[..., tuple[Any, Any]] | None = None
   min_positives: int = 1
+
+  def update(self, state, positives, class_ids):
+    return self.apply(state, self.statistic(positives), class_ids)
 
 
 def distance_scaling_from_config(loss_config) -> DistanceScaling:
@@ -163,7 +207,6 @@ def distance_scaling_from_config(loss_config) -> DistanceScaling:
     raise ValueError(f"top-k feature normalization needs loss.topk_k >= 1 and 0 <= loss.topk_beta < 1, "
                      f"got {k} and {beta}")
 
-  def update(state, positives, class_ids):
-    return topk_scale_update(state, positives, class_ids, k=k, beta=beta)
-
-  return DistanceScaling(stateful=True, init=topk_scale_init, update=update, min_positives=k + 1)
+  return DistanceScaling(stateful=True, init=topk_scale_init,
+                         statistic=functools.partial(topk_mean_distance, k=k),
+                         apply=functools.partial(topk_scale_apply, beta=beta), min_positives=k + 1)

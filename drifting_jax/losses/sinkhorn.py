@@ -76,7 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drifting_jax.losses import _common
+from drifting_jax.losses import _common, statistics as statistics_lib
 from drifting_jax.losses.groups import (Info, _distance_scale, _Groups, _nan_if_invalid, _per_row, _prepare,
                                         per_feature_group)
 
@@ -187,6 +187,8 @@ def sinkhorn_loss(
     distance_scale: Array | float | None = None,
     threshold: float = 1e-3,
     max_iterations: int = 1000,
+    statistics: statistics_lib.BatchStatistics | None = None,
+    return_batch_sums: bool = False,
 ) -> tuple[Array, Info]:
   """Debiased Sinkhorn divergence S_eps(q, p) per group (see the module docstring).
 
@@ -211,6 +213,9 @@ def sinkhorn_loss(
       have unit mass).
     max_iterations: Sinkhorn iteration cap; groups that hit it are counted in
       info["sinkhorn_converged"] (their gradient is that of the unconverged dual).
+    statistics: the whole batch's distance scale where these groups are a chunk of
+      it (`losses.statistics`); None: their own.
+    return_batch_sums: also return this call's `BatchSums` (one feature group only).
 
   Returns:
     loss [B] and info {"scale", "divergence" (mean S_eps of the groups, before the
@@ -219,21 +224,23 @@ def sinkhorn_loss(
   """
   options = check_options(epsilon=epsilon, cost=cost, threshold=threshold, max_iterations=max_iterations)
   groups = _prepare(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg)
+  statistics = statistics_lib.check_statistics(statistics, 1)
   if distance_scale is not None:  # a scalar as [B]: one compiled variant for both
     distance_scale = jnp.asarray(distance_scale)
     if distance_scale.ndim == 0:
       distance_scale = jnp.broadcast_to(distance_scale, (groups.rows,))
   # One jitted function per shape and options: eager calls would otherwise re-trace
   # and re-compile the solver's loops every time.
-  return _sinkhorn_groups(groups.gen, groups.pos, groups.neg, groups.w_gen, groups.w_pos, groups.w_neg,
-                          distance_scale, rows=groups.rows, tokens=groups.tokens,
-                          normalize_distances=bool(normalize_distances), **options)
+  loss, info, sums = _sinkhorn_groups(groups.gen, groups.pos, groups.neg, groups.w_gen, groups.w_pos, groups.w_neg,
+                                      distance_scale, statistics.distance_scale, rows=groups.rows,
+                                      tokens=groups.tokens, normalize_distances=bool(normalize_distances), **options)
+  return (loss, info, sums) if return_batch_sums else (loss, info)
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "tokens", "normalize_distances", "epsilon", "cost",
                                              "threshold", "max_iterations"))
-def _sinkhorn_groups(gen, pos, neg, w_gen, w_pos, w_neg, distance_scale, *, rows, tokens, normalize_distances,
-                     epsilon, cost, threshold, max_iterations):
+def _sinkhorn_groups(gen, pos, neg, w_gen, w_pos, w_neg, distance_scale, batch_scale, *, rows, tokens,
+                     normalize_distances, epsilon, cost, threshold, max_iterations):
   # Where the data are compile-time constants (closed over by a caller's jit), XLA
   # would constant-fold the positives' own cost matrix, which takes minutes at
   # Cp = 4096 on CPU; the barrier keeps them runtime values.
@@ -247,8 +254,9 @@ def _sinkhorn_groups(gen, pos, neg, w_gen, w_pos, w_neg, distance_scale, *, rows
   w_mix = sg(jnp.concatenate([groups.w_gen, groups.w_neg], axis=1))
   w_pos = sg(groups.w_pos)
   c_mm, c_mp, c_pp, dist_mm, dist_mp = _cost_matrices(mix, pos, cost)
-  scale = _distance_scale(groups, None, normalize_distances, distance_scale,
-                          distances=[(sg(dist_mm[:, :cg]), w_mix), (sg(dist_mp[:, :cg]), w_pos)])
+  blocks = [(sg(dist_mm[:, :cg]), w_mix), (sg(dist_mp[:, :cg]), w_pos)]
+  scale = _distance_scale(groups, None, normalize_distances, distance_scale, distances=blocks,
+                          batch_scale=batch_scale)
   unit = scale if cost == "euclidean" else jnp.square(scale)
   c_mm, c_mp, c_pp = (c / unit[:, None, None] for c in (c_mm, c_mp, c_pp))
 
@@ -270,4 +278,5 @@ def _sinkhorn_groups(gen, pos, neg, w_gen, w_pos, w_neg, distance_scale, *, rows
   info = {"scale": jnp.mean(scale), "divergence": jnp.mean(divergence),
           "sinkhorn_iterations": jnp.max(iterations).astype(jnp.float32),
           "sinkhorn_converged": jnp.mean(converged)}
-  return _per_row(groups, _nan_if_invalid(groups, loss)), info
+  # No field normalization here: the sums carry the distances only (one unused field slot).
+  return _per_row(groups, _nan_if_invalid(groups, loss)), info, statistics_lib.batch_sums(blocks, None, 1)
