@@ -111,11 +111,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.ema_decay = 0.999
   c.train.max_grad_norm = 2.0
   # Gradient accumulation inside one compiled step: the classes in this many chunks
-  # (lax.scan), one optimizer/EMA step. The objective still sees the whole batch's
-  # features, so the update equals the unchunked one to float32 rounding for every
-  # objective and normalization. "auto": the smallest count whose step fits the
+  # (lax.scan), one optimizer/EMA step. The objective is given the whole batch's
+  # features or statistics, so the update equals the unchunked one to float32 rounding
+  # for every objective and normalization. "auto": the smallest count whose step fits the
   # devices, by the compiler's memory analysis (the run's pre-flight, the compile mode).
   c.train.microbatches = ml_collections.FieldReference(1, field_type=object)  # an int, or "auto"
+  # With chunks: "keep" the whole batch's features for the objective, or "recompute"
+  # them in passes that gather the batch's statistics first (less memory, more forward
+  # passes); "auto": keep, unless microbatches="auto" finds that no count can fit so.
+  c.train.microbatch_features = "auto"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 2e-4

@@ -146,6 +146,9 @@ def test_components_follow_op_names():
           "MAE backward to its input",
       ("jit(train_step)/data_features/encoder/layer1_norm/reduce_sum", "fusion"): "MAE forward, data samples",
       ("jit(train_step)/jvp(objective)/exp", "fusion"): "loss forward",
+      ("jit(train_step)/batch_statistics/while/body/sqrt", "fusion"): "loss statistics passes",
+      ("jit(train_step)/batch_statistics/while/body/DiTGenerator/LightningDiT_0/mul", "fusion"):
+          "generator forward: rest",
       ("jit(train_step)/transpose(jvp(objective))/mul", "fusion"): "loss backward",
       ("jit(train_step)/optimizer/sqrt", "fusion"): "optimizer",
       ("jit(train_step)/ema/add", "fusion"): "EMA",

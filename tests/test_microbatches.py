@@ -1,10 +1,12 @@
 """`train.microbatches`: gradient accumulation inside one compiled step, equal to the unchunked step.
 
 The objective couples the samples of a class and normalizes by whole-batch statistics
-(the release's batch-mean distance scale, gradient RMS per bandwidth), so the
-microbatched step computes the whole batch's features chunk by chunk, evaluates the
-objective on all of them at once, and pulls its gradient back through the networks
-chunk by chunk. Checked here at toy size against the unchunked step for 1, 2 and 4
+(the release's batch-mean distance scale, gradient RMS per bandwidth). The microbatched
+step either keeps the whole batch's features (computed chunk by chunk), evaluates the
+objective on all of them at once and pulls its gradient back chunk by chunk
+(`microbatch_features="keep"`), or gathers the batch's statistics over the chunks
+first and then evaluates the objective chunk by chunk with them ("recompute").
+Checked here, both ways, at toy size against the unchunked step for 1, 2 and 4
 chunks: the loss, the gradient (Adam's first moment after one step is (1 - b1) g),
 the top-k scales and the parameters after one update, to float32 rounding (the
 chunked sums add the same terms in another order).
@@ -24,7 +26,7 @@ from drifting_jax.train import program as program_lib, trainer
 CLASSES = 4
 
 
-def _config(objective="log_kde", normalization="batch_mean", microbatches=1, **loss):
+def _config(objective="log_kde", normalization="batch_mean", microbatches=1, features="auto", **loss):
   c = mnist_tiny.get_config("smoke")
   c.train.classes_per_step = CLASSES
   c.train.gen_per_class, c.train.pos_per_class, c.train.neg_per_class = 4, 6, 3
@@ -38,6 +40,7 @@ def _config(objective="log_kde", normalization="batch_mean", microbatches=1, **l
   for k, v in loss.items():
     c.loss[k] = v
   c.train.microbatches = microbatches
+  c.train.microbatch_features = features
   return c
 
 
@@ -86,8 +89,9 @@ def test_chunked_step_equals_the_whole_step_log_kde(normalization, extra):
   mesh = _mesh()
   reference = _one_step(_config("log_kde", normalization, 1, **extra), mesh)
   assert np.isfinite(reference[0])
-  for count in (2, 4):
-    _assert_same_step(reference, _one_step(_config("log_kde", normalization, count, **extra), mesh))
+  for features in ("keep", "recompute"):
+    for count in (2, 4):
+      _assert_same_step(reference, _one_step(_config("log_kde", normalization, count, features, **extra), mesh))
 
 
 @pytest.mark.slow
@@ -102,7 +106,8 @@ def test_chunked_step_equals_the_whole_step_every_objective(objective, normaliza
     extra = {"sinkhorn_epsilon": 0.1, "sinkhorn_max_iterations": 50}
   mesh = _mesh()
   reference = _one_step(_config(objective, normalization, 1, **extra), mesh)
-  _assert_same_step(reference, _one_step(_config(objective, normalization, 4, **extra), mesh))
+  for features in ("keep", "recompute"):
+    _assert_same_step(reference, _one_step(_config(objective, normalization, 4, features, **extra), mesh))
 
 
 @pytest.mark.slow
@@ -110,7 +115,9 @@ def test_chunked_step_on_a_mesh_of_eight_devices():
   """Data 2 x fsdp 4: each chunk's classes split over the data shards, the samples over fsdp."""
   mesh = partitioning.make_mesh(data=2, fsdp=4)
   reference = _one_step(_config("log_kde", "batch_mean", 1, normalize_gradients=True), mesh)
-  _assert_same_step(reference, _one_step(_config("log_kde", "batch_mean", 2, normalize_gradients=True), mesh))
+  for features in ("keep", "recompute"):
+    _assert_same_step(reference, _one_step(_config("log_kde", "batch_mean", 2, features, normalize_gradients=True),
+                                           mesh))
 
 
 def test_a_count_that_does_not_split_the_classes_is_one_line():
@@ -131,7 +138,7 @@ def test_a_count_that_does_not_split_the_classes_is_one_line():
 def test_auto_picks_the_smallest_count_that_fits():
   """Memory per device falls with the count; auto takes the first under the capacity."""
   mesh = _mesh()
-  config = _config(microbatches="auto")
+  config = _config(microbatches="auto", features="keep")
   totals = {}
 
   def compile_and_record(program):
@@ -150,6 +157,12 @@ def test_auto_picks_the_smallest_count_that_fits():
                                                  compile_program=compile_and_record)
   assert program.config.train.microbatches == 2
   assert line.startswith("train.microbatches=auto: 2 (1: ") and "did not fit; 2: " in line
+  # With the features recomputed the step still compiles and shrinks with the count.
+  recomputed = {}
+  for count in (2, 4):
+    compiled = program_lib.build_train_program(_config(microbatches=count, features="recompute"), mesh).compile()
+    recomputed[count] = program_lib.memory_total(program_lib.memory_parts(compiled))
+  assert recomputed[2] > recomputed[4], recomputed
   # On the CPU nothing is budgeted: auto is 1, and says why.
   program, _, line = program_lib.compile_fitting(config, mesh, capacity=None, build=build,
                                                  compile_program=lambda p: p.compile())
@@ -157,11 +170,13 @@ def test_auto_picks_the_smallest_count_that_fits():
 
 
 @pytest.mark.slow
-def test_preempted_and_resumed_run_with_chunks_is_bit_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("features", ["keep", "recompute"])
+def test_preempted_and_resumed_run_with_chunks_is_bit_exact(tmp_path, monkeypatch, features):
   """The pre-emption guarantee holds with chunks: a run stopped at step 4 and resumed ends
   with the parameters of a run straight through (the mesh: 8 devices, data 2 x fsdp 4)."""
   config = mnist_tiny.get_config("smoke")
   config.train.classes_per_step, config.train.microbatches = 4, 2
+  config.train.microbatch_features = features
   config.mesh.data, config.mesh.fsdp = 2, 4
 
   def final(workdir):
@@ -174,3 +189,48 @@ def test_preempted_and_resumed_run_with_chunks_is_bit_exact(tmp_path, monkeypatc
   monkeypatch.undo()
   trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
   jax.tree.map(np.testing.assert_array_equal, final(tmp_path / "resumed"), final(tmp_path / "straight"))
+
+
+class _FakeCompiled:
+  def __init__(self, total):
+    self.total = total
+
+  def memory_analysis(self):
+    return type("M", (), dict(argument_size_in_bytes=self.total, output_size_in_bytes=0, alias_size_in_bytes=0,
+                              temp_size_in_bytes=0, generated_code_size_in_bytes=0))()
+
+
+def test_auto_turns_to_recomputed_features_when_kept_ones_cannot_fit():
+  """A stand-in compiler: kept features cost a floor of 100 + 64 / count, recomputed ones
+  20 + 64 / count (GiB). With 40 GiB no kept count can fit: after 1 and 2 chunks (164, 132 GiB)
+  larger counts can save at most the 32 GiB that 1 -> 2 saved, and 132 is 92 over; so auto
+  stops trying them and picks 4 chunks recomputed (36 GiB)."""
+  mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+  config = _config(microbatches="auto")
+  config.train.classes_per_step = 16
+  gib = program_lib.GIB
+  compiled_as = []
+
+  def compile_program(config):
+    count, mode = int(config.train.microbatches), config.train.microbatch_features
+    compiled_as.append((mode, count))
+    floor = 100 if mode in ("keep", "auto") else 20
+    return _FakeCompiled(int((floor + 64 / count) * gib))
+
+  program, _, line = program_lib.compile_fitting(config, mesh, capacity=(40 * gib, "test GPU"),
+                                                 build=lambda c: c, compile_program=compile_program)
+  assert compiled_as == [("keep", 1), ("keep", 2), ("recompute", 2), ("recompute", 4)], compiled_as
+  assert program.train.microbatches == 4 and program.train.microbatch_features == "recompute"
+  assert line.startswith("train.microbatches=auto: 4 with train.microbatch_features=recompute (keep: 1: 164.00 GiB, "
+                         "2: 132.00 GiB, no larger count can fit with the features kept, recompute: 2: 52.00 GiB did "
+                         "not fit; 4: 36.00 GiB fits the 40 GiB of a test GPU"), line
+  # Where kept features can fit, auto finds them first (floor 100 < 120 GiB at 4 chunks: 116).
+  compiled_as.clear()
+  program, _, line = program_lib.compile_fitting(config, mesh, capacity=(120 * gib, "test GPU"),
+                                                 build=lambda c: c, compile_program=compile_program)
+  assert compiled_as == [("keep", 1), ("keep", 2), ("keep", 4)] and program.train.microbatch_features == "keep"
+  # An explicit mode is the only one tried.
+  config.train.microbatch_features = "keep"
+  with pytest.raises(program_lib.DoesNotFit, match="no count fits"):
+    program_lib.compile_fitting(config, mesh, capacity=(40 * gib, "test GPU"), build=lambda c: c,
+                                compile_program=compile_program)

@@ -15,7 +15,7 @@ come from:
 - Each instruction is charged to a component by its `op_name` metadata
   (`COMPONENT_RULES`): the flax module paths (`DiTGenerator`, `Attention` inside it)
   and the train step's named scopes (`data_features`, `generated_features`,
-  `feature_assembly`, `objective`, `optimizer`, `ema`), with autodiff's `jvp(...)`
+  `feature_assembly`, `batch_statistics`, `objective`, `optimizer`, `ema`), with autodiff's `jvp(...)`
   (forward) and `transpose(jvp(...))` (backward) around them; collectives by opcode.
 
 On TPU, libtpu reports its own "bytes accessed", from its own cost model, which does
@@ -55,6 +55,8 @@ COMPONENT_RULES: tuple[tuple[str, str], ...] = (
     ("MAE backward to its input", r"transpose\(jvp\(generated_features\)\)"),
     ("MAE forward, generated samples", r"generated_features"),
     ("MAE forward, data samples", r"data_features"),
+    # train.microbatch_features="recompute": the objective's whole-batch sums, chunk by chunk.
+    ("loss statistics passes", r"batch_statistics"),
     ("loss backward", r"transpose\(jvp\(objective\)\)"),
     ("loss forward", r"objective"),
     ("optimizer", r"(^|/)optimizer(/|$)"),

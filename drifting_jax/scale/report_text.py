@@ -81,7 +81,8 @@ def program_lines(name: str, r: dict[str, Any]) -> list[str]:
       f"{time_['roofline_seconds'] * 1e3:.1f} ms ({time_['bound']}-bound)",
   ]
   if r.get("microbatches", 1) != 1 or r.get("microbatches_choice"):
-    lines.append(f"  microbatches: {r['microbatches']}" + (f" ({r['microbatches_choice']})"
+    features = f", features {r['microbatch_features']}" if r.get("microbatch_features") else ""
+    lines.append(f"  microbatches: {r['microbatches']}{features}" + (f" ({r['microbatches_choice']})"
                                                           if r.get("microbatches_choice") else ""))
     if r.get("microbatch_caveat"):
       lines.append(f"  caveat: {r['microbatch_caveat']}")

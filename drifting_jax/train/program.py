@@ -291,7 +291,8 @@ def check_fits(compiled, mesh, what: str) -> None:
   total = memory_total(parts)
   if total > limit:
     raise DoesNotFit(f"{what} {fit_verdict(total, limit, device, parts)} (the compiler's memory analysis; "
-                     "set train.microbatches (a count or 'auto'), lower train.classes_per_step, raise mesh.fsdp "
+                     "set train.microbatches (a count or 'auto'; with train.microbatch_features=recompute "
+                     "a chunk's features only are alive), lower train.classes_per_step, raise mesh.fsdp "
                      "or set model.remat_policy=dots and feature.remat_policy=dots)")
 
 
@@ -329,14 +330,31 @@ def requested_microbatches(config: ml_collections.ConfigDict, mesh) -> Optional[
   return int(value)
 
 
-def with_microbatches(config: ml_collections.ConfigDict, count: int) -> ml_collections.ConfigDict:
-  """A copy of `config` whose train.microbatches is `count` (the config itself when it is already)."""
-  if config.train.microbatches == count:
+def with_microbatches(config: ml_collections.ConfigDict, count: int,
+                      features: Optional[str] = None) -> ml_collections.ConfigDict:
+  """A copy of `config` whose train.microbatches is `count` (and train.microbatch_features
+  `features`, where given); the config itself when it already is."""
+  if config.train.microbatches == count and features in (None, config.train.get("microbatch_features")):
     return config
   copy = ml_collections.ConfigDict(config.to_dict())
   del copy.train["microbatches"]  # its type there is the original value's ("auto": str)
   copy.train.microbatches = int(count)
+  if features is not None:
+    copy.train.microbatch_features = features
   return copy
+
+
+def keep_cannot_fit(counts: list[int], totals: list[int], limit: int) -> bool:
+  """Whether no larger count can fit with the whole batch's features kept, from the last two tried.
+
+  With them kept, a step's memory is about floor + activations / count (the floor: the
+  batch's features and their gradient, the state). From counts m1 < m2 the larger
+  counts can save at most activations / m2 = (its drop from m1) * m1 / (m2 - m1).
+  """
+  if len(totals) < 2:
+    return False
+  (m1, m2), (t1, t2) = counts[-2:], totals[-2:]
+  return t2 - limit > max(t1 - t2, 0) * m1 / (m2 - m1)
 
 
 def compile_fitting(config: ml_collections.ConfigDict, mesh, *, capacity: Optional[tuple[int, str]],
@@ -347,8 +365,11 @@ def compile_fitting(config: ml_collections.ConfigDict, mesh, *, capacity: Option
   A count: built and compiled as it is. "auto": each valid count from the smallest
   is compiled until one fits `capacity` (bytes, device name) by the compiler's memory
   analysis; a compiler that refuses a program for lack of memory (`DoesNotFit` from
-  `compile_program`) counts as not fitting. Returns (program, executable, the one
-  line that says what auto picked and why; None for a given count).
+  `compile_program`) counts as not fitting. With `train.microbatch_features="auto"`
+  the counts keep the whole batch's features first and, once the memory the counts
+  tried so far saved says no larger count can fit so (`keep_cannot_fit`), recompute
+  them from 2 chunks up. Returns (program, executable, the one line that says what
+  auto picked and why; None for a given count).
   """
   count = requested_microbatches(config, mesh)
   if count is not None:
@@ -359,19 +380,34 @@ def compile_fitting(config: ml_collections.ConfigDict, mesh, *, capacity: Option
     return program, compile_program(program), ("train.microbatches=auto: 1 (the CPU's memory is the host's, "
                                                 "which the compiler does not budget)")
   limit, device = capacity
+  requested = train_step_lib.microbatch_features_mode(config.train)
+  modes = ["keep", "recompute"] if config.train.get("microbatch_features", "auto") == "auto" else [requested]
   tried = []
-  for count in microbatch_counts(config, mesh):
-    program = build(with_microbatches(config, count))
-    try:
-      compiled = compile_program(program)
-    except DoesNotFit:
-      tried.append(f"{count}: refused by the compiler")
-      continue
-    total = memory_total(memory_parts(compiled))
-    if total <= limit:
-      why = f"{', '.join(tried)} did not fit; " if tried else ""
-      return program, compiled, (f"train.microbatches=auto: {count} ({why}{count}: {total / GIB:.2f} GiB fits "
-                                 f"the {limit / GIB:.0f} GiB of a {device}; the compiler's memory analysis)")
-    tried.append(f"{count}: {total / GIB:.2f} GiB")
+  for mode in modes:
+    label = f"{mode}: " if len(modes) > 1 else ""
+    counts, totals = [], []
+    for count in microbatch_counts(config, mesh):
+      if mode == "recompute" and count == 1 and len(modes) > 1:
+        continue  # one chunk is the unchunked step, tried already
+      program = build(with_microbatches(config, count, mode if len(modes) > 1 else None))
+      try:
+        compiled = compile_program(program)
+      except DoesNotFit:
+        tried.append(f"{label}{count}: refused by the compiler")
+        label = ""
+        continue
+      total = memory_total(memory_parts(compiled))
+      if total <= limit:
+        why = f"{', '.join(tried)} did not fit; " if tried else ""
+        which = f" with train.microbatch_features={mode}" if len(modes) > 1 else ""
+        return program, compiled, (f"train.microbatches=auto: {count}{which} ({why}{count}: {total / GIB:.2f} GiB "
+                                   f"fits the {limit / GIB:.0f} GiB of a {device}; the compiler's memory analysis)")
+      tried.append(f"{label}{count}: {total / GIB:.2f} GiB")
+      label = ""
+      counts.append(count)
+      totals.append(total)
+      if mode == "keep" and len(modes) > 1 and keep_cannot_fit(counts, totals, limit):
+        tried.append("no larger count can fit with the features kept")
+        break
   raise DoesNotFit(f"train.microbatches=auto: no count fits the {limit / GIB:.0f} GiB of a {device} "
                    f"({', '.join(tried)}); lower train.classes_per_step or use more devices")

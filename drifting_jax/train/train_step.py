@@ -7,9 +7,19 @@
       -> objective per feature group (drifting_jax.losses) -> mean over classes
       -> clipped AdamW update, EMA of the parameters
 
-With `train.microbatches` > 1 the classes go through the networks in chunks (two
-`lax.scan`s: the features without gradients, then each chunk's pullback of the
-objective's feature gradient); the objective itself sees the whole batch at once.
+With `train.microbatches` > 1 the classes go through the networks in chunks, in one
+of two ways (`train.microbatch_features`):
+
+* "keep": two `lax.scan`s, the whole batch's features without gradients, then each
+  chunk's pullback of the objective's feature gradient; the objective sees the whole
+  batch at once, so its features stay resident.
+* "recompute": the objective too runs chunk by chunk, given the whole batch's
+  statistics (`losses.statistics`: distance scale, per-bandwidth field RMS; the top-k
+  scales' per-class statistic), which up to two cheaper scans over the chunks
+  (forward only) gather first; then one scan of each chunk's loss and gradient. Only
+  one chunk's features are ever alive, at the price of a forward pass per statistic.
+
+Either way the gradient and update are the unchunked step's to float32 rounding.
 """
 
 from __future__ import annotations
@@ -80,11 +90,13 @@ def objective_from_config(loss_config: ml_collections.ConfigDict) -> Objective:
     return losses.objective_from_config(loss_config)
 
 
-def trivial_objective(gen, pos, neg, weight_gen=None, weight_pos=None, weight_neg=None, *, distance_scale=None):
+def trivial_objective(gen, pos, neg, weight_gen=None, weight_pos=None, weight_neg=None, *, distance_scale=None,
+                      statistics=None):
   """A stand-in loss of negligible cost that still reads every input, so XLA keeps the
   feature passes on positives and negatives: a step with it is the step without its loss
-  (the device check and the compile report measure the loss's share with it)."""
-  del weight_gen, weight_pos, weight_neg, distance_scale
+  (the device check and the compile report measure the loss's share with it). It
+  normalizes by no batch statistics."""
+  del weight_gen, weight_pos, weight_neg, distance_scale, statistics
   axes = tuple(range(1, gen.ndim))
   loss = jnp.mean(jnp.square(gen - jnp.mean(pos, axis=1, keepdims=True)), axis=axes)
   if neg is not None:
@@ -153,6 +165,31 @@ def _microbatched_features(chunks: _Chunks, generator, feature_apply, params, fe
   return jax.lax.stop_gradient(generated), jax.lax.stop_gradient(data_features)
 
 
+def _chunk_features(chunks: _Chunks, generator, feature_apply, params, feature_params, xs, pos_per_class: int,
+                    with_negatives: bool):
+  """One chunk's features, class-major: generated {name: [b, Cg, T, D]} (differentiable in
+  `params`), positives and negatives {name: [b, C, T, D]} (constants)."""
+  (labels, cfg, chunk_noise), chunk_data = xs
+  rows = chunks.num_classes // chunks.count
+  generated = _split_rows(_chunk_gen_features(generator, feature_apply, params, feature_params, labels, cfg,
+                                              chunk_noise, chunks.mesh), rows)
+  with jax.named_scope("data_features"):
+    data_features = _split_rows(jax.lax.stop_gradient(feature_apply(feature_params, chunk_data)), rows)
+  pos = {k: v[:, :pos_per_class] for k, v in data_features.items()}
+  neg = {k: v[:, pos_per_class:] for k, v in data_features.items()} if with_negatives else None
+  return generated, pos, neg
+
+
+# Metrics of a recomputed chunked step are the chunks' means (the chunks are equal-sized,
+# so a batch mean is the mean of the chunks' means), except these, which are maxima.
+_CHUNK_MAX_METRICS = ("sinkhorn_iterations",)
+
+
+def _merge_chunk_metrics(info: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return {k: (jnp.max(v, axis=0) if k.startswith(_CHUNK_MAX_METRICS) else jnp.mean(v, axis=0))
+          for k, v in info.items()}
+
+
 def _microbatched_gradients(chunks: _Chunks, generator, feature_apply, params, feature_params, gen_labels, gen_cfg,
                             noise, feature_grads):
   """sum over chunks of J_chunk^T (d loss / d features of the chunk): the parameters' gradient,
@@ -173,6 +210,23 @@ def _microbatched_gradients(chunks: _Chunks, generator, feature_apply, params, f
   return grads
 
 
+# train.microbatch_features: how a chunked step treats the objective's features (module docstring).
+MICROBATCH_FEATURES = ("auto", "keep", "recompute")
+
+
+def microbatch_features_mode(train_config: ml_collections.ConfigDict) -> str:
+  """`train.microbatch_features` for a built step: "keep" or "recompute".
+
+  "auto" builds "keep", the cheaper where both fit (one forward pass fewer per
+  statistic); `train.microbatches="auto"` turns to "recompute" when no count with
+  "keep" can fit (`program.compile_fitting`).
+  """
+  mode = train_config.get("microbatch_features", "auto")
+  if mode not in MICROBATCH_FEATURES:
+    raise errors.UsageError(f"train.microbatch_features must be one of {MICROBATCH_FEATURES}, got {mode!r}")
+  return "keep" if mode == "auto" else mode
+
+
 def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     feature_apply: FeatureApply, config: ml_collections.ConfigDict, mesh,
                     objective: Objective | None = None):
@@ -191,6 +245,27 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
   if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
     raise errors.UsageError(f"train.microbatches must be >= 1 when the step is built, got {train.microbatches} "
                             "(resolve 'auto' first: train/program.build_train_program does)")
+  microbatch_features = microbatch_features_mode(train)
+  recompute = microbatches > 1 and microbatch_features == "recompute"
+  # The whole-batch statistics the objective normalizes by (none for a stand-in objective).
+  needs = tuple(getattr(objective, "batch_statistics", ()))
+
+  def distance_scales(state, labels, pos_features):
+    """(feature_scale, {name: scale or None}): the top-k EMA's update from the positives, the annealing."""
+    feature_scale, distance_scale = state.feature_scale, {k: None for k in pos_features}
+    if scaling.stateful:
+      feature_scale = {}
+      for name, feats in pos_features.items():
+        flat = einops.rearrange(feats, "b p t d -> b p (t d)")
+        feature_scale[name], distance_scale[name] = scaling.update(state.feature_scale[name], flat, labels)
+    return feature_scale, annealed(state, distance_scale)
+
+  def annealed(state, distance_scale):
+    if not anneal_rate:
+      return distance_scale
+    # sigma(t) = sigma0 exp(-rate t / T)  <=>  distances / exp(-rate t / T)
+    shrink = jnp.exp(-anneal_rate * state.step / total_steps)
+    return {k: (1.0 if v is None else v) * shrink for k, v in distance_scale.items()}
 
   def train_step(state: TrainState, feature_params: Any, batch: dict[str, jax.Array]):
     labels, positives, negatives = batch["labels"], batch["positives"], batch["negatives"]
@@ -210,6 +285,12 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
     data = jnp.concatenate([positives, negatives], axis=1) if neg_per_class else positives
     gen_labels = jnp.repeat(labels, gen_per_class)
     gen_cfg = jnp.repeat(cfg, gen_per_class)
+    if recompute:
+      chunked = _Chunks(microbatches, num_classes, gen_per_class, mesh)
+      noise = generator_lib.draw_noise(generator, rng_noise, num_classes * gen_per_class)
+      loss, info, grads, feature_scale = _recomputed_chunks(
+          chunked, state, feature_params, labels, gen_labels, gen_cfg, noise, data, weight_neg)
+      return _apply_update(state, grads, feature_scale, loss, info, cfg)
     if microbatches == 1:
       data = partitioning.constrain(einops.rearrange(data, "b k h w c -> (b k) h w c"), mesh, ("batch",))
       with jax.named_scope("data_features"):
@@ -229,15 +310,7 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
 
     # Scale of feature distances: a scaling with a state (FHM's per-class top-k EMA)
     # updates it from the positives; else the objective scales them itself (or not).
-    feature_scale, distance_scale = state.feature_scale, {k: None for k in pos_features}
-    if scaling.stateful:
-      feature_scale = {}
-      for name, feats in pos_features.items():
-        flat = einops.rearrange(feats, "b p t d -> b p (t d)")
-        feature_scale[name], distance_scale[name] = scaling.update(state.feature_scale[name], flat, labels)
-    if anneal_rate:  # sigma(t) = sigma0 exp(-rate t / T)  <=>  distances / exp(-rate t / T)
-      shrink = jnp.exp(-anneal_rate * state.step / total_steps)
-      distance_scale = {k: (1.0 if v is None else v) * shrink for k, v in distance_scale.items()}
+    feature_scale, distance_scale = distance_scales(state, labels, pos_features)
 
     @jax.named_scope("objective")
     def objective_of_features(gen_features):
@@ -270,6 +343,96 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
       (loss, info), feature_grads = jax.value_and_grad(objective_of_features, has_aux=True)(generated)
       grads = _microbatched_gradients(chunked, generator, feature_apply, state.params, feature_params,
                                       gen_labels, gen_cfg, noise, feature_grads)
+    return _apply_update(state, grads, feature_scale, loss, info, cfg)
+
+  def _recomputed_chunks(chunks: _Chunks, state, feature_params, labels, gen_labels, gen_cfg, noise, data,
+                         weight_neg):
+    """The objective chunk by chunk with the whole batch's statistics (train.microbatch_features="recompute").
+
+    Up to two forward scans gather the statistics (the top-k scales' per-class
+    statistic and the batch's distance sums; then, with that scale, the fields'
+    sums), then one scan accumulates each chunk's loss and parameter gradient.
+    Returns (loss, info, grads, feature_scale).
+    """
+    num_classes = labels.shape[0]
+    per_data = data.shape[1]
+    feature_xs = (jax.tree.map(lambda x: chunks.split(x, chunks.per_class), (gen_labels, gen_cfg, noise)),
+                  chunks.split(einops.rearrange(data, "b k h w c -> (b k) h w c"), per_data))
+    per_class = lambda x: chunks.split(x, 1)  # [B, ...] -> [count, B / count, ...]
+    weight_xs = None if weight_neg is None else per_class(weight_neg)
+
+    def features(params, xs):
+      return _chunk_features(chunks, generator, feature_apply, params, feature_params, xs, pos_per_class,
+                             bool(neg_per_class))
+
+    def merge_classes(x):  # [count, B / count] -> [B], class-major
+      return chunks.merge(x, 1)[:, 0]
+
+    def scan_sums(scales, statistics):
+      """Each feature group's BatchSums over the chunks (forward only)."""
+      def body(_, xs):
+        feature_in, w, scale = xs
+        generated, pos, neg = features(state.params, feature_in)
+        return None, {name: objective.batch_sums(generated[name], pos[name], None if neg is None else neg[name],
+                                                 weight_neg=w, distance_scale=scale[name],
+                                                 statistics=statistics[name])
+                      for name in generated}
+      _, sums = jax.lax.scan(body, None, (feature_xs, weight_xs, scales))
+      return {name: jax.tree.map(lambda x: jnp.sum(x, axis=0), s) for name, s in sums.items()}
+
+    names = sorted(jax.eval_shape(lambda xs: features(state.params, xs)[0],
+                                  jax.tree.map(lambda x: x[0], feature_xs)))
+    # 1. The top-k scales' statistic per class (data features only: XLA drops the generator).
+    feature_scale, distance_scale = state.feature_scale, {name: None for name in names}
+    if scaling.stateful:
+      def topk_body(_, xs):
+        _, pos, _ = features(state.params, xs)
+        return None, {name: scaling.statistic(einops.rearrange(pos[name], "b p t d -> b p (t d)"))
+                      for name in names}
+      with jax.named_scope("batch_statistics"):
+        _, per_chunk = jax.lax.scan(topk_body, None, feature_xs)
+      feature_scale = {}
+      for name in names:
+        feature_scale[name], distance_scale[name] = scaling.apply(state.feature_scale[name],
+                                                                  merge_classes(per_chunk[name]), labels)
+    distance_scale = annealed(state, distance_scale)
+    scale_xs = {name: None if v is None else per_class(jnp.broadcast_to(v, (num_classes,)))
+                for name, v in distance_scale.items()}
+    # 2. The batch's distance scale, then (with it) its fields' mean squares.
+    statistics = {name: losses.BatchStatistics() for name in names}
+    with jax.named_scope("batch_statistics"):
+      if losses.statistics.DISTANCE_SCALE in needs:
+        sums = scan_sums(scale_xs, statistics)
+        statistics = {name: losses.statistics_from_sums(sums[name], field=False) for name in names}
+      if losses.statistics.FIELD in needs:
+        sums = scan_sums(scale_xs, statistics)
+        statistics = {name: statistics[name]._replace(
+            field_mean_square=losses.statistics_from_sums(sums[name]).field_mean_square) for name in names}
+
+    # 3. Each chunk's share of the loss (its classes' sum over the batch's count) and gradient.
+    def grad_body(total, xs):
+      feature_in, w, scale = xs
+
+      def chunk_loss(params):
+        generated, pos, neg = features(params, feature_in)
+        loss, info = 0.0, {}
+        with jax.named_scope("objective"):
+          for name in names:
+            group_loss, group_info = objective(generated[name], pos[name], None if neg is None else neg[name],
+                                               weight_neg=w, distance_scale=scale[name],
+                                               statistics=statistics[name])
+            loss = loss + jnp.sum(group_loss) / num_classes
+            info.update({f"{k}/{name}": v for k, v in group_info.items()})
+        return loss, info
+
+      (loss, info), grads = jax.value_and_grad(chunk_loss, has_aux=True)(state.params)
+      return jax.tree.map(jnp.add, total, grads), (loss, info)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (loss, info) = jax.lax.scan(grad_body, zeros, (feature_xs, weight_xs, scale_xs))
+    return jnp.sum(loss), _merge_chunk_metrics(info), grads, feature_scale
+
+  def _apply_update(state, grads, feature_scale, loss, info, cfg):
     with jax.named_scope("optimizer"):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)

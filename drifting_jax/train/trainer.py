@@ -60,6 +60,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if mb != "auto" and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1 or t.classes_per_step % mb):
     problems.append(f"train.microbatches must be 'auto' or a count >= 1 that divides train.classes_per_step="
                     f"{t.classes_per_step}, got {mb!r}")
+  if t.microbatch_features not in train_step_lib.MICROBATCH_FEATURES:
+    problems.append(f"train.microbatch_features must be one of {train_step_lib.MICROBATCH_FEATURES}, got "
+                    f"{t.microbatch_features!r}")
   if t.cfg_min < 1.0 or t.cfg_max < t.cfg_min:
     problems.append(f"need 1 <= train.cfg_min <= train.cfg_max, got {t.cfg_min}, {t.cfg_max}")
   if t.cfg_max > 1.0 and not t.neg_per_class:

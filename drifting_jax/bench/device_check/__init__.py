@@ -32,7 +32,8 @@ cannot take the others' numbers with it:
   defaults, the attention kernel, the DiT's and the MAE's remat policies); each
   variant's step time over the defaults', compiled memory and loss.
 * `ablation_release_batch` — the release's whole batch on this one device with
-  the microbatch count `train.microbatches="auto"` picks.
+  the microbatch count (and features kept or recomputed) `train.microbatches="auto"`
+  picks.
 * `losses` — the loss library's fwd+bwd time as a multiple of one distance
   matmul at the ablation shapes and one 4096 x 4096 x 256 group, with the
   functions of `drifting_jax.bench.losses`.

@@ -444,12 +444,13 @@ def check_ablation_release_batch(rec: _Record, args) -> None:
   one device, with the microbatch count `train.microbatches="auto"` would pick.
 
   Like the run's pre-flight, counts are compiled from the smallest until one fits 95% of
-  the device's free memory, and the step is timed at it. Counts below the one that puts
-  `FIRST_CLASSES[False]` classes in a chunk are skipped (the first H200 run measured ~16
-  GB of activations per class; each compile here takes about two minutes); the record
-  says so. The chunked step keeps the whole batch's features and their gradient
-  resident, so a device smaller than that floor fits no count: the record then holds
-  each count's compiled memory.
+  the device's free memory, and the step is timed at it: first with the whole batch's
+  features kept (`train.microbatch_features="keep"`), then, once the counts tried say no
+  larger one can fit so (`program.keep_cannot_fit`: one GPU holds no such floor of
+  ~122 GiB), with them recomputed. Counts below the one that puts `FIRST_CLASSES[False]`
+  classes in a chunk are skipped (the first H200 run measured ~16 GB of activations per
+  class; each compile here takes about two minutes); the record says so. Where no count
+  fits, the record holds each count's compiled memory.
   """
   device = jax.devices()[0]
   rec.result["machine"] = _machine()
@@ -462,28 +463,41 @@ def check_ablation_release_batch(rec: _Record, args) -> None:
   tried, notes = [], []
   if skipped:
     notes.append(f"counts {skipped} skipped: at ~16 GB of activations per class (first H200 run) they cannot fit")
-  for count in (c for c in counts if c >= first):
-    start = time.perf_counter()
-    step = _AblationStep(args, False, classes, microbatches=count)
-    info = step.compile()
-    fits, _ = _fits(info["compiled_memory"], device)
-    tried.append({"microbatches": count, "fits": fits, "build_and_compile_s": time.perf_counter() - start,
-                  "compiled_memory_gib": info["compiled_memory"].get("total", 0) / 2**30 or None,
-                  "flops_xla": info["flops_xla"]})
-    rec.phase(f"compiled with {count} microbatches", tried=tried, notes=notes)
-    if fits:
-      step_s, n = _timed_steps(step, rec, 0.5, 2 if args.cpu_smoke else 20)
-      t = step.config.train
-      rec.phase("timed", classes=classes, microbatches=count, timed_steps=n, step_s=step_s,
-                generated_samples_per_s=classes * t.gen_per_class / step_s, loss=step.last_loss,
-                peak_memory_gib=(_memory_stats(device).get("peak_bytes_in_use") or 0) / 2**30 or None,
-                auto_pick=f"train.microbatches=auto: {count} (the smallest tried count whose compiled step fits "
-                          f"95% of this device's free memory)")
-      return
-    del step
-    if rec.remaining() < 1.3 * tried[-1]["build_and_compile_s"]:
+  limit = (_memory_stats(device).get("bytes_limit") or 0) * 0.95
+  for features in ("keep", "recompute"):
+    kept_counts, kept_totals = [], []
+    for count in (c for c in counts if c >= first and (features == "keep" or c > 1)):
+      start = time.perf_counter()
+      step = _AblationStep(args, False, classes, microbatches=count,
+                           overrides={"train.microbatch_features": features})
+      info = step.compile()
+      fits, _ = _fits(info["compiled_memory"], device)
+      total = info["compiled_memory"].get("total", 0)
+      tried.append({"microbatches": count, "microbatch_features": features, "fits": fits,
+                    "build_and_compile_s": time.perf_counter() - start,
+                    "compiled_memory_gib": total / 2**30 or None, "flops_xla": info["flops_xla"]})
+      rec.phase(f"compiled with {count} microbatches, features {features}", tried=tried, notes=notes)
+      if fits:
+        step_s, n = _timed_steps(step, rec, 0.5, 2 if args.cpu_smoke else 20)
+        t = step.config.train
+        rec.phase("timed", classes=classes, microbatches=count, microbatch_features=features, timed_steps=n,
+                  step_s=step_s, generated_samples_per_s=classes * t.gen_per_class / step_s, loss=step.last_loss,
+                  peak_memory_gib=(_memory_stats(device).get("peak_bytes_in_use") or 0) / 2**30 or None,
+                  auto_pick=f"train.microbatches=auto: {count} with train.microbatch_features={features} (the "
+                            f"smallest tried count whose compiled step fits 95% of this device's free memory)")
+        return
+      del step
+      if rec.remaining() < 1.3 * tried[-1]["build_and_compile_s"]:
+        break
+      kept_counts.append(count)
+      kept_totals.append(total)
+      if features == "keep" and limit and program_lib.keep_cannot_fit(kept_counts, kept_totals, int(limit)):
+        notes.append(f"no count above {count} can fit with the features kept (the memory counts {kept_counts} "
+                     "saved): on to recomputed features")
+        break
+    if tried and rec.remaining() < 1.3 * tried[-1]["build_and_compile_s"]:
       break
   rec.phase("no count fits", classes=classes, microbatches=None, step_s=None,
             auto_pick=f"no tried count fits this device at {classes} classes: "
-                      + ", ".join(f"{t['microbatches']}: {t['compiled_memory_gib']:.1f} GiB" for t in tried)
-                      + " (the chunked step keeps the whole batch's features and their gradient resident)")
+                      + ", ".join(f"{t['microbatches']} ({t['microbatch_features']}): "
+                                  f"{t['compiled_memory_gib']:.1f} GiB" for t in tried))

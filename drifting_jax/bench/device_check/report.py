@@ -42,7 +42,7 @@ def _summary(report: dict) -> dict:
   release = checks.get("ablation_release_batch", {}).get("result", {})
   if release:
     summary["release_batch"] = {k: release.get(k) for k in (
-        "classes", "microbatches", "step_s", "generated_samples_per_s", "auto_pick", "tried")}
+        "classes", "microbatches", "microbatch_features", "step_s", "generated_samples_per_s", "auto_pick", "tried")}
   losses = checks.get("losses", {}).get("result", {})
   if losses.get("shapes"):
     summary["losses"] = [{"shape": r["label"], **{f"{k}_over_matmul": v for k, v in r["ratio_to_matmul"].items()
