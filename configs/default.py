@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.bandwidths = (0.02, 0.05, 0.2)
   c.loss.normalize_gradients = False
   c.loss.mmd_sharp = False
+  # How log_kde and mmd are computed: "auto" (Pallas kernels on TPU, XLA elsewhere),
+  # "xla", "pallas" (TPU), "pallas_interpret" (those kernels interpreted, any platform).
+  c.loss.kde_impl = "auto"
   # The sinkhorn objective (losses.sinkhorn_loss) uses no kernel or bandwidths: its
   # entropic epsilon is relative to the feature_normalization scale (cost units of
   # x / scale), the ground cost is "euclidean" |x - y| or "sqeuclidean" |x - y|^2,

@@ -80,6 +80,8 @@ def test_cpu_smoke_runs_every_check_and_reports_finite_numbers(smoke):
   assert list(levers["variants"]) == ["defaults", "generator remat dots"]
   assert levers["skipped"]["old defaults"] == "computes as the defaults do on this device"
   assert levers["skipped"]["attention cudnn"].startswith("not for cpu")
+  assert levers["skipped"]["loss pallas"].startswith("not for cpu")
+  assert levers["skipped"]["loss xla"] == "computes as the defaults do on this device"
   dots = levers["variants"]["generator remat dots"]
   assert dots["computed_as"]["remat_policy"] == "dots" and _finite(dots["step_over_defaults"])
   # Remat recomputes the same function: the same loss on the same batch and weights.

@@ -16,7 +16,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from drifting_jax.losses import _common, statistics as statistics_lib
+from drifting_jax.losses import _common, fused_kde, statistics as statistics_lib
 from drifting_jax.losses.groups import (Info, _distance_scale, _generated_probabilities, _Groups, _kernels,
                                         _nan_if_invalid, _per_row, _prepare, per_feature_group)
 from drifting_jax.losses.kernels import Kernel
@@ -205,21 +205,40 @@ def _precomputed_fwd(values_and_gradient_fn, gen, operands):
 def _precomputed_bwd(values_and_gradient_fn, residuals, cotangents):
   gradient, operands = residuals
   cotangent = cotangents[0]  # the other outputs' cotangents are ignored, see above
-  return (cotangent[:, None, None] * gradient).astype(gradient.dtype), jax.tree.map(jnp.zeros_like, operands)
+  if cotangent.ndim == 1:  # groups [G], gradient [G, Cg, S]
+    spread = cotangent[:, None, None]
+  elif gradient.ndim == 4:  # the fused kernels' [B, T] groups, gradient [B, Cg, T, S]
+    spread = cotangent[:, None, :, None]
+  else:  # [B, 1] groups, gradient [B, Cg, S]
+    spread = cotangent[:, :, None]
+  return (spread * gradient).astype(gradient.dtype), jax.tree.map(jnp.zeros_like, operands)
 
 
 _with_precomputed_gradient.defvjp(_precomputed_fwd, _precomputed_bwd)
 
 
+IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret")
+
+
 def _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, *, kernel, bandwidths,
                    normalize_distances, distance_scale, normalize_gradients, sharp, take_log, statistics,
-                   return_batch_sums):
+                   return_batch_sums, implementation="xla", batch_sharding=None):
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   groups = _prepare(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg)
   if groups.gen.shape[1] + groups.neg.shape[1] < 2:
     raise ValueError("the model KDE q needs a reference besides the sample itself: use Cg >= 2 "
                      "generated samples per group or pass fixed_neg")
   kernels = _kernels(kernel, bandwidths)
   statistics = statistics_lib.check_statistics(statistics, len(kernels))
+  if implementation != "xla" and fused_kde.supports(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg,
+                                                    distance_scale) is None:
+    # `groups` above only validated the inputs: XLA drops its unused transposed copies.
+    return _fused_kde_objective(gen, fixed_pos, fixed_neg, weight_neg, kernels=kernels, sharp=sharp,
+                                take_log=take_log, normalize_distances=normalize_distances,
+                                distance_scale=distance_scale, normalize_gradients=normalize_gradients,
+                                statistics=statistics, return_batch_sums=return_batch_sums,
+                                interpret=implementation == "pallas_interpret", batch_sharding=batch_sharding)
   ops, blocks = _kde_operands(groups, normalize_distances, distance_scale, statistics.distance_scale)
   fn = functools.partial(_kde_values_and_gradients, kernels=kernels, sharp=sharp, take_log=take_log,
                          normalize_gradients=normalize_gradients, field_mean_square=statistics.field_mean_square)
@@ -235,6 +254,70 @@ def _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg
   if normalize_gradients:
     sums = sums._replace(field_square=jax.lax.stop_gradient(field_square),
                          field_count=jnp.asarray(float(groups.gen.size), sums.field_count.dtype))
+  return loss, info, sums
+
+
+def _fused_kde_objective(gen, fixed_pos, fixed_neg, weight_neg, *, kernels, sharp, take_log, normalize_distances,
+                         distance_scale, normalize_gradients, statistics, return_batch_sums, interpret,
+                         batch_sharding):
+  """`_kde_objective` by the Pallas kernels of `fused_kde` (same values and gradients, to float32 rounding).
+
+  Passes over the inputs: the scale's (where the batch mean is needed), the values'
+  (with each bandwidth's squared gradient sums under `normalize_gradients`), and in the
+  backward pass the gradient's.
+  """
+  sg = jax.lax.stop_gradient
+  gen = jnp.asarray(gen, jnp.float32)
+  fixed_pos = sg(jnp.asarray(fixed_pos, jnp.float32))
+  fixed_neg = None if fixed_neg is None or fixed_neg.shape[1] == 0 else sg(jnp.asarray(fixed_neg, jnp.float32))
+  weight_neg = None if fixed_neg is None or weight_neg is None else sg(jnp.asarray(weight_neg, jnp.float32))
+  inputs = fused_kde.FusedInputs(sg(gen), fixed_pos, fixed_neg, weight_neg)
+  shape = inputs.shape
+  groups = shape.classes * shape.tokens
+  references = shape.generated + shape.negatives + shape.positives
+  pairs = tuple(_kernel_pair(k, sharp) for k in kernels)
+
+  # The distance scale: given, none, or the batch mean of the distances (the scale pass).
+  distance_count = float(groups * shape.generated * references)
+  w_neg_sum = jnp.sum(inputs.w_neg) if shape.negatives else 0.0
+  weight = shape.tokens * (shape.classes * (shape.generated + shape.positives) + w_neg_sum)
+  weight_count = float(groups * references)
+  weighted_distance = None
+  if return_batch_sums or (normalize_distances and distance_scale is None and statistics.distance_scale is None):
+    weighted_distance = jnp.sum(fused_kde.weighted_distance_sums(inputs, interpret=interpret,
+                                                                 batch_sharding=batch_sharding))
+  if distance_scale is not None:
+    scale = sg(jnp.asarray(distance_scale, jnp.float32))
+  elif not normalize_distances:
+    scale = jnp.ones((), jnp.float32)
+  else:
+    raw = statistics.distance_scale
+    if raw is None:
+      raw = (weighted_distance / distance_count) / (weight / weight_count)
+    scale = sg(jnp.maximum(jnp.asarray(raw, jnp.float32), 1e-6))
+
+  # The values (and each bandwidth's squared gradient sums, for its RMS): one pass; the
+  # gradient pass runs in the backward pass (`fused_kde.objective`).
+  call = fused_kde.Call(pairs, take_log, normalize_gradients=normalize_gradients, interpret=interpret,
+                        batch_sharding=batch_sharding)
+  total, per_bandwidth, field_terms = fused_kde.objective(
+      call, gen, (fixed_pos, fixed_neg, weight_neg, scale, statistics.field_mean_square))
+  field_square = sg(jnp.sum(field_terms, axis=(1, 2)))
+  per_bandwidth = sg(per_bandwidth)
+  loss = jnp.mean(total, axis=1)  # [B]: the mean over a row's token groups, as `_per_row`
+  bad = None if weight_neg is None else _common.invalid_weight_mask(weight_neg)
+  if bad is not None:
+    loss = jnp.where(bad, jnp.nan, loss)
+  info = {"scale": jnp.mean(jnp.broadcast_to(scale, (shape.classes,)))}
+  for kern, term in zip(kernels, per_bandwidth):
+    info[f"loss_{kern.bandwidth:g}"] = jnp.mean(term)
+  if not return_batch_sums:
+    return loss, info
+  sums = statistics_lib.BatchSums(
+      weighted_distance, jnp.asarray(distance_count, jnp.float32), jnp.asarray(weight, jnp.float32),
+      jnp.asarray(weight_count, jnp.float32),
+      field_square if normalize_gradients else jnp.zeros((len(pairs),), jnp.float32),
+      jnp.asarray(float(gen.size) if normalize_gradients else 0.0, jnp.float32))
   return loss, info, sums
 
 
@@ -254,6 +337,8 @@ def log_kde_loss(
     normalize_gradients: bool = False,
     statistics: statistics_lib.BatchStatistics | None = None,
     return_batch_sums: bool = False,
+    implementation: str = "xla",
+    batch_sharding: tuple | None = None,
 ) -> tuple[Array, Info]:
   """The log-KDE loss with the sharp kernel (FHM Eq. 19), per group.
 
@@ -279,6 +364,12 @@ def log_kde_loss(
     statistics: the whole batch's distance scale and gradient mean squares where
       these groups are a chunk of it (`losses.statistics`); None: their own.
     return_batch_sums: also return this call's `BatchSums` (one feature group only).
+    implementation: "xla", or "pallas": the Pallas TPU kernels of `fused_kde` (one
+      pass per statistic over the inputs, nothing [G, Cg, M] in HBM) where they take
+      the call (`fused_kde.supports`), else XLA; "pallas_interpret": those kernels in
+      the Pallas interpreter, on any platform (tests).
+    batch_sharding: (mesh, its axes of the class axis B) where the inputs are split
+      over devices: the Pallas kernels then run per device (XLA cannot partition them).
 
   Returns:
     loss [B] and info {"scale", "loss_<s>" for each bandwidth} (and the `BatchSums`).
@@ -286,7 +377,8 @@ def log_kde_loss(
   return _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, kernel=kernel,
                         bandwidths=bandwidths, normalize_distances=normalize_distances,
                         distance_scale=distance_scale, normalize_gradients=normalize_gradients,
-                        sharp=True, take_log=True, statistics=statistics, return_batch_sums=return_batch_sums)
+                        sharp=True, take_log=True, statistics=statistics, return_batch_sums=return_batch_sums,
+                        implementation=implementation, batch_sharding=batch_sharding)
 
 
 @per_feature_group
@@ -306,6 +398,8 @@ def mmd_loss(
     normalize_gradients: bool = False,
     statistics: statistics_lib.BatchStatistics | None = None,
     return_batch_sums: bool = False,
+    implementation: str = "xla",
+    batch_sharding: tuple | None = None,
 ) -> tuple[Array, Info]:
   """The MMD objective in witness form: loss[b] = sum_i w_i (q_hat(x_i) - p_hat(x_i)).
 
@@ -313,9 +407,10 @@ def mmd_loss(
   The gradient with respect to x_i is half that of the U-statistic MMD^2 between
   the generated samples and the data. With `sharp=True` the kernel is k#, and the
   gradient is -w_i times the unnormalized drifting field of k (FHM Prop. 7).
-  `statistics` and `return_batch_sums` as in `log_kde_loss`.
+  `statistics`, `return_batch_sums`, `implementation` and `batch_sharding` as in `log_kde_loss`.
   """
   return _kde_objective(gen, fixed_pos, fixed_neg, weight_gen, weight_pos, weight_neg, kernel=kernel,
                         bandwidths=bandwidths, normalize_distances=normalize_distances,
                         distance_scale=distance_scale, normalize_gradients=normalize_gradients,
-                        sharp=sharp, take_log=False, statistics=statistics, return_batch_sums=return_batch_sums)
+                        sharp=sharp, take_log=False, statistics=statistics, return_batch_sums=return_batch_sums,
+                        implementation=implementation, batch_sharding=batch_sharding)

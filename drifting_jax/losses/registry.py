@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from drifting_jax.losses import sinkhorn, statistics as statistics_lib
 from drifting_jax.losses.drift_objectives import corrected_drift_loss, joint_drift_loss, release_drift_loss
-from drifting_jax.losses.kde_objectives import log_kde_loss, mmd_loss
+from drifting_jax.losses.kde_objectives import IMPLEMENTATIONS as KDE_IMPLEMENTATIONS, log_kde_loss, mmd_loss
 from drifting_jax.losses.kernels import get_kernel
 from drifting_jax.losses.normalization import topk_mean_distance, topk_scale_apply, topk_scale_init
 
@@ -52,12 +52,14 @@ class ObjectiveSpec:
   equation: where it comes from, for error messages and docs.
   batch_statistics: fn's options -> the whole-batch statistics they normalize by
     (`statistics.DISTANCE_SCALE`, `statistics.FIELD`, in the order they are computed).
+  takes_implementation: whether fn has XLA and Pallas implementations (`loss.kde_impl`).
   """
   fn: Callable[..., Any]
   read_options: OptionsReader
   takes_distance_scale: bool = True
   equation: str = ""
   batch_statistics: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
+  takes_implementation: bool = False
 
   def statistics_of(self, options: dict[str, Any]) -> tuple[str, ...]:
     if self.batch_statistics is not None:
@@ -115,13 +117,13 @@ def _sinkhorn_options(loss_config) -> dict[str, Any]:
 
 
 OBJECTIVE_TABLE: dict[str, ObjectiveSpec] = {
-    "log_kde": ObjectiveSpec(log_kde_loss, kernel_options, equation="FHM Eq. 19"),
+    "log_kde": ObjectiveSpec(log_kde_loss, kernel_options, equation="FHM Eq. 19", takes_implementation=True),
     "corrected": ObjectiveSpec(corrected_drift_loss, kernel_options, equation="FHM Eq. 1, 3"),
     "release": ObjectiveSpec(release_drift_loss, release_options, takes_distance_scale=False,
                              equation="the release's drift_loss (FHM Eq. 21)",
                              batch_statistics=lambda _: (statistics_lib.DISTANCE_SCALE, statistics_lib.FIELD)),
     "joint": ObjectiveSpec(joint_drift_loss, kernel_options, equation="Deng et al. Alg. 2 (FHM App. D)"),
-    "mmd": ObjectiveSpec(mmd_loss, mmd_options, equation="FHM Prop. 7"),
+    "mmd": ObjectiveSpec(mmd_loss, mmd_options, equation="FHM Prop. 7", takes_implementation=True),
     "sinkhorn": ObjectiveSpec(sinkhorn.sinkhorn_loss, _sinkhorn_options, equation="debiased Sinkhorn divergence"),
 }
 
@@ -164,10 +166,43 @@ class ConfiguredObjective:
     return self._call(gen, pos, neg, weight_neg, distance_scale, statistics, True)[2]
 
 
-def objective_from_config(loss_config) -> ConfiguredObjective:
-  """The objective `loss_config.objective` with its options read (and checked) once."""
+KDE_IMPLEMENTATION_CHOICES = ("auto",) + KDE_IMPLEMENTATIONS
+
+
+def kde_implementation(choice: str, platform: str | None) -> str:
+  """`loss.kde_impl` on devices of `platform` ("tpu", "gpu", "cpu"; None: not known).
+
+  "auto": the Pallas kernels (`fused_kde`) on TPU, XLA elsewhere; "pallas" needs TPUs
+  where the platform is known; "pallas_interpret" runs those kernels in the Pallas
+  interpreter anywhere (tests, numerics checks on a CPU).
+  """
+  if choice not in KDE_IMPLEMENTATION_CHOICES:
+    raise ValueError(f"loss.kde_impl must be one of {KDE_IMPLEMENTATION_CHOICES}, got {choice!r}")
+  if choice == "auto":
+    return "pallas" if platform == "tpu" else "xla"
+  if choice == "pallas" and platform not in (None, "tpu"):
+    raise ValueError(f"loss.kde_impl=pallas needs TPUs; these devices are {platform} (use 'auto', 'xla' or "
+                     "'pallas_interpret')")
+  return choice
+
+
+def objective_from_config(loss_config, platform: str | None = None,
+                          batch_sharding: tuple | None = None) -> ConfiguredObjective:
+  """The objective `loss_config.objective` with its options read (and checked) once.
+
+  `platform`: that of the devices the objective will run on, where known (it resolves
+  `loss.kde_impl`; unknown: "auto" is XLA's). `batch_sharding`: (mesh, its axes of the
+  class axis) where the inputs are split over devices (Pallas kernels run per device).
+  """
   spec = get_spec(loss_config.objective)
-  return ConfiguredObjective(spec, spec.read_options(loss_config))
+  options = spec.read_options(loss_config)
+  choice = getattr(loss_config, "kde_impl", "auto")
+  if choice not in KDE_IMPLEMENTATION_CHOICES:  # checked for every objective: a typo is never ignored
+    raise ValueError(f"loss.kde_impl must be one of {KDE_IMPLEMENTATION_CHOICES}, got {choice!r}")
+  if spec.takes_implementation:
+    options["implementation"] = kde_implementation(choice, platform)
+    options["batch_sharding"] = batch_sharding
+  return ConfiguredObjective(spec, options)
 
 
 # --------------------------------------------------------------------------- distance scaling

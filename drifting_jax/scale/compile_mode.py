@@ -129,6 +129,8 @@ def compile_train(config: ml_collections.ConfigDict, target: targets_lib.Target,
                 microbatch_features=train_step_lib.microbatch_features_mode(program.config.train),
                 generator_computed_as={"attention_impl": program.generator.attention_impl,
                                        "remat_policy": program.generator.remat_policy},
+                loss_computed_as={"kde_impl": train_step_lib.objective_from_config(
+                    config.loss, mesh).options.get("implementation")},
                 batch={"classes_per_step": int(t.classes_per_step), "gen_per_class": int(t.gen_per_class),
                        "pos_per_class": int(t.pos_per_class), "neg_per_class": int(t.neg_per_class),
                        "generated_per_step": images})

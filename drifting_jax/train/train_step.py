@@ -80,14 +80,25 @@ def unconditional_weight(cfg: jax.Array, gen_per_class: int, neg_per_class: int)
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def objective_from_config(loss_config: ml_collections.ConfigDict) -> Objective:
+def objective_from_config(loss_config: ml_collections.ConfigDict, mesh=None) -> Objective:
   """The configured objective behind one keyword-only call (`losses.objective_from_config`).
 
   The loss library's table reads and checks each objective's own options; a value
   it refuses is the user's mistake (`errors.UsageError`), reported before training.
+  `mesh`: the one the step runs on (its platform resolves `loss.kde_impl`; Pallas
+  kernels run per device on its batch axes).
   """
+  platform = None if mesh is None else mesh_platform(mesh)
+  batch_sharding = None if mesh is None else (mesh, partitioning.logical_to_mesh(("batch",))[0])
   with errors.as_usage_error("bad loss config: "):
-    return losses.objective_from_config(loss_config)
+    return losses.objective_from_config(loss_config, platform, batch_sharding)
+
+
+def mesh_platform(mesh) -> str:
+  """The platform of the mesh's devices ("tpu", "gpu", "cpu"; "mixed" if they differ). In the
+  compile mode they are libtpu's or the CUDA plugin's descriptions, so it is the target's."""
+  platforms = {"gpu" if d.platform == "cuda" else d.platform for d in mesh.devices.flat}
+  return platforms.pop() if len(platforms) == 1 else "mixed"
 
 
 def trivial_objective(gen, pos, neg, weight_gen=None, weight_pos=None, weight_neg=None, *, distance_scale=None,
@@ -236,7 +247,7 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
   """
   train, loss_config = config.train, config.loss
   gen_per_class, pos_per_class, neg_per_class = train.gen_per_class, train.pos_per_class, train.neg_per_class
-  objective = objective or objective_from_config(loss_config)
+  objective = objective or objective_from_config(loss_config, mesh)
   with errors.as_usage_error("bad loss config: "):
     scaling = losses.distance_scaling_from_config(loss_config)
   anneal_rate = float(loss_config.bandwidth_anneal_rate)

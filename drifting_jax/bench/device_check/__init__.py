@@ -29,7 +29,8 @@ cannot take the others' numbers with it:
 * `ablation_levers` — the same step with the config's defaults and, timed one
   after the other in one process at the same classes, with each lever of issue
   #35 that changes how it computes on this device (`ablation.LEVERS`: the old
-  defaults, the attention kernel, the DiT's and the MAE's remat policies); each
+  defaults, the attention kernel, the DiT's and the MAE's remat policies, the log-KDE's
+  Pallas kernels); each
   variant's step time over the defaults', compiled memory and loss.
 * `ablation_release_batch` — the release's whole batch on this one device with
   the microbatch count (and features kept or recomputed) `train.microbatches="auto"`

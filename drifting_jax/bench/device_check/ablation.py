@@ -363,7 +363,8 @@ def check_ablation_step(rec: _Record, args) -> None:
 # is the step as it was before the levers existed; a lever for another platform, or one
 # that leaves the step as the defaults compute it here, is not timed (said so).
 LEVERS: dict[str, dict[str, Any]] = {
-    "old defaults": {"model.attention_impl": "xla", "model.remat_policy": "none", "feature.remat_policy": "none"},
+    "old defaults": {"model.attention_impl": "xla", "model.remat_policy": "none", "feature.remat_policy": "none",
+                     "loss.kde_impl": "xla"},
     "attention cudnn": {"model.attention_impl": "cudnn"},
     "attention splash": {"model.attention_impl": "splash"},
     "attention whole_sequence": {"model.attention_impl": "whole_sequence"},
@@ -371,16 +372,21 @@ LEVERS: dict[str, dict[str, Any]] = {
     "generator remat dots": {"model.remat_policy": "dots"},
     "generator remat full": {"model.remat_policy": "full"},
     "MAE remat dots": {"feature.remat_policy": "dots"},
+    "loss pallas": {"loss.kde_impl": "pallas"},
+    "loss xla": {"loss.kde_impl": "xla"},
 }
 _LEVER_PLATFORMS = {"attention cudnn": ("gpu", "cuda"), "attention splash": ("tpu",),
-                    "attention whole_sequence": ("tpu",)}
+                    "attention whole_sequence": ("tpu",), "loss pallas": ("tpu",)}
 
 
 def _computed_as(config, mesh) -> dict[str, str]:
-  """How the step computes on `mesh` under `config`: the resolved attention kernel and the remat policies."""
+  """How the step computes on `mesh` under `config`: the resolved attention kernel, the remat
+  policies and the log-KDE's implementation."""
   module = generator_lib.module_for_run(config, mesh.devices)
+  objective = train_step_lib.objective_from_config(config.loss, mesh)
   return {"attention_impl": module.attention_impl, "remat_policy": module.remat_policy,
-          "feature_remat_policy": str(config.feature.remat_policy)}
+          "feature_remat_policy": str(config.feature.remat_policy),
+          "kde_impl": objective.options.get("implementation", "n/a")}
 
 
 def check_ablation_levers(rec: _Record, args) -> None:
