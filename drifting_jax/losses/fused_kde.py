@@ -3,18 +3,18 @@
 `kde_objectives` computes a feature group's KDEs with XLA: distances, kernel entries and
 coefficients are [G, Cg, M] arrays that XLA writes to HBM and reads back between its
 fusions, and the [B, C, T, S] inputs are transposed to [B*T, C, S] groups first. At the
-release's ablation shapes that is ~30 GB of HBM traffic per class and step on a v6e chip,
-about five times what the inputs and the gradient themselves take (docs/scaling.md).
-Here each group's whole computation happens in VMEM, in up to three passes over the
-inputs, each one `pallas_call` over (class, block of tokens):
+release's ablation shapes that is ~30 GB of HBM traffic per class and step on a v6e chip;
+at its largest groups 13x what reading the inputs once and writing the gradient take
+(docs/scaling.md). Here each group's whole computation happens in VMEM, in up to three
+passes over the inputs, each one `pallas_call` over (class, block of tokens):
 
-  scale    (normalize_distances, no scale given)  sum_ij d_ij w_j per group, for the
-           batch-mean distance scale (statistics.BatchSums);
-  field    (normalize_gradients, no field statistic given)  each bandwidth's squared
-           gradient sum per group, for its batch RMS;
-  main     each bandwidth's value per group and the gradient
-           sum_h m_h grad_h  (m_h = 1 / (RMS_h Cg S) with normalize_gradients, else 1),
-           written once, in the inputs' own layout.
+  scale     (normalize_distances, no scale given)  sum_ij d_ij w_j per token, for the
+            batch-mean distance scale (statistics.BatchSums);
+  values    each bandwidth's value per token and, with normalize_gradients, its
+            squared gradient sum, for the bandwidth's batch RMS (`objective`'s forward);
+  gradient  sum_h c_t m_h grad_h per token, c_t its cotangent and m_h = 1 / (RMS_h Cg S)
+            with normalize_gradients, else 1, written once in the inputs' own layout
+            (`objective`'s backward).
 
 A pass reads the group's generated samples, negatives and positives once, so the traffic
 is (passes) x inputs + one gradient, and no [G, Cg, M] array reaches HBM. The inputs are
@@ -56,9 +56,9 @@ Array = jax.Array
 
 LANES = 128
 SUBLANES = 8
-# VMEM a call may ask Mosaic for (its blocks double-buffered and a token's temporaries):
-# the largest ablation group (16 tokens x 2048) needs ~30 MiB; v5e, v5p and v6e chips
-# have at least 64 MiB of VMEM.
+# VMEM a call asks Mosaic for (its blocks double-buffered and a token's temporaries): the
+# largest ablation group (16 tokens x 2048) needs ~30 MiB, over Mosaic's default scoped
+# limit; libtpu accepts 60 MiB compiling for v6e (the whole v6e-64 step).
 VMEM_LIMIT_BYTES = 60 * 2**20
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a @ b^T
 # Lanes of the per-class parameter row: [scale, m_0 .. m_{H-1}, 0 ...].

@@ -196,7 +196,7 @@ def objective_from_config(loss_config, platform: str | None = None,
   """
   spec = get_spec(loss_config.objective)
   options = spec.read_options(loss_config)
-  choice = getattr(loss_config, "kde_impl", "auto")
+  choice = loss_config.kde_impl
   if choice not in KDE_IMPLEMENTATION_CHOICES:  # checked for every objective: a typo is never ignored
     raise ValueError(f"loss.kde_impl must be one of {KDE_IMPLEMENTATION_CHOICES}, got {choice!r}")
   if spec.takes_implementation:

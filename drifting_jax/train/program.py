@@ -334,7 +334,7 @@ def with_microbatches(config: ml_collections.ConfigDict, count: int,
                       features: Optional[str] = None) -> ml_collections.ConfigDict:
   """A copy of `config` whose train.microbatches is `count` (and train.microbatch_features
   `features`, where given); the config itself when it already is."""
-  if config.train.microbatches == count and features in (None, config.train.get("microbatch_features")):
+  if config.train.microbatches == count and features in (None, config.train.microbatch_features):
     return config
   copy = ml_collections.ConfigDict(config.to_dict())
   del copy.train["microbatches"]  # its type there is the original value's ("auto": str)
@@ -381,7 +381,7 @@ def compile_fitting(config: ml_collections.ConfigDict, mesh, *, capacity: Option
                                                 "which the compiler does not budget)")
   limit, device = capacity
   requested = train_step_lib.microbatch_features_mode(config.train)
-  modes = ["keep", "recompute"] if config.train.get("microbatch_features", "auto") == "auto" else [requested]
+  modes = ["keep", "recompute"] if config.train.microbatch_features == "auto" else [requested]
   tried = []
   for mode in modes:
     label = f"{mode}: " if len(modes) > 1 else ""

@@ -232,7 +232,7 @@ def microbatch_features_mode(train_config: ml_collections.ConfigDict) -> str:
   statistic); `train.microbatches="auto"` turns to "recompute" when no count with
   "keep" can fit (`program.compile_fitting`).
   """
-  mode = train_config.get("microbatch_features", "auto")
+  mode = train_config.microbatch_features
   if mode not in MICROBATCH_FEATURES:
     raise errors.UsageError(f"train.microbatch_features must be one of {MICROBATCH_FEATURES}, got {mode!r}")
   return "keep" if mode == "auto" else mode
