@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from configs import mnist_tiny
 from drifting_jax import partitioning
@@ -71,3 +72,27 @@ def assert_same_step(reference, chunked):
 
 def single_device_mesh():
   return partitioning.make_mesh(devices=jax.devices()[:1])
+
+
+EVERY_OBJECTIVE = ("corrected", "release", "joint", "mmd", "sinkhorn")
+
+
+def assert_four_chunks_equal_the_whole_step(objective: str, normalization: str, features: str) -> None:
+  """`objective` (with the options the release uses for it) in 4 chunks, computed as `features`
+  says, equals the unchunked step."""
+  if objective == "release" and normalization != "batch_mean":
+    pytest.skip("the release objective computes its own batch-mean scale (a config error otherwise)")
+  extra = {"normalize_gradients": True} if objective in ("corrected", "joint", "release") else {}
+  if objective == "sinkhorn":
+    extra = {"sinkhorn_epsilon": 0.1, "sinkhorn_max_iterations": 50}
+  mesh = single_device_mesh()
+  reference = one_step(config(objective, normalization, 1, **extra), mesh)
+  assert_same_step(reference, one_step(config(objective, normalization, 4, features, **extra), mesh))
+
+
+def assert_two_chunks_on_a_mesh_equal_the_whole_step(features: str) -> None:
+  """Data 2 x fsdp 4 (8 CPU devices): each chunk's classes split over the data shards, the
+  samples over fsdp; the release's setting in 2 chunks equals the unchunked step."""
+  mesh = partitioning.make_mesh(data=2, fsdp=4)
+  reference = one_step(config("log_kde", "batch_mean", 1, normalize_gradients=True), mesh)
+  assert_same_step(reference, one_step(config("log_kde", "batch_mean", 2, features, normalize_gradients=True), mesh))

@@ -16,7 +16,8 @@ import pytest
 
 from drifting_jax import partitioning
 from drifting_jax.train import program as program_lib
-from microbatch_checks import assert_same_step, config, one_step, single_device_mesh
+from microbatch_checks import (EVERY_OBJECTIVE, assert_four_chunks_equal_the_whole_step, assert_same_step,
+                               assert_two_chunks_on_a_mesh_equal_the_whole_step, config, one_step, single_device_mesh)
 from test_microbatches import preempted_and_resumed_equals_straight
 
 
@@ -41,25 +42,15 @@ def test_recomputed_chunks_equal_the_whole_step_with_topk_scales():
 
 @pytest.mark.slow
 @pytest.mark.e2e
-@pytest.mark.parametrize("objective", ["corrected", "release", "joint", "mmd", "sinkhorn"])
+@pytest.mark.parametrize("objective", EVERY_OBJECTIVE)
 @pytest.mark.parametrize("normalization", ["batch_mean", "topk_ema"])
 def test_recomputed_chunks_equal_the_whole_step_every_objective(objective, normalization):
-  if objective == "release" and normalization != "batch_mean":
-    pytest.skip("the release objective computes its own batch-mean scale (a config error otherwise)")
-  extra = {"normalize_gradients": True} if objective in ("corrected", "joint", "release") else {}
-  if objective == "sinkhorn":
-    extra = {"sinkhorn_epsilon": 0.1, "sinkhorn_max_iterations": 50}
-  mesh = single_device_mesh()
-  reference = one_step(config(objective, normalization, 1, **extra), mesh)
-  assert_same_step(reference, one_step(config(objective, normalization, 4, "recompute", **extra), mesh))
+  assert_four_chunks_equal_the_whole_step(objective, normalization, "recompute")
 
 
 @pytest.mark.slow
 def test_recomputed_chunks_on_a_mesh_of_eight_devices():
-  mesh = partitioning.make_mesh(data=2, fsdp=4)
-  reference = one_step(config("log_kde", "batch_mean", 1, normalize_gradients=True), mesh)
-  assert_same_step(reference, one_step(config("log_kde", "batch_mean", 2, "recompute", normalize_gradients=True),
-                                       mesh))
+  assert_two_chunks_on_a_mesh_equal_the_whole_step("recompute")
 
 
 @pytest.mark.slow

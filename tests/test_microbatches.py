@@ -20,7 +20,9 @@ from configs import mnist_tiny
 from drifting_jax import checkpointing, errors, partitioning
 from drifting_jax.models import artifacts
 from drifting_jax.train import program as program_lib, trainer
-from microbatch_checks import assert_same_step, config as _config, one_step as _one_step, single_device_mesh as _mesh
+from microbatch_checks import (EVERY_OBJECTIVE, assert_four_chunks_equal_the_whole_step, assert_same_step,
+                               assert_two_chunks_on_a_mesh_equal_the_whole_step,
+                               config as _config, one_step as _one_step, single_device_mesh as _mesh)
 
 
 @pytest.mark.slow  # whole training steps compiled (3 each): out of the edit-run loop (make test-fast)
@@ -37,25 +39,15 @@ def test_chunked_step_equals_the_whole_step_log_kde(normalization, extra):
 
 @pytest.mark.slow
 @pytest.mark.e2e
-@pytest.mark.parametrize("objective", ["corrected", "release", "joint", "mmd", "sinkhorn"])
+@pytest.mark.parametrize("objective", EVERY_OBJECTIVE)
 @pytest.mark.parametrize("normalization", ["batch_mean", "topk_ema"])
 def test_chunked_step_equals_the_whole_step_every_objective(objective, normalization):
-  if objective == "release" and normalization != "batch_mean":
-    pytest.skip("the release objective computes its own batch-mean scale (a config error otherwise)")
-  extra = {"normalize_gradients": True} if objective in ("corrected", "joint", "release") else {}
-  if objective == "sinkhorn":
-    extra = {"sinkhorn_epsilon": 0.1, "sinkhorn_max_iterations": 50}
-  mesh = _mesh()
-  reference = _one_step(_config(objective, normalization, 1, **extra), mesh)
-  assert_same_step(reference, _one_step(_config(objective, normalization, 4, "keep", **extra), mesh))
+  assert_four_chunks_equal_the_whole_step(objective, normalization, "keep")
 
 
 @pytest.mark.slow
 def test_chunked_step_on_a_mesh_of_eight_devices():
-  """Data 2 x fsdp 4: each chunk's classes split over the data shards, the samples over fsdp."""
-  mesh = partitioning.make_mesh(data=2, fsdp=4)
-  reference = _one_step(_config("log_kde", "batch_mean", 1, normalize_gradients=True), mesh)
-  assert_same_step(reference, _one_step(_config("log_kde", "batch_mean", 2, "keep", normalize_gradients=True), mesh))
+  assert_two_chunks_on_a_mesh_equal_the_whole_step("keep")
 
 
 def test_a_count_that_does_not_split_the_classes_is_one_line():
