@@ -143,6 +143,7 @@ def _train_step_loss_and_grads(kde_impl, mesh, classes=2):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # whole training steps, twice each: make test-e2e
 @pytest.mark.parametrize("layout", ["one-device", "data-2-fsdp-4"])
 def test_a_training_step_with_the_kernels_equals_xlas(layout):
   """The trainer's step on the tiny MNIST config (pixel features, one token of 784) with
@@ -160,6 +161,7 @@ def test_a_training_step_with_the_kernels_equals_xlas(layout):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # compiled through libtpu: make test-e2e
 def test_compiled_for_a_tpu_the_kernels_move_a_third_of_xlas_bytes():
   """One class of the ablation's largest feature group kind (1,024 tokens of 256, 64
   generated, 64 positives, 16 negatives; batch-mean scale, 3 bandwidths, gradient RMS),

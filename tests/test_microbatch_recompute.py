@@ -49,16 +49,19 @@ def test_recomputed_chunks_equal_the_whole_step_every_objective(objective, norma
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_recomputed_chunks_on_a_mesh_of_eight_devices():
   assert_two_chunks_on_a_mesh_equal_the_whole_step("recompute")
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_preempted_and_resumed_run_with_recomputed_chunks_is_bit_exact(tmp_path, monkeypatch):
   preempted_and_resumed_equals_straight(tmp_path, monkeypatch, "recompute")
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_memory_falls_with_the_count():
   mesh = single_device_mesh()
   totals = {}
