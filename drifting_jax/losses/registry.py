@@ -21,7 +21,7 @@ trainer reports those as the user's mistake.
 
 Fields read (see configs/default.py): objective, kernel, bandwidths,
 feature_normalization ("batch_mean" | "topk_ema" | "none"), normalize_gradients,
-bandwidth_anneal_rate, mmd_sharp, sinkhorn_*.
+bandwidth_anneal_rate, mmd_sharp, kde_impl, sinkhorn_*.
 """
 
 from __future__ import annotations
