@@ -151,13 +151,12 @@ def _weighted_distance_sum(d: _GroupDistances, w_neg: Array) -> Array:
 
 
 def _side_terms(pair, blocks, shift):
-  """For one KDE side: e (shifted exp per block), K-sum [Cg, 1], gradient-kernel blocks."""
-  entries, kernel_sum, grads = [], 0.0, []
+  """For one KDE side: its shifted kernel sum [Cg, 1] and gradient-kernel entries per block."""
+  kernel_sum, grads = 0.0, []
   for r, log_w in blocks:
-    e = jnp.exp(pair.log_base(r) + log_w - shift)
-    value = e if pair.value_over_base is None else jnp.where(e > 0, e * pair.value_over_base(r), 0.0)
+    value, grad = pair.entries(r, log_w, shift)
     kernel_sum = kernel_sum + jnp.sum(value, axis=1, keepdims=True)
-    grads.append(e if pair.grad_over_base is None else e * pair.grad_over_base(r))
+    grads.append(grad)
   return kernel_sum, grads
 
 
@@ -355,7 +354,6 @@ class FusedInputs:
     self.neg = as_kernel(fixed_neg) if cn else jnp.zeros((b, 1, *layout), jnp.float32)
     self.w_neg = (jnp.asarray(weight_neg, jnp.float32).reshape(b, 1, cn) if cn and weight_neg is not None
                   else jnp.ones((b, 1, max(cn, 1)), jnp.float32))
-    self.gen_shape = gen.shape
 
   def run(self, mode: str, pairs, take_log: bool, params: Array, cotangent: Array | None, interpret: bool,
           batch_sharding=None):

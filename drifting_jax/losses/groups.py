@@ -17,7 +17,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from drifting_jax.losses import _common
+from drifting_jax.losses import _common, statistics
 from drifting_jax.losses.kernels import Kernel, get_kernel
 from drifting_jax.losses.normalization import batch_distance_scale
 
@@ -145,10 +145,7 @@ def _distance_scale(groups: _Groups, refs: _References | None, normalize_distanc
   if len(distances) == 1:
     scale = batch_distance_scale(*distances[0])
   else:  # batch_distance_scale of the blocks side by side, without concatenating them
-    # Counts as floats: at pod batches they pass 2^31 (an int would overflow int32 in jit).
-    entries = float(sum(d.size for d, _ in distances))
-    weight_mean = sum(jnp.sum(w) for _, w in distances) / float(sum(w.size for _, w in distances))
-    scale = sum(jnp.sum(d * w[:, None, :]) for d, w in distances) / entries / weight_mean
+    scale = statistics.mean_distance(*statistics.distance_sums(distances))
   scale = jnp.maximum(scale, _MIN_DISTANCE_SCALE)
   return jax.lax.stop_gradient(jnp.broadcast_to(scale, (num_groups,)))
 

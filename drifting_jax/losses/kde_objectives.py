@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from drifting_jax.losses import _common, fused_kde, statistics as statistics_lib
-from drifting_jax.losses.groups import (Info, _distance_scale, _generated_probabilities, _Groups, _kernels,
-                                        _nan_if_invalid, _per_row, _prepare, per_feature_group)
+from drifting_jax.losses.groups import (_MIN_DISTANCE_SCALE, Info, _distance_scale, _generated_probabilities, _Groups,
+                                        _kernels, _nan_if_invalid, _per_row, _prepare, per_feature_group)
 from drifting_jax.losses.kernels import Kernel
 
 Array = jax.Array
@@ -82,6 +82,18 @@ class _KernelPair(NamedTuple):
   value_over_base: Callable[[Array], Array] | None  # None: 1
   grad_over_base: Callable[[Array], Array] | None   # None: 1
 
+  def entries(self, r: Array, log_weights: Array, shift: Array) -> tuple[Array, Array]:
+    """(w K(r) / exp(shift), w K'(r) / exp(shift)) from one exp, at distances r (the
+    XLA path's and the Pallas kernels' one rule, `fused_kde`)."""
+    e = jnp.exp(self.log_base(r) + log_weights - shift)
+    value = e
+    if self.value_over_base is not None:
+      # Entries that are masked or underflowed (e = 0) add exactly 0, even where the ratio
+      # overflows (0 * inf = NaN). The select also keeps XLA:CPU from fusing the product
+      # into the reduction, which its YNNPACK backend then runs several times slower.
+      value = jnp.where(e > 0, e * self.value_over_base(r), 0.0)
+    return value, (e if self.grad_over_base is None else e * self.grad_over_base(r))
+
 
 def _kernel_pair(kern: Kernel, sharp: bool) -> _KernelPair:
   if sharp and kern.sharp_over_k is not None:  # K = k# = k * (k#/k), K' = k
@@ -97,7 +109,8 @@ def _kernel_pair(kern: Kernel, sharp: bool) -> _KernelPair:
 
 
 def _kde_side(pair: _KernelPair, side: _Side, r_min: Array) -> tuple[Array, Array, Array]:
-  """One KDE at every generated sample: (log KDE [G, Cg], entries e [G, Cg, N], sum_j K / exp(shift)).
+  """One KDE at every generated sample: (log KDE [G, Cg], gradient-kernel entries w K' / exp(shift)
+  [G, Cg, N], sum_j w K / exp(shift)).
 
   The logsumexp's shift is log base(r_min) + log max_j w_j, r_min the distance to the
   nearest reference of nonzero weight. The kernels decrease with r (radial profiles;
@@ -108,15 +121,9 @@ def _kde_side(pair: _KernelPair, side: _Side, r_min: Array) -> tuple[Array, Arra
   logsumexp, no max pass per bandwidth.
   """
   shift = pair.log_base(r_min) + side.log_max_weight
-  e = jnp.exp(pair.log_base(side.distances) + side.log_weights - shift[..., None])
-  value = e
-  if pair.value_over_base is not None:
-    # Entries that are masked or underflowed (e = 0) add exactly 0, even where the ratio
-    # overflows (0 * inf = NaN). The select also keeps XLA:CPU from fusing the product
-    # into the reduction, which its YNNPACK backend then runs several times slower.
-    value = jnp.where(e > 0, e * pair.value_over_base(side.distances), 0.0)
+  value, grad = pair.entries(side.distances, side.log_weights, shift[..., None])
   total = jnp.sum(value, axis=-1)
-  return shift + jnp.log(total) - side.log_norm, e, total
+  return shift + jnp.log(total) - side.log_norm, grad, total
 
 
 def _kde_values_and_gradients(gen: Array, ops: _KDEOperands, *, kernels: Sequence[Kernel], sharp: bool,
@@ -146,8 +153,8 @@ def _kde_values_and_gradients(gen: Array, ops: _KDEOperands, *, kernels: Sequenc
   values, coefficients = [], []
   for kern in kernels:
     pair = _kernel_pair(kern, sharp)
-    log_q, e_q, total_q = _kde_side(pair, q, r_min_q)
-    log_p, e_p, total_p = _kde_side(pair, p, r_min_p)
+    log_q, grad_q, total_q = _kde_side(pair, q, r_min_q)
+    log_p, grad_p, total_p = _kde_side(pair, p, r_min_p)
     # coefficient_ij = gen_prob_i (d value_i / d log KDE) (d log KDE / d r_ij) / r_ij, and
     # (d log KDE / d r_ij) / r_ij = -w_j K'(r_ij) / sum_j w_j K(r_ij) = -e_ij grad_over_base / total.
     if take_log:
@@ -158,8 +165,6 @@ def _kde_values_and_gradients(gen: Array, ops: _KDEOperands, *, kernels: Sequenc
       per_sample = q_hat - p_hat
       row_q, row_p = -gen_prob * q_hat / total_q, gen_prob * p_hat / total_p
     values.append(jnp.sum(gen_prob * per_sample, axis=-1))
-    grad_q = e_q if pair.grad_over_base is None else e_q * pair.grad_over_base(q.distances)
-    grad_p = e_p if pair.grad_over_base is None else e_p * pair.grad_over_base(p.distances)
     coefficients.append((grad_q * row_q[..., None], grad_p * row_p[..., None]))
 
   def to_gen(c_q, c_p):  # sum_j c_ij (x_i - y_j) / c^2 over both sides
@@ -205,13 +210,7 @@ def _precomputed_fwd(values_and_gradient_fn, gen, operands):
 def _precomputed_bwd(values_and_gradient_fn, residuals, cotangents):
   gradient, operands = residuals
   cotangent = cotangents[0]  # the other outputs' cotangents are ignored, see above
-  if cotangent.ndim == 1:  # groups [G], gradient [G, Cg, S]
-    spread = cotangent[:, None, None]
-  elif gradient.ndim == 4:  # the fused kernels' [B, T] groups, gradient [B, Cg, T, S]
-    spread = cotangent[:, None, :, None]
-  else:  # [B, 1] groups, gradient [B, Cg, S]
-    spread = cotangent[:, :, None]
-  return (spread * gradient).astype(gradient.dtype), jax.tree.map(jnp.zeros_like, operands)
+  return (cotangent[:, None, None] * gradient).astype(gradient.dtype), jax.tree.map(jnp.zeros_like, operands)
 
 
 _with_precomputed_gradient.defvjp(_precomputed_fwd, _precomputed_bwd)
@@ -278,14 +277,16 @@ def _fused_kde_objective(gen, fixed_pos, fixed_neg, weight_neg, *, kernels, shar
   pairs = tuple(_kernel_pair(k, sharp) for k in kernels)
 
   # The distance scale: given, none, or the batch mean of the distances (the scale pass).
-  distance_count = float(groups * shape.generated * references)
+  # The weights' sums are known without a pass: q's are 1 per generated sample and w_neg,
+  # p's 1 per positive, for every token.
   w_neg_sum = jnp.sum(inputs.w_neg) if shape.negatives else 0.0
-  weight = shape.tokens * (shape.classes * (shape.generated + shape.positives) + w_neg_sum)
-  weight_count = float(groups * references)
-  weighted_distance = None
+  distance_sums = None
   if return_batch_sums or (normalize_distances and distance_scale is None and statistics.distance_scale is None):
-    weighted_distance = jnp.sum(fused_kde.weighted_distance_sums(inputs, interpret=interpret,
-                                                                 batch_sharding=batch_sharding))
+    distance_sums = statistics_lib.DistanceSums(
+        jnp.sum(fused_kde.weighted_distance_sums(inputs, interpret=interpret, batch_sharding=batch_sharding)),
+        jnp.asarray(float(groups * shape.generated * references), jnp.float32),
+        jnp.asarray(shape.tokens * (shape.classes * (shape.generated + shape.positives) + w_neg_sum), jnp.float32),
+        jnp.asarray(float(groups * references), jnp.float32))
   if distance_scale is not None:
     scale = sg(jnp.asarray(distance_scale, jnp.float32))
   elif not normalize_distances:
@@ -293,8 +294,8 @@ def _fused_kde_objective(gen, fixed_pos, fixed_neg, weight_neg, *, kernels, shar
   else:
     raw = statistics.distance_scale
     if raw is None:
-      raw = (weighted_distance / distance_count) / (weight / weight_count)
-    scale = sg(jnp.maximum(jnp.asarray(raw, jnp.float32), 1e-6))
+      raw = statistics_lib.mean_distance(*distance_sums)
+    scale = sg(jnp.maximum(jnp.asarray(raw, jnp.float32), _MIN_DISTANCE_SCALE))
 
   # The values (and each bandwidth's squared gradient sums, for its RMS): one pass; the
   # gradient pass runs in the backward pass (`fused_kde.objective`).
@@ -314,9 +315,7 @@ def _fused_kde_objective(gen, fixed_pos, fixed_neg, weight_neg, *, kernels, shar
   if not return_batch_sums:
     return loss, info
   sums = statistics_lib.BatchSums(
-      weighted_distance, jnp.asarray(distance_count, jnp.float32), jnp.asarray(weight, jnp.float32),
-      jnp.asarray(weight_count, jnp.float32),
-      field_square if normalize_gradients else jnp.zeros((len(pairs),), jnp.float32),
+      *distance_sums, field_square if normalize_gradients else jnp.zeros((len(pairs),), jnp.float32),
       jnp.asarray(float(gen.size) if normalize_gradients else 0.0, jnp.float32))
   return loss, info, sums
 

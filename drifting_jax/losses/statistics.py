@@ -53,6 +53,15 @@ class BatchSums(NamedTuple):
   field_count: Array        # the number of entries of one bandwidth's field (0 when unused)
 
 
+class DistanceSums(NamedTuple):
+  """The distance part of `BatchSums` (its first four fields)."""
+
+  weighted_distance: Array
+  distance_count: Array
+  weight: Array
+  weight_count: Array
+
+
 class BatchStatistics(NamedTuple):
   """A whole batch's normalizers, handed to an objective evaluated on part of the batch.
 
@@ -66,13 +75,18 @@ class BatchStatistics(NamedTuple):
   field_mean_square: Array | None = None
 
 
-def distance_sums(blocks: Sequence[tuple[Array, Array]]) -> tuple[Array, Array, Array, Array]:
-  """(weighted distance, entries, weight, weights) of column blocks [(dist [G, N, M], weights [G, M])]."""
+def distance_sums(blocks: Sequence[tuple[Array, Array]]) -> DistanceSums:
+  """The `DistanceSums` of column blocks [(dist [G, N, M], weights [G, M])]."""
   weighted = sum(jnp.sum(d * w[:, None, :]) for d, w in blocks)
   weight = sum(jnp.sum(w) for _, w in blocks)
   dtype = blocks[0][0].dtype
-  return (weighted, jnp.asarray(float(sum(d.size for d, _ in blocks)), dtype), weight,
-          jnp.asarray(float(sum(w.size for _, w in blocks)), dtype))
+  return DistanceSums(weighted, jnp.asarray(float(sum(d.size for d, _ in blocks)), dtype), weight,
+                      jnp.asarray(float(sum(w.size for _, w in blocks)), dtype))
+
+
+def mean_distance(weighted_distance, distance_count, weight, weight_count) -> Array:
+  """The batch-mean scale from its sums: mean(d w) / mean(w) (before any floor)."""
+  return (weighted_distance / distance_count) / (weight / weight_count)
 
 
 def batch_sums(distance_blocks: Sequence[tuple[Array, Array]], fields: Sequence[Array] | None,
@@ -94,7 +108,7 @@ def add_sums(a: BatchSums, b: BatchSums) -> BatchSums:
 
 def statistics_from_sums(sums: BatchSums, *, field: bool = True) -> BatchStatistics:
   """The batch's statistics from its summed `BatchSums` (field=False: the distance scale only)."""
-  scale = (sums.weighted_distance / sums.distance_count) / (sums.weight / sums.weight_count)
+  scale = mean_distance(*sums[:4])
   mean_square = sums.field_square / jnp.maximum(sums.field_count, 1.0) if field else None
   return BatchStatistics(jax.lax.stop_gradient(scale),
                          None if mean_square is None else jax.lax.stop_gradient(mean_square))

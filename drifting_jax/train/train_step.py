@@ -391,8 +391,7 @@ def make_train_step(*, generator, tx: optax.GradientTransformation, schedule: op
       _, sums = jax.lax.scan(body, None, (feature_xs, weight_xs, scales))
       return {name: jax.tree.map(lambda x: jnp.sum(x, axis=0), s) for name, s in sums.items()}
 
-    names = sorted(jax.eval_shape(lambda xs: features(state.params, xs)[0],
-                                  jax.tree.map(lambda x: x[0], feature_xs)))
+    names = sorted(jax.eval_shape(feature_apply, feature_params, data[:1, 0]))  # the feature groups
     # 1. The top-k scales' statistic per class (data features only: XLA drops the generator).
     feature_scale, distance_scale = state.feature_scale, {name: None for name in names}
     if scaling.stateful:
